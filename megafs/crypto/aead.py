@@ -1,0 +1,85 @@
+"""Seal and open one object: the envelope every megafs ciphertext uses.
+
+A sealed object is::
+
+    version (1) | alg (1) | nonce (12) | commitment (32) | AES-256-GCM ciphertext+tag
+
+The object key ``K`` is never used directly. ``enc = HMAC-SHA256(K,
+"megafs/v1/enc")`` encrypts and ``commitment = HMAC-SHA256(K,
+"megafs/v1/commit")`` is stored in the header and checked before
+decrypting, which makes the construction key-committing: one ciphertext
+cannot open under two keys (AES-GCM alone does not guarantee that). The
+whole header is part of the GCM associated data, followed by the caller's
+``ad``, which names what the object is and where it belongs.
+
+Every failure (unknown version or algorithm, short input, wrong commitment,
+bad tag) raises the same :class:`~megafs.errors.IntegrityError`: callers
+and logs cannot tell which check failed, so nothing becomes an oracle.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import hmac
+import os
+
+from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+
+from megafs.errors import IntegrityError
+
+__all__ = ["ALG_AES256GCM_HMAC_COMMIT", "FORMAT_VERSION", "OVERHEAD", "seal", "unseal"]
+
+FORMAT_VERSION = 1
+ALG_AES256GCM_HMAC_COMMIT = 1
+_NONCE = 12
+_COMMIT = 32
+_TAG = 16
+_HEADER = 2 + _NONCE + _COMMIT
+#: Bytes a sealed object adds to its plaintext.
+OVERHEAD = _HEADER + _TAG
+
+
+@functools.lru_cache(maxsize=4096)
+def _subkeys(key: bytes) -> tuple[AESGCM, bytes]:
+    """The encryption cipher and the commitment for an object key.
+
+    Cached because folder and file keys seal many objects in a row; the
+    cache holds keys only in this process's memory.
+    """
+    if len(key) != 32:
+        raise ValueError("object keys are 32 bytes")
+    enc = hmac.new(key, b"megafs/v1/enc", hashlib.sha256).digest()
+    commit = hmac.new(key, b"megafs/v1/commit", hashlib.sha256).digest()
+    return AESGCM(enc), commit
+
+
+def seal(key: bytes, plaintext: bytes, ad: bytes, *, nonce: bytes | None = None) -> bytes:
+    """Encrypt and authenticate ``plaintext`` under ``key``, bound to ``ad``.
+
+    ``nonce`` is for known-answer tests only; by default it is 12 random
+    bytes, which is safe because every megafs key seals far fewer than 2**32
+    objects (keys are per file revision, per folder, or per chunk).
+    """
+    cipher, commit = _subkeys(key)
+    if nonce is None:
+        nonce = os.urandom(_NONCE)
+    elif len(nonce) != _NONCE:
+        raise ValueError("nonce must be 12 bytes")
+    header = bytes((FORMAT_VERSION, ALG_AES256GCM_HMAC_COMMIT)) + nonce + commit
+    return header + cipher.encrypt(nonce, plaintext, header + ad)
+
+
+def unseal(key: bytes, blob: bytes, ad: bytes) -> bytes:
+    """Check and decrypt a sealed object; any failure is IntegrityError."""
+    if len(blob) < OVERHEAD or blob[0] != FORMAT_VERSION or blob[1] != ALG_AES256GCM_HMAC_COMMIT:
+        raise IntegrityError()
+    cipher, commit = _subkeys(key)
+    header = bytes(blob[:_HEADER])
+    if not hmac.compare_digest(header[2 + _NONCE :], commit):
+        raise IntegrityError()
+    try:
+        return cipher.decrypt(header[2 : 2 + _NONCE], bytes(blob[_HEADER:]), header + ad)
+    except InvalidTag:
+        raise IntegrityError() from None

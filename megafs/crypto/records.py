@@ -1,0 +1,288 @@
+"""Node records and file manifests (threat model rules 5-7).
+
+A **node record** holds everything about a file, folder or link except its
+content: kind, name, the node's own key (the folder key, or the file
+revision's content key), attributes, symlink target and xattrs. It is sealed
+under the *parent folder's* key with associated data naming the node and its
+parent, so a server can neither read it nor move it to another node or
+folder, and the node's key travels wrapped under the same AEAD.
+
+A **manifest** lists a file revision's chunks in order (their secrets, or
+zeros for a hole) and fixes its size. It is sealed under that revision's
+content key with associated data naming the node, so chunks cannot be
+reordered, dropped, duplicated or spliced in from another file or revision.
+
+Byte layouts are in docs/format.md; parsing is strict and any deviation
+raises IntegrityError (the data was authenticated, so a malformed plaintext
+means a buggy or hostile writer holding our keys: refuse it all the same).
+"""
+
+from __future__ import annotations
+
+import enum
+import struct
+from dataclasses import dataclass, field, replace
+
+from megafs.crypto.aead import seal, unseal
+from megafs.errors import IntegrityError
+
+__all__ = [
+    "NO_PARENT",
+    "Kind",
+    "Manifest",
+    "NodeRecord",
+    "open_manifest",
+    "open_record",
+    "seal_manifest",
+    "seal_record",
+]
+
+RECORD_VERSION = 1
+MANIFEST_VERSION = 1
+#: The parent id bound into the root folder's record.
+NO_PARENT = b"\0" * 16
+_HOLE = b"\0" * 32
+MAX_NAME = 255
+MAX_XATTRS_BYTES = 64 * 1024
+
+
+class Kind(enum.IntEnum):
+    DIR = 1
+    FILE = 2
+    SYMLINK = 3
+    FIFO = 4
+    SOCKET = 5
+    CHARDEV = 6
+    BLOCKDEV = 7
+
+
+class _Tag(enum.IntEnum):
+    KIND = 1
+    NAME = 2
+    KEY = 3
+    MODE = 4
+    UID = 5
+    GID = 6
+    ATIME = 7
+    MTIME = 8
+    CTIME = 9
+    SIZE = 10
+    REV = 11
+    TARGET = 12
+    RDEV = 13
+    XATTR = 14
+
+
+_REQUIRED = (
+    _Tag.KIND,
+    _Tag.NAME,
+    _Tag.KEY,
+    _Tag.MODE,
+    _Tag.UID,
+    _Tag.GID,
+    _Tag.ATIME,
+    _Tag.MTIME,
+    _Tag.CTIME,
+    _Tag.SIZE,
+    _Tag.REV,
+)
+_U32 = struct.Struct(">I")
+_U64 = struct.Struct(">Q")
+_I64 = struct.Struct(">q")
+
+
+@dataclass(frozen=True)
+class NodeRecord:
+    """The decrypted record of one node. Times are nanoseconds since the epoch.
+
+    ``rev`` grows by one with every change the client commits; it is what
+    rollback detection compares (rule 8).
+    """
+
+    kind: Kind
+    name: bytes
+    key: bytes
+    mode: int
+    uid: int
+    gid: int
+    atime_ns: int
+    mtime_ns: int
+    ctime_ns: int
+    size: int
+    rev: int
+    target: bytes = b""
+    rdev: int = 0
+    xattrs: dict[bytes, bytes] = field(default_factory=dict)
+
+    def evolve(self, **changes: object) -> NodeRecord:
+        return replace(self, **changes)  # type: ignore[arg-type]
+
+    def encode(self) -> bytes:
+        # Only the root folder has an empty name.
+        root = self.kind == Kind.DIR and self.name == b""
+        if not root and (
+            not self.name or len(self.name) > MAX_NAME or b"/" in self.name or b"\0" in self.name
+        ):
+            raise ValueError("invalid name")
+        if len(self.key) != 32:
+            raise ValueError("node keys are 32 bytes")
+        out = bytearray((RECORD_VERSION,))
+
+        def put(tag: _Tag, value: bytes) -> None:
+            out.append(tag)
+            out.extend(_U32.pack(len(value)))
+            out.extend(value)
+
+        put(_Tag.KIND, bytes((self.kind,)))
+        put(_Tag.NAME, self.name)
+        put(_Tag.KEY, self.key)
+        put(_Tag.MODE, _U32.pack(self.mode))
+        put(_Tag.UID, _U32.pack(self.uid))
+        put(_Tag.GID, _U32.pack(self.gid))
+        put(_Tag.ATIME, _I64.pack(self.atime_ns))
+        put(_Tag.MTIME, _I64.pack(self.mtime_ns))
+        put(_Tag.CTIME, _I64.pack(self.ctime_ns))
+        put(_Tag.SIZE, _U64.pack(self.size))
+        put(_Tag.REV, _U64.pack(self.rev))
+        if self.target:
+            put(_Tag.TARGET, self.target)
+        if self.rdev:
+            put(_Tag.RDEV, _U64.pack(self.rdev))
+        total = 0
+        for name in sorted(self.xattrs):
+            value = self.xattrs[name]
+            total += len(name) + len(value)
+            if not name or len(name) > 255:
+                raise ValueError("invalid xattr name")
+            put(_Tag.XATTR, bytes((len(name),)) + name + value)
+        if total > MAX_XATTRS_BYTES:
+            raise ValueError("xattrs too large")
+        return bytes(out)
+
+    @classmethod
+    def decode(cls, data: bytes) -> NodeRecord:
+        if not data or data[0] != RECORD_VERSION:
+            raise IntegrityError()
+        fields: dict[_Tag, bytes] = {}
+        xattrs: dict[bytes, bytes] = {}
+        pos, last = 1, 0
+        try:
+            while pos < len(data):
+                tag = _Tag(data[pos])
+                (length,) = _U32.unpack_from(data, pos + 1)
+                pos += 5
+                value = data[pos : pos + length]
+                if len(value) != length:
+                    raise ValueError("truncated field")
+                pos += length
+                if tag == _Tag.XATTR:
+                    name = value[1 : 1 + value[0]]
+                    if not name or len(name) != value[0] or name in xattrs:
+                        raise ValueError("bad xattr")
+                    xattrs[name] = value[1 + value[0] :]
+                elif tag <= last:
+                    raise ValueError("fields out of order")
+                else:
+                    fields[tag] = value
+                last = max(last, tag)
+            if any(t not in fields for t in _REQUIRED):
+                raise ValueError("missing field")
+            (kind_byte,) = fields[_Tag.KIND]
+            return cls(
+                kind=Kind(kind_byte),
+                name=fields[_Tag.NAME],
+                key=_exact(fields[_Tag.KEY], 32),
+                mode=_U32.unpack(fields[_Tag.MODE])[0],
+                uid=_U32.unpack(fields[_Tag.UID])[0],
+                gid=_U32.unpack(fields[_Tag.GID])[0],
+                atime_ns=_I64.unpack(fields[_Tag.ATIME])[0],
+                mtime_ns=_I64.unpack(fields[_Tag.MTIME])[0],
+                ctime_ns=_I64.unpack(fields[_Tag.CTIME])[0],
+                size=_U64.unpack(fields[_Tag.SIZE])[0],
+                rev=_U64.unpack(fields[_Tag.REV])[0],
+                target=fields.get(_Tag.TARGET, b""),
+                rdev=_U64.unpack(fields[_Tag.RDEV])[0] if _Tag.RDEV in fields else 0,
+                xattrs=xattrs,
+            )
+        except (ValueError, struct.error, IndexError):
+            raise IntegrityError() from None
+
+
+def _exact(value: bytes, length: int) -> bytes:
+    if len(value) != length:
+        raise ValueError("wrong length")
+    return value
+
+
+def _record_ad(node_id: bytes, parent_id: bytes) -> bytes:
+    if len(node_id) != 16 or len(parent_id) != 16:
+        raise ValueError("node ids are 16 bytes")
+    return b"megafs/v1/node" + node_id + parent_id
+
+
+def seal_record(
+    parent_key: bytes,
+    node_id: bytes,
+    parent_id: bytes,
+    record: NodeRecord,
+    *,
+    nonce: bytes | None = None,
+) -> bytes:
+    """Seal a record under its parent folder's key, bound to node and parent."""
+    return seal(parent_key, record.encode(), _record_ad(node_id, parent_id), nonce=nonce)
+
+
+def open_record(parent_key: bytes, node_id: bytes, parent_id: bytes, blob: bytes) -> NodeRecord:
+    return NodeRecord.decode(unseal(parent_key, blob, _record_ad(node_id, parent_id)))
+
+
+@dataclass(frozen=True)
+class Manifest:
+    """A file revision's content: its size and one chunk secret per chunk
+    (``None`` for a hole, which reads as zeros and costs no storage)."""
+
+    size: int
+    chunk_size: int
+    chunks: tuple[bytes | None, ...]
+
+    def __post_init__(self) -> None:
+        if self.chunk_size <= 0 or self.size < 0:
+            raise ValueError("bad manifest geometry")
+        if len(self.chunks) != -(-self.size // self.chunk_size):
+            raise ValueError("chunk count does not match size")
+
+    def encode(self) -> bytes:
+        head = struct.pack(">BIQI", MANIFEST_VERSION, self.chunk_size, self.size, len(self.chunks))
+        return head + b"".join(_HOLE if c is None else _exact(c, 32) for c in self.chunks)
+
+    @classmethod
+    def decode(cls, data: bytes) -> Manifest:
+        try:
+            version, chunk_size, size, count = struct.unpack_from(">BIQI", data)
+            body = data[17:]
+            if version != MANIFEST_VERSION or len(body) != 32 * count:
+                raise ValueError("bad manifest")
+            if chunk_size < 4096 or chunk_size > (16 << 20) or chunk_size & (chunk_size - 1):
+                raise ValueError("bad chunk size")
+            chunks = tuple(
+                None if (c := body[i : i + 32]) == _HOLE else c for i in range(0, len(body), 32)
+            )
+            return cls(size=size, chunk_size=chunk_size, chunks=chunks)
+        except (ValueError, struct.error):
+            raise IntegrityError() from None
+
+
+def _manifest_ad(node_id: bytes) -> bytes:
+    if len(node_id) != 16:
+        raise ValueError("node ids are 16 bytes")
+    return b"megafs/v1/manifest" + node_id
+
+
+def seal_manifest(
+    content_key: bytes, node_id: bytes, manifest: Manifest, *, nonce: bytes | None = None
+) -> bytes:
+    return seal(content_key, manifest.encode(), _manifest_ad(node_id), nonce=nonce)
+
+
+def open_manifest(content_key: bytes, node_id: bytes, blob: bytes) -> Manifest:
+    return Manifest.decode(unseal(content_key, blob, _manifest_ad(node_id)))

@@ -1,0 +1,134 @@
+"""The one exception tree of megafs.
+
+Every class carries the errno the FUSE layer answers with and the HTTP status
+the server answers with, so each boundary translates errors in one place::
+
+    MegafsError
+    ├── NotFound                ENOENT     404
+    ├── AlreadyExists           EEXIST     409
+    ├── NotEmpty                ENOTEMPTY  409
+    ├── VersionConflict         EAGAIN     409   stale node version
+    ├── PermissionDenied        EACCES     403
+    ├── AuthFailed              EACCES     401   bad credentials or session
+    ├── InvalidRequest          EINVAL     400
+    ├── TooLarge                EFBIG      413
+    ├── QuotaExceeded           ENOSPC     507
+    ├── IntegrityError          EIO        422   any failed authentication check
+    ├── FormatError             EIO        422   unknown version/algorithm, bad params
+    └── RemoteError             EIO        502   server unreachable or broken
+        └── RemoteTimeout       ETIMEDOUT  504
+"""
+
+from __future__ import annotations
+
+import errno as _errno
+
+__all__ = [
+    "AlreadyExists",
+    "AuthFailed",
+    "FormatError",
+    "IntegrityError",
+    "InvalidRequest",
+    "MegafsError",
+    "NotEmpty",
+    "NotFound",
+    "PermissionDenied",
+    "QuotaExceeded",
+    "RemoteError",
+    "RemoteTimeout",
+    "TooLarge",
+    "VersionConflict",
+    "error_for_code",
+]
+
+
+class MegafsError(Exception):
+    """Base class. ``code`` is the stable name used on the wire."""
+
+    errno: int = _errno.EIO
+    http_status: int = 500
+    code: str = "internal"
+
+    def __init__(self, detail: str = "") -> None:
+        super().__init__(detail or self.code)
+        self.detail = detail or self.code
+
+
+class NotFound(MegafsError):
+    errno, http_status, code = _errno.ENOENT, 404, "not_found"
+
+
+class AlreadyExists(MegafsError):
+    errno, http_status, code = _errno.EEXIST, 409, "already_exists"
+
+
+class NotEmpty(MegafsError):
+    errno, http_status, code = _errno.ENOTEMPTY, 409, "not_empty"
+
+
+class VersionConflict(MegafsError):
+    errno, http_status, code = _errno.EAGAIN, 409, "version_conflict"
+
+
+class PermissionDenied(MegafsError):
+    errno, http_status, code = _errno.EACCES, 403, "permission_denied"
+
+
+class AuthFailed(MegafsError):
+    errno, http_status, code = _errno.EACCES, 401, "auth_failed"
+
+
+class InvalidRequest(MegafsError):
+    errno, http_status, code = _errno.EINVAL, 400, "invalid_request"
+
+
+class TooLarge(MegafsError):
+    errno, http_status, code = _errno.EFBIG, 413, "too_large"
+
+
+class QuotaExceeded(MegafsError):
+    errno, http_status, code = _errno.ENOSPC, 507, "quota_exceeded"
+
+
+class IntegrityError(MegafsError):
+    """The one uniform error for every failed authentication check (rule 9).
+
+    The message never says which check failed: that would be an oracle.
+    """
+
+    errno, http_status, code = _errno.EIO, 422, "integrity"
+
+    def __init__(self, detail: str = "integrity check failed") -> None:
+        super().__init__(detail)
+
+
+class FormatError(MegafsError):
+    errno, http_status, code = _errno.EIO, 422, "format"
+
+
+class RemoteError(MegafsError):
+    errno, http_status, code = _errno.EIO, 502, "remote"
+
+
+class RemoteTimeout(RemoteError):
+    errno, http_status, code = _errno.ETIMEDOUT, 504, "remote_timeout"
+
+
+_BY_CODE: dict[str, type[MegafsError]] = {
+    cls.code: cls
+    for cls in (
+        NotFound, AlreadyExists, NotEmpty, VersionConflict, PermissionDenied, AuthFailed,
+        InvalidRequest, TooLarge, QuotaExceeded, IntegrityError, FormatError, RemoteError,
+        RemoteTimeout,
+    )
+}
+
+
+def error_for_code(code: str, http_status: int) -> type[MegafsError]:
+    """Map a wire error code (or, failing that, an HTTP status) back to a class."""
+    if code in _BY_CODE:
+        return _BY_CODE[code]
+    for cls in _BY_CODE.values():
+        if cls.http_status == http_status:
+            return cls
+    return RemoteError

@@ -1,0 +1,106 @@
+"""The HTTP protocol between the megafs client and server.
+
+Shared by ``megafs.remote`` (the client) and ``megafs.server``; neither
+defines a path, limit or JSON field of its own. Everything the server stores
+about a file or folder is opaque ciphertext made by the client: the server
+sees node ids, parent ids, version numbers, chunk ids and sizes, nothing else.
+
+Encoding: JSON bodies; binary values are standard base64 (with padding);
+node ids are 16 random bytes as 32 lowercase hex digits; chunk ids are 32
+bytes as 64 lowercase hex digits. Errors are ``{"error": code, "detail":
+text}`` with the status of the matching class in :mod:`megafs.errors`.
+Authenticated routes take ``Authorization: Bearer <token>``.
+
+Routes (all under ``API_PREFIX``)::
+
+    GET    /health                     -> {"ok": true, "version": str}
+    POST   /prelogin   {email}         -> {"kdf": KDF}
+    POST   /signup     {email, kdf, auth_secret, keyblob, root: {id, meta}, device}
+                                       -> 201 Session
+    POST   /login      {email, auth_secret, device}    -> Session
+    POST   /logout                     -> 204
+    GET    /account                    -> Account
+    GET    /nodes/{id}                 -> Node (with content)
+    GET    /nodes/{id}/children        -> {"nodes": [Node]}  (content only when small)
+    PUT    /nodes/{id} {parent, expect_version, meta, content, chunks, commit_id}
+                                       -> {"version": int}
+    DELETE /nodes/{id}?expect_version=N  -> 204
+    POST   /chunks/missing {ids}       -> {"missing": [id]}
+    PUT    /chunks/{id}    raw body    -> 201 {"size": int}
+    GET    /chunks/{id}                -> raw body
+
+    KDF     = {alg: "argon2id", memory_kib, iterations, lanes, salt}
+    Session = {token, expires, account: Account}
+    Account = {email, kdf, keyblob, root_id, quota, used}
+    Node    = {id, parent, version, meta, content, content_size}
+
+Semantics:
+
+- ``PUT /nodes/{id}`` is compare-and-set: ``expect_version`` 0 creates (409
+  ``already_exists`` if the node exists), N>0 replaces version N (409
+  ``version_conflict`` otherwise). A retry of a commit that already landed
+  (same ``commit_id`` as the node's current version) answers that version,
+  so a lost response never turns into a conflict. ``parent`` must be an
+  existing node of the same account, not the node itself or below it.
+  ``chunks`` lists every chunk id the content references; each must already
+  be stored (409 ``not_found`` otherwise) so a committed node never points
+  at missing data.
+- ``DELETE`` of a node with children is 409 ``not_empty``; the root cannot
+  be deleted.
+- ``POST /chunks/missing`` answers which ids are not stored and marks the
+  others as recently used, so garbage collection keeps them for at least
+  ``CHUNK_GRACE_SECONDS`` while the client commits a node that uses them.
+- Another account's node or chunk is always 404, never 403: existence is
+  not revealed.
+"""
+
+from __future__ import annotations
+
+import base64
+import re
+
+__all__ = [
+    "API_PREFIX",
+    "CHUNK_GRACE_SECONDS",
+    "CHUNK_ID_RE",
+    "INLINE_CONTENT_MAX",
+    "MAX_CHUNK_BYTES",
+    "MAX_CONTENT_BYTES",
+    "MAX_JSON_BYTES",
+    "MAX_META_BYTES",
+    "MAX_MISSING_IDS",
+    "NODE_ID_RE",
+    "b64d",
+    "b64e",
+]
+
+API_PREFIX = "/v1"
+
+#: Plaintext chunk size is 1 MiB (see docs/format.md); a sealed chunk adds a
+#: small header, so the server accepts a little more.
+MAX_CHUNK_BYTES = (1 << 20) + 4096
+#: A sealed node record (name, attributes, key, xattrs).
+MAX_META_BYTES = 256 * 1024
+#: A sealed manifest: 32 bytes per chunk, so 32 MiB covers a 1 TiB file.
+MAX_CONTENT_BYTES = 32 * 1024 * 1024
+#: Any JSON request body.
+MAX_JSON_BYTES = 48 * 1024 * 1024
+#: Listings carry a node's content when it is at most this many bytes, which
+#: saves small files a round trip on open.
+INLINE_CONTENT_MAX = 4096
+MAX_MISSING_IDS = 10_000
+CHUNK_GRACE_SECONDS = 3600
+
+NODE_ID_RE = re.compile(r"^[0-9a-f]{32}$")
+CHUNK_ID_RE = re.compile(r"^[0-9a-f]{64}$")
+
+
+def b64e(data: bytes) -> str:
+    return base64.b64encode(data).decode("ascii")
+
+
+def b64d(text: str) -> bytes:
+    """Strict base64 decoding; raises ``ValueError`` on anything malformed."""
+    if not isinstance(text, str):
+        raise ValueError("expected a base64 string")
+    return base64.b64decode(text.encode("ascii"), validate=True)
