@@ -81,8 +81,9 @@ API_PREFIX = "/v1"
 MAX_CHUNK_BYTES = (1 << 20) + 4096
 #: A sealed node record (name, attributes, key, xattrs).
 MAX_META_BYTES = 256 * 1024
-#: A sealed manifest: 32 bytes per chunk, so 32 MiB covers a 1 TiB file.
-MAX_CONTENT_BYTES = 32 * 1024 * 1024
+#: A sealed manifest: 32 bytes per chunk plus a small header, so this covers
+#: a 1 TiB file.
+MAX_CONTENT_BYTES = 32 * 1024 * 1024 + 4096
 #: Any JSON request body.
 MAX_JSON_BYTES = 48 * 1024 * 1024
 #: Listings carry a node's content when it is at most this many bytes, which

@@ -21,9 +21,10 @@ from megafs.errors import IntegrityError
 
 __all__ = ["CHUNK_SIZE", "SealedChunk", "open_chunk", "seal_chunk"]
 
-#: 1 MiB: matches the kernel's largest FUSE write, keeps a manifest at
-#: 32 bytes per MiB, and measured within 5 % of 4 MiB in throughput while
-#: rewriting 4x less on a random write (docs/format.md).
+#: 1 MiB: the kernel's largest FUSE write (256 pages), a manifest of 32 bytes
+#: per MiB, seal+open measured as fast as 256 KiB and faster than 4 MiB
+#: chunks, and a random 4 KiB write uploads 4x less than with 4 MiB chunks
+#: (scripts/bench-chunk-size; numbers and reasoning in docs/format.md).
 CHUNK_SIZE = 1 << 20
 _CHUNK_AD = b"megafs/v1/chunk"
 

@@ -121,7 +121,11 @@ class NodeRecord:
         # Only the root folder has an empty name.
         root = self.kind == Kind.DIR and self.name == b""
         if not root and (
-            not self.name or len(self.name) > MAX_NAME or b"/" in self.name or b"\0" in self.name
+            not self.name
+            or len(self.name) > MAX_NAME
+            or b"/" in self.name
+            or b"\0" in self.name
+            or self.name in (b".", b"..")
         ):
             raise ValueError("invalid name")
         if len(self.key) != 32:
@@ -188,7 +192,7 @@ class NodeRecord:
             if any(t not in fields for t in _REQUIRED):
                 raise ValueError("missing field")
             (kind_byte,) = fields[_Tag.KIND]
-            return cls(
+            record = cls(
                 kind=Kind(kind_byte),
                 name=fields[_Tag.NAME],
                 key=_exact(fields[_Tag.KEY], 32),
@@ -204,6 +208,12 @@ class NodeRecord:
                 rdev=_U64.unpack(fields[_Tag.RDEV])[0] if _Tag.RDEV in fields else 0,
                 xattrs=xattrs,
             )
+            # Accept only the one encoding encode() writes: this applies every
+            # writer-side rule (valid name, sorted xattrs within the size limit,
+            # no empty TARGET or zero RDEV field) to what we read as well.
+            if record.encode() != data:
+                raise ValueError("not the canonical encoding")
+            return record
         except (ValueError, struct.error, IndexError):
             raise IntegrityError() from None
 
@@ -246,7 +256,10 @@ class Manifest:
     chunks: tuple[bytes | None, ...]
 
     def __post_init__(self) -> None:
-        if self.chunk_size <= 0 or self.size < 0:
+        # The same geometry rules for writing and reading: a power of two
+        # from 4 KiB to 16 MiB (docs/format.md).
+        cs = self.chunk_size
+        if cs < 4096 or cs > (16 << 20) or cs & (cs - 1) or self.size < 0:
             raise ValueError("bad manifest geometry")
         if len(self.chunks) != -(-self.size // self.chunk_size):
             raise ValueError("chunk count does not match size")
@@ -262,8 +275,6 @@ class Manifest:
             body = data[17:]
             if version != MANIFEST_VERSION or len(body) != 32 * count:
                 raise ValueError("bad manifest")
-            if chunk_size < 4096 or chunk_size > (16 << 20) or chunk_size & (chunk_size - 1):
-                raise ValueError("bad chunk size")
             chunks = tuple(
                 None if (c := body[i : i + 32]) == _HOLE else c for i in range(0, len(body), 32)
             )

@@ -1,0 +1,363 @@
+"""Node records: TLV round trips, binding to node and parent, tampering, and
+strict decoding of authenticated-but-malformed plaintexts (rules 5, 7, 9)."""
+
+from __future__ import annotations
+
+import random
+import struct
+
+import pytest
+
+from megafs.crypto import NO_PARENT, Kind, NodeRecord, open_record, seal, seal_record
+from megafs.errors import IntegrityError
+from tests.unit.crypto.util import (
+    REQUIRED,
+    TAGS,
+    appended,
+    every_bit,
+    every_truncation,
+    expect_integrity_error,
+    make_record,
+    record_ad,
+    record_fields,
+    tlv,
+)
+
+FOLDER_KEY = bytes(range(0, 64, 2))
+OTHER_FOLDER_KEY = bytes(range(1, 65, 2))
+NODE = bytes.fromhex("00112233445566778899aabbccddeeff")
+OTHER_NODE = bytes.fromhex("ffeeddccbbaa99887766554433221100")
+PARENT = bytes.fromhex("0102030405060708090a0b0c0d0e0f10")
+OTHER_PARENT = bytes.fromhex("1112131415161718191a1b1c1d1e1f20")
+NAME_255 = bytes(range(128, 256)) + bytes(range(128, 255))  # not UTF-8
+XATTRS = {
+    b"user.empty": b"",
+    b"user.binary": bytes(range(256)),
+    b"security.selinux": b"system_u:object_r:user_home_t:s0\0",
+    b"u" * 255: b"long name",
+}
+
+RECORDS = {
+    "dir": make_record(kind=Kind.DIR, name=b"Documents", mode=0o40755, size=0),
+    "root": make_record(kind=Kind.DIR, name=b"", mode=0o40700, size=0, rev=0),
+    "file": make_record(),
+    "file-xattrs": make_record(xattrs=XATTRS),
+    "file-name-255": make_record(name=NAME_255),
+    "empty-file": make_record(size=0, rev=0),
+    "symlink": make_record(kind=Kind.SYMLINK, name=b"link", mode=0o120777,
+                           target=b"../some/where \xff\xfe", size=17),
+    "fifo": make_record(kind=Kind.FIFO, name=b"pipe", mode=0o10600, size=0),
+    "socket": make_record(kind=Kind.SOCKET, name=b"sock", mode=0o140755, size=0),
+    "chardev": make_record(kind=Kind.CHARDEV, name=b"null", mode=0o20666, rdev=0x103),
+    "blockdev": make_record(kind=Kind.BLOCKDEV, name=b"sda", mode=0o60660,
+                            rdev=(8 << 8) | 0, xattrs={b"user.x": b"1"}),
+    "blockdev-rdev0": make_record(kind=Kind.BLOCKDEV, name=b"b0", mode=0o60660),
+    "extremes": make_record(mode=0xFFFFFFFF, uid=0xFFFFFFFF, gid=0, atime_ns=-(1 << 63),
+                            mtime_ns=(1 << 63) - 1, ctime_ns=-1, size=(1 << 64) - 1,
+                            rev=(1 << 64) - 1, rdev=(1 << 64) - 1),
+    "all-optional": make_record(kind=Kind.SYMLINK, name=b"x", target=b"t", rdev=1,
+                                xattrs={b"a": b"b"}),
+}
+
+
+@pytest.mark.parametrize("name", list(RECORDS))
+def test_round_trip(name: str) -> None:
+    record = RECORDS[name]
+    data = record.encode()
+    assert NodeRecord.decode(data) == record
+    parent = NO_PARENT if name == "root" else PARENT
+    blob = seal_record(FOLDER_KEY, NODE, parent, record)
+    opened = open_record(FOLDER_KEY, NODE, parent, blob)
+    assert opened == record
+    assert isinstance(opened.kind, Kind)
+    if len(record.name) >= 8:  # shorter strings turn up in random bytes by chance
+        assert record.name not in blob
+    assert record.key not in blob
+
+
+@pytest.mark.parametrize("name", list(RECORDS))
+def test_encoding_matches_the_spec(name: str) -> None:
+    """The library's bytes equal a TLV written from docs/format.md."""
+    record = RECORDS[name]
+    assert record.encode() == tlv(record_fields(record))
+
+
+def test_every_kind_round_trips() -> None:
+    assert {r.kind for r in RECORDS.values()} == set(Kind)
+    assert [int(k) for k in Kind] == [1, 2, 3, 4, 5, 6, 7]
+
+
+def test_xattr_size_limit() -> None:
+    # 64 KiB of names and values in total is the limit.
+    at_limit = {b"user.a": b"v" * (65536 - 6)}
+    assert NodeRecord.decode(make_record(xattrs=at_limit).encode()).xattrs == at_limit
+    with pytest.raises(ValueError):
+        make_record(xattrs={b"user.a": b"v" * (65536 - 5)}).encode()
+
+
+@pytest.mark.parametrize(
+    "changes",
+    [
+        {"name": b""},  # only a folder may have an empty name (the root)
+        {"name": b"a/b"},
+        {"name": b"/"},
+        {"name": b"nul\0"},
+        {"name": b"."},
+        {"name": b".."},
+        {"name": b"x" * 256},
+        {"kind": Kind.DIR, "name": b"."},
+        {"kind": Kind.DIR, "name": b"a/b"},
+        {"key": b"k" * 31},
+        {"key": b"k" * 33},
+        {"xattrs": {b"": b"v"}},
+        {"xattrs": {b"x" * 256: b"v"}},
+    ],
+    ids=repr,
+)
+def test_encode_refuses_invalid_records(changes: dict[str, object]) -> None:
+    with pytest.raises(ValueError):
+        make_record(**changes).encode()
+
+
+@pytest.mark.parametrize("changes", [{"uid": -1}, {"mode": 1 << 32}, {"size": -1},
+                                     {"atime_ns": 1 << 63}, {"rdev": 1 << 64}], ids=repr)
+def test_encode_refuses_out_of_range_integers(changes: dict[str, object]) -> None:
+    with pytest.raises((ValueError, struct.error)):
+        make_record(**changes).encode()
+
+
+# -- tampering and binding --------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", ["file-xattrs", "symlink", "root", "chardev"])
+def test_every_bit_truncation_and_append_is_rejected(name: str) -> None:
+    parent = NO_PARENT if name == "root" else PARENT
+    blob = seal_record(FOLDER_KEY, NODE, parent, RECORDS[name])
+    opener = lambda b: open_record(FOLDER_KEY, NODE, parent, b)  # noqa: E731
+    expect_integrity_error(opener, every_bit(blob))
+    expect_integrity_error(opener, every_truncation(blob))
+    expect_integrity_error(opener, appended(blob))
+
+
+def test_wrong_folder_key() -> None:
+    blob = seal_record(FOLDER_KEY, NODE, PARENT, RECORDS["file"])
+    with pytest.raises(IntegrityError):
+        open_record(OTHER_FOLDER_KEY, NODE, PARENT, blob)
+
+
+def test_swapped_records_of_two_nodes_are_detected() -> None:
+    a = seal_record(FOLDER_KEY, NODE, PARENT, RECORDS["file"])
+    b = seal_record(FOLDER_KEY, OTHER_NODE, PARENT, RECORDS["dir"])
+    assert open_record(FOLDER_KEY, NODE, PARENT, a) == RECORDS["file"]
+    with pytest.raises(IntegrityError):
+        open_record(FOLDER_KEY, NODE, PARENT, b)
+    with pytest.raises(IntegrityError):
+        open_record(FOLDER_KEY, OTHER_NODE, PARENT, a)
+
+
+def test_moved_node_is_detected() -> None:
+    """The server rewrites the node's parent: same key (even a folder that
+    happened to share the key), other parent id -> refused."""
+    blob = seal_record(FOLDER_KEY, NODE, PARENT, RECORDS["file"])
+    with pytest.raises(IntegrityError):
+        open_record(FOLDER_KEY, NODE, OTHER_PARENT, blob)
+    with pytest.raises(IntegrityError):
+        open_record(OTHER_FOLDER_KEY, NODE, OTHER_PARENT, blob)
+    with pytest.raises(IntegrityError):
+        open_record(FOLDER_KEY, NODE, NO_PARENT, blob)
+
+
+def test_node_and_parent_ids_are_not_interchangeable() -> None:
+    blob = seal_record(FOLDER_KEY, NODE, PARENT, RECORDS["file"])
+    with pytest.raises(IntegrityError):
+        open_record(FOLDER_KEY, PARENT, NODE, blob)
+
+
+def test_root_record_is_bound_to_no_parent() -> None:
+    blob = seal_record(FOLDER_KEY, NODE, NO_PARENT, RECORDS["root"])
+    assert open_record(FOLDER_KEY, NODE, NO_PARENT, blob).name == b""
+    with pytest.raises(IntegrityError):
+        open_record(FOLDER_KEY, NODE, PARENT, blob)
+
+
+def test_record_sealed_with_another_purpose_is_refused() -> None:
+    data = RECORDS["file"].encode()
+    for ad in (b"megafs/v1/manifest" + NODE, b"megafs/v1/node" + NODE, b""):
+        with pytest.raises(IntegrityError):
+            open_record(FOLDER_KEY, NODE, PARENT, seal(FOLDER_KEY, data, ad))
+    assert open_record(FOLDER_KEY, NODE, PARENT,
+                       seal(FOLDER_KEY, data, record_ad(NODE, PARENT))) == RECORDS["file"]
+
+
+def test_bad_id_lengths_are_programming_errors() -> None:
+    with pytest.raises(ValueError):
+        seal_record(FOLDER_KEY, NODE[:15], PARENT, RECORDS["file"])
+    with pytest.raises(ValueError):
+        open_record(FOLDER_KEY, NODE, PARENT + b"\0", b"")
+
+
+# -- strict decoding of authenticated plaintexts ----------------------------------
+
+
+def _open_plain(plain: bytes) -> NodeRecord:
+    """Seal a hand-made plaintext with the real key and AD, then open it:
+    only the decoder stands between it and the caller."""
+    return open_record(FOLDER_KEY, NODE, PARENT, seal(FOLDER_KEY, plain, record_ad(NODE, PARENT)))
+
+
+BASE = make_record(xattrs={b"user.a": b"1", b"user.b": b"2"}, target=b"t", rdev=5)
+F = record_fields(BASE)
+T = TAGS
+
+
+def _without(tag: str) -> list[tuple[int, bytes]]:
+    return [f for f in F if f[0] != T[tag]]
+
+
+def _replace(tag: str, value: bytes) -> list[tuple[int, bytes]]:
+    return [(t, value if t == T[tag] else v) for t, v in F]
+
+
+def test_hand_made_plaintext_control_opens() -> None:
+    assert _open_plain(tlv(F)) == BASE
+    assert _open_plain(tlv(_without("TARGET"))) == BASE.evolve(target=b"")
+    assert _open_plain(tlv(_without("RDEV"))) == BASE.evolve(rdev=0)
+    assert _open_plain(tlv(_without("XATTR"))) == BASE.evolve(xattrs={})
+
+
+def _malformed() -> dict[str, bytes]:
+    cases: dict[str, bytes] = {
+        "empty": b"",
+        "version only": b"\x01",
+        "version 0": tlv(F, version=0),
+        "version 2": tlv(F, version=2),
+        "swapped KEY and NAME": tlv([F[0], F[2], F[1], *F[3:]]),
+        "MODE after UID": tlv([*F[:3], F[4], F[3], *F[5:]]),
+        "TARGET after RDEV": tlv([*F[:11], F[12], F[11], *F[13:]]),
+        "XATTR before RDEV": tlv([*F[:12], F[13], F[12], F[14]]),
+        "duplicate KIND": tlv([F[0], *F]),
+        "duplicate MODE": tlv([*F[:4], F[3], *F[4:]]),
+        "duplicate TARGET": tlv([*F[:12], F[11], *F[12:]]),
+        "duplicate xattr name": tlv([*F, F[-1]]),
+        "xattrs not sorted": tlv([*F[:13], F[14], F[13]]),
+        "empty xattr name": tlv([*F, (T["XATTR"], b"\x00value")]),
+        "xattr name length past value": tlv([*F, (T["XATTR"], b"\x09user.z")]),
+        "empty xattr field": tlv([*F, (T["XATTR"], b"")]),
+        "empty TARGET field": tlv(_replace("TARGET", b"")),
+        "zero RDEV field": tlv(_replace("RDEV", bytes(8))),
+        "KIND 0": tlv(_replace("KIND", b"\x00")),
+        "KIND 8": tlv(_replace("KIND", b"\x08")),
+        "KIND two bytes": tlv(_replace("KIND", b"\x02\x00")),
+        "KIND empty": tlv(_replace("KIND", b"")),
+        "KEY 31 bytes": tlv(_replace("KEY", bytes(31))),
+        "KEY 33 bytes": tlv(_replace("KEY", bytes(33))),
+        "MODE 8 bytes": tlv(_replace("MODE", bytes(8))),
+        "UID 2 bytes": tlv(_replace("UID", bytes(2))),
+        "MTIME 4 bytes": tlv(_replace("MTIME", bytes(4))),
+        "SIZE 9 bytes": tlv(_replace("SIZE", bytes(9))),
+        "REV 4 bytes": tlv(_replace("REV", bytes(4))),
+        "RDEV 4 bytes": tlv(_replace("RDEV", bytes(4))),
+        "name with slash": tlv(_replace("NAME", b"a/b")),
+        "name with NUL": tlv(_replace("NAME", b"a\0b")),
+        "name dot": tlv(_replace("NAME", b".")),
+        "name dotdot": tlv(_replace("NAME", b"..")),
+        "empty name on a file": tlv(_replace("NAME", b"")),
+        "name 256 bytes": tlv(_replace("NAME", b"n" * 256)),
+        "xattrs over 64 KiB": tlv([*F, (T["XATTR"], b"\x06user.z" + bytes(65536))]),
+        "trailing tag byte": tlv(F) + bytes((T["XATTR"],)),
+        "trailing partial length": tlv(F) + b"\x0e\x00\x00",
+        "length past the end": tlv(F) + b"\x0e\xff\xff\xff\xff" + b"x" * 10,
+    }
+    for tag in (0, 15, 16, 127, 255):
+        cases[f"unknown tag {tag}"] = tlv([*F, (tag, b"")])
+        cases[f"unknown tag {tag} first"] = tlv([(tag, b"x"), *F])
+    for tag in REQUIRED:
+        cases[f"missing {tag}"] = tlv(_without(tag))
+    return cases
+
+
+MALFORMED = _malformed()
+
+
+@pytest.mark.parametrize("case", list(MALFORMED))
+def test_malformed_plaintext_is_integrity_error(case: str) -> None:
+    with pytest.raises(IntegrityError):
+        _open_plain(MALFORMED[case])
+    with pytest.raises(IntegrityError):
+        NodeRecord.decode(MALFORMED[case])
+
+
+def test_every_truncation_of_a_minimal_plaintext_is_refused() -> None:
+    """A record with only the required fields loses REV (at least) to any
+    truncation, so every shorter plaintext must be refused."""
+    plain = make_record().encode()
+    expect_integrity_error(NodeRecord.decode, every_truncation(plain))
+
+
+def test_every_bit_flip_in_the_plaintext_framing_is_refused() -> None:
+    """Flipping bits in version, tag or length bytes (not values) never
+    yields a record: each such change breaks the framing."""
+    record = make_record(kind=Kind.SYMLINK, target=b"tgt", rdev=3, xattrs={b"a": b"b"})
+    plain = record.encode()
+    framing: list[int] = [0]
+    pos = 1
+    while pos < len(plain):
+        framing.extend(range(pos, pos + 5))
+        (length,) = struct.unpack_from(">I", plain, pos + 1)
+        pos += 5 + length
+    positions = [(i, bit) for i in framing for bit in range(8)]
+    cases = []
+    for i, bit in positions:
+        mutated = bytearray(plain)
+        mutated[i] ^= 1 << bit
+        cases.append(((i, bit), bytes(mutated)))
+    expect_integrity_error(NodeRecord.decode, cases)
+
+
+# -- property-style ---------------------------------------------------------------
+
+
+_NAME_BYTES = bytes(b for b in range(256) if b not in (0, 0x2F))
+
+
+def _random_record(rng: random.Random) -> NodeRecord:
+    kind = rng.choice(list(Kind))
+    name = bytes(rng.choice(_NAME_BYTES) for _ in range(rng.randint(1, 255)))
+    if name in (b".", b".."):
+        name = b"x"
+    xattrs = {}
+    for _ in range(rng.choice([0, 0, 1, 3, 8])):
+        xattrs[rng.randbytes(rng.randint(1, 40))] = rng.randbytes(rng.randint(0, 300))
+    return NodeRecord(
+        kind=kind, name=name, key=rng.randbytes(32), mode=rng.getrandbits(32),
+        uid=rng.getrandbits(32), gid=rng.getrandbits(32),
+        atime_ns=rng.getrandbits(64) - (1 << 63), mtime_ns=rng.getrandbits(64) - (1 << 63),
+        ctime_ns=rng.getrandbits(64) - (1 << 63), size=rng.getrandbits(64),
+        rev=rng.getrandbits(rng.choice([1, 8, 64])),
+        target=rng.randbytes(rng.randint(0, 100)) if rng.random() < 0.4 else b"",
+        rdev=rng.getrandbits(64) if rng.random() < 0.3 else 0,
+        xattrs=xattrs,
+    )
+
+
+def test_random_records_round_trip_and_resist_tampering() -> None:
+    rng = random.Random(20240601)
+    for _ in range(300):
+        record = _random_record(rng)
+        node, parent, key = rng.randbytes(16), rng.randbytes(16), rng.randbytes(32)
+        blob = seal_record(key, node, parent, record)
+        assert open_record(key, node, parent, blob) == record
+        assert record.encode() == tlv(record_fields(record))
+        bit = rng.randrange(len(blob) * 8)
+        mutated = bytearray(blob)
+        mutated[bit // 8] ^= 0x80 >> (bit % 8)
+        cut = rng.randrange(len(blob))
+        other = rng.randbytes(16)
+        expect_integrity_error(
+            lambda b, node=node, parent=parent, key=key: open_record(key, node, parent, b),
+            [("flip", bytes(mutated)), ("cut", blob[:cut])],
+        )
+        with pytest.raises(IntegrityError):
+            open_record(key, other, parent, blob)
+        with pytest.raises(IntegrityError):
+            open_record(key, node, other, blob)

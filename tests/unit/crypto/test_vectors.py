@@ -1,0 +1,251 @@
+"""Known-answer tests against tests/vectors/v1.json, the fixed reference for
+format version 1.
+
+Three independent checks per vector: (1) megafs.crypto recomputes the exact
+bytes from the inputs in the JSON, (2) megafs.crypto opens the ciphertext
+in the JSON back to the inputs, and (3) a small implementation written from
+docs/format.md (hmac, hashlib and raw AES-GCM only; below) recomputes the
+same bytes, so the file, the library and the spec agree.
+
+This test never runs tests/vectors/generate.py: the JSON is the reference.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import hmac
+import json
+import struct
+from pathlib import Path
+from typing import Any
+
+import pytest
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+from cryptography.hazmat.primitives.kdf.argon2 import Argon2id
+
+from megafs.crypto import (
+    CHUNK_SIZE,
+    AccountKeys,
+    KdfParams,
+    Kind,
+    Manifest,
+    NodeRecord,
+    derive_password_keys,
+    open_chunk,
+    open_manifest,
+    open_record,
+    seal,
+    seal_chunk,
+    seal_manifest,
+    seal_record,
+    unseal,
+    unwrap_master_key,
+    wrap_master_key,
+)
+
+VECTORS_PATH = Path(__file__).resolve().parents[2] / "vectors" / "v1.json"
+#: v1.json is frozen. If this fails, the file was edited or regenerated:
+#: restore it. A new format version gets a new file (see generate.py).
+V1_SHA256 = "9d31211235e157f965cab598b92dd4b5e63db99290fd048a64ae6ae6fbe73546"
+
+V = json.loads(VECTORS_PATH.read_text())
+x = bytes.fromhex
+
+
+def test_the_reference_file_is_unchanged() -> None:
+    assert hashlib.sha256(VECTORS_PATH.read_bytes()).hexdigest() == V1_SHA256
+    assert V["format_version"] == 1
+
+
+# -- a reference implementation written from docs/format.md ----------------------
+
+
+def ref_hmac(key: bytes, data: bytes) -> bytes:
+    return hmac.new(key, data, hashlib.sha256).digest()
+
+
+def ref_hkdf_expand(prk: bytes, label: bytes) -> bytes:
+    # RFC 5869 Expand for L = 32: T(1) = HMAC(PRK, info || 0x01).
+    return ref_hmac(prk, label + b"\x01")
+
+
+def ref_seal(key: bytes, plain: bytes, ad: bytes, nonce: bytes) -> bytes:
+    header = b"\x01\x01" + nonce + ref_hmac(key, b"megafs/v1/commit")
+    return header + AESGCM(ref_hmac(key, b"megafs/v1/enc")).encrypt(nonce, plain, header + ad)
+
+
+def ref_open(key: bytes, blob: bytes, ad: bytes) -> bytes:
+    assert blob[:2] == b"\x01\x01"
+    assert blob[14:46] == ref_hmac(key, b"megafs/v1/commit")
+    return AESGCM(ref_hmac(key, b"megafs/v1/enc")).decrypt(blob[2:14], blob[46:], blob[:46] + ad)
+
+
+def ref_record(r: dict[str, Any]) -> bytes:
+    def f(tag: int, value: bytes) -> bytes:
+        return bytes((tag,)) + struct.pack(">I", len(value)) + value
+
+    out = b"\x01" + f(1, bytes((r["kind"],))) + f(2, x(r["name"])) + f(3, x(r["key"]))
+    out += f(4, struct.pack(">I", r["mode"])) + f(5, struct.pack(">I", r["uid"]))
+    out += f(6, struct.pack(">I", r["gid"]))
+    for tag, name in ((7, "atime_ns"), (8, "mtime_ns"), (9, "ctime_ns")):
+        out += f(tag, struct.pack(">q", r[name]))
+    out += f(10, struct.pack(">Q", r["size"])) + f(11, struct.pack(">Q", r["rev"]))
+    if r["target"]:
+        out += f(12, x(r["target"]))
+    if r["rdev"]:
+        out += f(13, struct.pack(">Q", r["rdev"]))
+    for name, value in sorted((x(n), x(v)) for n, v in r["xattrs"]):
+        out += f(14, bytes((len(name),)) + name + value)
+    return out
+
+
+def ref_manifest(m: dict[str, Any]) -> bytes:
+    out = struct.pack(">BIQI", 1, m["chunk_size"], m["size"], len(m["chunks"]))
+    return out + b"".join(bytes(32) if c is None else x(c) for c in m["chunks"])
+
+
+def to_record(r: dict[str, Any]) -> NodeRecord:
+    return NodeRecord(
+        kind=Kind(r["kind"]), name=x(r["name"]), key=x(r["key"]), mode=r["mode"], uid=r["uid"],
+        gid=r["gid"], atime_ns=r["atime_ns"], mtime_ns=r["mtime_ns"], ctime_ns=r["ctime_ns"],
+        size=r["size"], rev=r["rev"], target=x(r["target"]), rdev=r["rdev"],
+        xattrs={x(n): x(v) for n, v in r["xattrs"]},
+    )
+
+
+def to_manifest(m: dict[str, Any]) -> Manifest:
+    return Manifest(size=m["size"], chunk_size=m["chunk_size"],
+                    chunks=tuple(None if c is None else x(c) for c in m["chunks"]))
+
+
+# -- the vectors -------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("v", V["aead"], ids=lambda v: f"len{len(v['plaintext']) // 2}")
+def test_aead(v: dict[str, str]) -> None:
+    key, nonce, ad, plain, blob = (x(v[k]) for k in ("key", "nonce", "ad", "plaintext", "blob"))
+    assert seal(key, plain, ad, nonce=nonce) == blob
+    assert unseal(key, blob, ad) == plain
+    assert ref_hmac(key, b"megafs/v1/enc") == x(v["enc_key"])
+    assert ref_hmac(key, b"megafs/v1/commit") == x(v["commitment"])
+    assert ref_seal(key, plain, ad, nonce) == blob
+    assert ref_open(key, blob, ad) == plain
+
+
+def test_password_keys() -> None:
+    v = V["password"]
+    params = KdfParams.from_json(v["kdf"])
+    assert params.salt == base64.b64decode(v["kdf"]["salt"])
+    keys = derive_password_keys(x(v["password"]), params)
+    assert keys.kek == x(v["kek"])
+    assert keys.auth_secret == x(v["auth_secret"])
+    root = Argon2id(salt=params.salt, length=32, iterations=params.iterations,
+                    lanes=params.lanes, memory_cost=params.memory_kib).derive(x(v["password"]))
+    assert root == x(v["argon2id_output"])
+    assert ref_hkdf_expand(root, b"megafs/v1/kek") == x(v["kek"])
+    assert ref_hkdf_expand(root, b"megafs/v1/auth") == x(v["auth_secret"])
+
+
+def test_keyblob() -> None:
+    v = V["keyblob"]
+    assert v["kek"] == V["password"]["kek"]
+    kek, master, root_id = x(v["kek"]), x(v["master_key"]), x(v["root_id"])
+    assert wrap_master_key(kek, master, root_id, nonce=x(v["nonce"])) == x(v["blob"])
+    assert unwrap_master_key(kek, x(v["blob"])) == (master, root_id)
+    assert ref_seal(kek, master + root_id, b"megafs/v1/keyblob", x(v["nonce"])) == x(v["blob"])
+
+
+def test_account_subkeys() -> None:
+    v = V["account"]
+    keys = AccountKeys.from_master(x(v["master_key"]), x(v["root_id"]))
+    for name, label in [("chunk_mac_key", b"megafs/v1/chunk-mac"),
+                        ("chunk_id_key", b"megafs/v1/chunk-id"),
+                        ("root_folder_key", b"megafs/v1/root-folder")]:
+        assert getattr(keys, name) == x(v[name])
+        assert ref_hkdf_expand(x(v["master_key"]), label) == x(v[name])
+
+
+def _account() -> AccountKeys:
+    return AccountKeys.from_master(x(V["account"]["master_key"]), x(V["account"]["root_id"]))
+
+
+@pytest.mark.parametrize("v", V["chunks"], ids=lambda v: f"len{len(v['plaintext']) // 2}")
+def test_chunk(v: dict[str, str]) -> None:
+    keys = _account()
+    plain = x(v["plaintext"])
+    sealed = seal_chunk(keys, plain, nonce=x(v["nonce"]))
+    assert (sealed.secret, sealed.chunk_id, sealed.blob) == (
+        x(v["secret"]), x(v["chunk_id"]), x(v["blob"]),
+    )
+    assert open_chunk(keys, x(v["secret"]), x(v["blob"])) == plain
+    secret = ref_hmac(x(V["account"]["chunk_mac_key"]), plain)
+    assert secret == x(v["secret"])
+    assert ref_hmac(secret, b"megafs/v1/chunk-key") == x(v["chunk_key"])
+    assert ref_hmac(x(V["account"]["chunk_id_key"]), secret) == x(v["chunk_id"])
+    assert ref_seal(x(v["chunk_key"]), plain, b"megafs/v1/chunk", x(v["nonce"])) == x(v["blob"])
+
+
+def test_full_size_chunk() -> None:
+    v = V["big_chunk"]
+    assert v["length"] == CHUNK_SIZE
+    plain = bytes(i % 251 for i in range(v["length"]))
+    sealed = seal_chunk(_account(), plain, nonce=x(v["nonce"]))
+    assert sealed.secret == x(v["secret"]) and sealed.chunk_id == x(v["chunk_id"])
+    assert len(sealed.blob) == v["blob_length"]
+    assert hashlib.sha256(sealed.blob).digest() == x(v["blob_sha256"])
+    assert open_chunk(_account(), sealed.secret, sealed.blob) == plain
+
+
+def test_records_cover_every_kind_and_the_optional_fields() -> None:
+    recs = [r["record"] for r in V["records"]]
+    assert {r["kind"] for r in recs} == {int(k) for k in Kind}
+    assert any(r["xattrs"] for r in recs) and any(r["target"] for r in recs)
+    assert any(r["rdev"] for r in recs) and any(r["name"] == "" for r in recs)
+
+
+@pytest.mark.parametrize("v", V["records"], ids=lambda v: v["label"])
+def test_record(v: dict[str, Any]) -> None:
+    record = to_record(v["record"])
+    key, node, parent = x(v["parent_key"]), x(v["node_id"]), x(v["parent_id"])
+    assert record.encode() == x(v["plaintext"])
+    assert ref_record(v["record"]) == x(v["plaintext"])
+    assert seal_record(key, node, parent, record, nonce=x(v["nonce"])) == x(v["blob"])
+    assert open_record(key, node, parent, x(v["blob"])) == record
+    ad = b"megafs/v1/node" + node + parent
+    assert ref_seal(key, x(v["plaintext"]), ad, x(v["nonce"])) == x(v["blob"])
+    assert ref_open(key, x(v["blob"]), ad) == x(v["plaintext"])
+
+
+def test_record_tree_is_chained() -> None:
+    """The root record is sealed under the account's root_folder_key with
+    NO_PARENT; its children under the key inside the root record."""
+    root, *children = V["records"]
+    assert root["parent_key"] == V["account"]["root_folder_key"]
+    assert root["node_id"] == V["account"]["root_id"] and root["parent_id"] == "00" * 16
+    for child in children:
+        assert child["parent_key"] == root["record"]["key"]
+        assert child["parent_id"] == root["node_id"]
+
+
+@pytest.mark.parametrize("v", V["manifests"], ids=lambda v: v["label"])
+def test_manifest(v: dict[str, Any]) -> None:
+    manifest = to_manifest(v["manifest"])
+    key, node = x(v["content_key"]), x(v["node_id"])
+    assert manifest.encode() == x(v["plaintext"])
+    assert ref_manifest(v["manifest"]) == x(v["plaintext"])
+    assert seal_manifest(key, node, manifest, nonce=x(v["nonce"])) == x(v["blob"])
+    assert open_manifest(key, node, x(v["blob"])) == manifest
+    ad = b"megafs/v1/manifest" + node
+    assert ref_seal(key, x(v["plaintext"]), ad, x(v["nonce"])) == x(v["blob"])
+
+
+def test_manifest_belongs_to_the_file_record() -> None:
+    m = V["manifests"][0]
+    (file_rec,) = [r for r in V["records"] if r["label"] == "file"]
+    assert m["content_key"] == file_rec["record"]["key"]
+    assert m["node_id"] == file_rec["node_id"]
+    assert m["manifest"]["size"] == file_rec["record"]["size"]
+    assert None in m["manifest"]["chunks"]
+    assert m["manifest"]["chunks"][0] == V["big_chunk"]["secret"]
+    assert m["manifest"]["chunks"][2] == V["chunks"][1]["secret"]
