@@ -7,10 +7,18 @@ import pytest
 from megafs.cli.main import build_parser, parse_size
 
 
-@pytest.mark.parametrize(("text", "value"), [
-    ("1", 1), ("10K", 10 << 10), ("512M", 512 << 20), ("5G", 5 << 30), ("5GiB", 5 << 30),
-    ("1.5g", int(1.5 * (1 << 30))), ("2T", 2 << 40),
-])
+@pytest.mark.parametrize(
+    ("text", "value"),
+    [
+        ("1", 1),
+        ("10K", 10 << 10),
+        ("512M", 512 << 20),
+        ("5G", 5 << 30),
+        ("5GiB", 5 << 30),
+        ("1.5g", int(1.5 * (1 << 30))),
+        ("2T", 2 << 40),
+    ],
+)
 def test_parse_size(text: str, value: int) -> None:
     assert parse_size(text) == value
 

@@ -10,8 +10,11 @@ import pytest
 import megafs.errors as errors
 from megafs.errors import MegafsError, error_for_code
 
-CLASSES = [getattr(errors, n) for n in errors.__all__
-           if isinstance(getattr(errors, n), type) and issubclass(getattr(errors, n), MegafsError)]
+CLASSES = [
+    getattr(errors, n)
+    for n in errors.__all__
+    if isinstance(getattr(errors, n), type) and issubclass(getattr(errors, n), MegafsError)
+]
 
 
 @pytest.mark.parametrize("cls", CLASSES, ids=lambda c: c.__name__)

@@ -1,0 +1,3 @@
+from megafs.cli.main import main
+
+main()

@@ -1,0 +1,9 @@
+"""The local side of the drive: chunk cache, per-file content, journal and
+uploader. Holds ciphertext only on disk."""
+
+from megafs.cache.chunks import ChunkCache
+from megafs.cache.content import FileContent
+from megafs.cache.state import JournalEntry, LocalState
+from megafs.cache.uploader import Uploader, UploaderStats
+
+__all__ = ["ChunkCache", "FileContent", "JournalEntry", "LocalState", "Uploader", "UploaderStats"]

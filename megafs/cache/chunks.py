@@ -1,0 +1,279 @@
+"""The chunk cache: sealed chunks on local disk, a few decrypted ones in memory.
+
+Chunks are immutable and named by their id (a keyed hash of their content),
+so caching them needs no invalidation: a file changes by pointing its
+manifest at other chunks. On disk the cache holds only what the server
+holds, ciphertext; the plaintext LRU lives in memory only.
+
+A chunk is *dirty* from the moment it is sealed until the server has it.
+Dirty chunks are never evicted, which is what lets the journal promise that
+a closed file survives a crash of the daemon. Clean chunks are evicted least
+recently used first once the cache is over its size limit.
+
+Disk I/O and crypto run in worker threads; the event loop thread only does
+bookkeeping.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+from collections import OrderedDict
+from collections.abc import Callable
+from pathlib import Path
+
+import cachetools
+import trio
+
+from megafs.cache.state import LocalState
+from megafs.crypto import AccountKeys, open_chunk, seal_chunk
+from megafs.errors import IntegrityError, NotFound
+from megafs.remote import RemoteClient
+
+__all__ = ["ChunkCache"]
+
+log = logging.getLogger(__name__)
+
+#: Below this size, sealing or opening inline beats a hop to a worker thread.
+_INLINE_CRYPTO = 64 * 1024
+
+
+class ChunkCache:
+    """Shared by every open file of one mount."""
+
+    def __init__(
+        self,
+        directory: Path,
+        state: LocalState,
+        remote: RemoteClient,
+        keys: AccountKeys,
+        *,
+        limit_bytes: int,
+        memory_bytes: int = 64 << 20,
+    ) -> None:
+        self._dir = directory
+        self._state = state
+        self._remote = remote
+        self._keys = keys
+        self._limit = limit_bytes
+        self._plain: cachetools.LRUCache[bytes, bytes] = cachetools.LRUCache(
+            maxsize=memory_bytes, getsizeof=len
+        )
+        #: chunk id -> sealed size, least recently used first.
+        self._index: OrderedDict[bytes, int] = OrderedDict()
+        self._dirty: set[bytes] = set()
+        self._disk_bytes = 0
+        self._downloads: dict[bytes, trio.Event] = {}
+        self._crypto = trio.CapacityLimiter(max(2, os.cpu_count() or 2))
+        self._disk = trio.CapacityLimiter(4)
+        self._changed = trio.Event()
+
+    async def load(self) -> None:
+        """Read the chunk index left by an earlier run."""
+        await trio.to_thread.run_sync(lambda: self._dir.mkdir(parents=True, exist_ok=True))
+        for chunk_id, size, dirty in await self._state.load_chunks():
+            self._index[chunk_id] = size
+            self._disk_bytes += size
+            if dirty:
+                self._dirty.add(chunk_id)
+
+    # -- facts -------------------------------------------------------------
+
+    @property
+    def dirty_ids(self) -> frozenset[bytes]:
+        return frozenset(self._dirty)
+
+    def is_dirty(self, chunk_id: bytes) -> bool:
+        return chunk_id in self._dirty
+
+    def statistics(self) -> dict[str, int]:
+        return {
+            "disk_bytes": self._disk_bytes,
+            "disk_chunks": len(self._index),
+            "dirty_chunks": len(self._dirty),
+            "dirty_bytes": sum(self._index.get(i, 0) for i in self._dirty),
+            "memory_bytes": int(self._plain.currsize),
+        }
+
+    # -- reading ------------------------------------------------------------
+
+    async def read(self, secret: bytes) -> bytes:
+        """The plaintext of the chunk ``secret`` names, verified.
+
+        Raises IntegrityError if what the disk or the server holds is not
+        exactly that chunk (a corrupt cache file is dropped and fetched anew).
+        """
+        plain = self._plain.get(secret)
+        if plain is not None:
+            return plain
+        chunk_id = self._keys.chunk_id(secret)
+        while True:
+            if chunk_id in self._index:
+                blob = await self._read_file(chunk_id)
+                if blob is not None:
+                    try:
+                        plain = await self._open(secret, blob)
+                    except IntegrityError:
+                        if chunk_id in self._dirty:
+                            raise
+                        log.warning(
+                            "chunk %s: cache file corrupt, fetching again", _short(chunk_id)
+                        )
+                        await self._drop(chunk_id)
+                        continue
+                    self._index.move_to_end(chunk_id)
+                    self._plain[secret] = plain
+                    return plain
+                if chunk_id in self._dirty:
+                    raise IntegrityError("a chunk waiting for upload is missing from the cache")
+                await self._drop(chunk_id)
+            pending = self._downloads.get(chunk_id)
+            if pending is not None:
+                await pending.wait()
+                continue
+            done = self._downloads[chunk_id] = trio.Event()
+            try:
+                blob = await self._remote.get_chunk(chunk_id)
+                plain = await self._open(secret, blob)
+                await self._write_file(chunk_id, blob, dirty=False)
+            finally:
+                del self._downloads[chunk_id]
+                done.set()
+            self._plain[secret] = plain
+            return plain
+
+    async def _open(self, secret: bytes, blob: bytes) -> bytes:
+        if len(blob) <= _INLINE_CRYPTO:
+            return open_chunk(self._keys, secret, blob)
+        return await trio.to_thread.run_sync(
+            open_chunk, self._keys, secret, blob, limiter=self._crypto
+        )
+
+    # -- writing ------------------------------------------------------------
+
+    async def store(self, plaintext: bytes) -> tuple[bytes, bytes, bool]:
+        """Seal a chunk and keep it on disk until uploaded.
+
+        Returns (secret, chunk id, needs upload). A chunk the cache already
+        holds is not written twice: that is deduplication within the account.
+        """
+        if len(plaintext) <= _INLINE_CRYPTO:
+            sealed = seal_chunk(self._keys, plaintext)
+        else:
+            sealed = await trio.to_thread.run_sync(
+                seal_chunk, self._keys, plaintext, limiter=self._crypto
+            )
+        self._plain[sealed.secret] = bytes(plaintext)
+        if sealed.chunk_id in self._index:
+            self._index.move_to_end(sealed.chunk_id)
+            return sealed.secret, sealed.chunk_id, sealed.chunk_id in self._dirty
+        await self._write_file(sealed.chunk_id, sealed.blob, dirty=True)
+        return sealed.secret, sealed.chunk_id, True
+
+    async def sealed_blob(self, chunk_id: bytes) -> bytes:
+        """The sealed bytes of a chunk on disk, for upload."""
+        blob = await self._read_file(chunk_id)
+        if blob is None:
+            raise NotFound(f"chunk {_short(chunk_id)} is not in the local cache")
+        return blob
+
+    async def mark_uploaded(self, chunk_ids: list[bytes]) -> None:
+        ids = [i for i in chunk_ids if i in self._dirty]
+        if not ids:
+            return
+        await self._state.mark_clean(ids)
+        self._dirty.difference_update(ids)
+        await self._evict()
+
+    async def sync_files(self, chunk_ids: list[bytes]) -> None:
+        """fsync the given chunk files (before an fsync'd journal entry
+        names them)."""
+
+        def sync() -> None:
+            for chunk_id in chunk_ids:
+                try:
+                    fd = os.open(self._path(chunk_id), os.O_RDONLY)
+                except FileNotFoundError:
+                    continue
+                try:
+                    os.fsync(fd)
+                finally:
+                    os.close(fd)
+
+        await trio.to_thread.run_sync(sync, limiter=self._disk)
+
+    # -- files --------------------------------------------------------------
+
+    def _path(self, chunk_id: bytes) -> Path:
+        name = chunk_id.hex()
+        return self._dir / name[:2] / name
+
+    async def _read_file(self, chunk_id: bytes) -> bytes | None:
+        def read() -> bytes | None:
+            try:
+                return self._path(chunk_id).read_bytes()
+            except FileNotFoundError:
+                return None
+
+        return await trio.to_thread.run_sync(read, limiter=self._disk)
+
+    async def _write_file(self, chunk_id: bytes, blob: bytes, *, dirty: bool) -> None:
+        path = self._path(chunk_id)
+
+        def write() -> None:
+            path.parent.mkdir(exist_ok=True)
+            tmp = path.with_suffix(".tmp")
+            with open(tmp, "wb") as f:
+                f.write(blob)
+            os.replace(tmp, path)
+
+        await trio.to_thread.run_sync(write, limiter=self._disk)
+        await self._state.add_chunk(chunk_id, len(blob), dirty=dirty)
+        if chunk_id not in self._index:
+            self._disk_bytes += len(blob)
+        self._index[chunk_id] = len(blob)
+        if dirty:
+            self._dirty.add(chunk_id)
+        await self._evict()
+
+    async def _drop(self, chunk_id: bytes) -> None:
+        size = self._index.pop(chunk_id, None)
+        if size is None:
+            return
+        self._disk_bytes -= size
+        self._dirty.discard(chunk_id)
+        path = self._path(chunk_id)
+        await trio.to_thread.run_sync(_unlink, path, limiter=self._disk)
+        await self._state.forget_chunks([chunk_id])
+
+    async def _evict(self) -> None:
+        """Drop clean chunks, least recently used first, until under the limit."""
+        if self._disk_bytes <= self._limit:
+            return
+        victims: list[bytes] = []
+        excess = self._disk_bytes - self._limit
+        for chunk_id, size in self._index.items():
+            if excess <= 0:
+                break
+            if chunk_id in self._dirty or chunk_id in self._downloads:
+                continue
+            victims.append(chunk_id)
+            excess -= size
+        for chunk_id in victims:
+            self._disk_bytes -= self._index.pop(chunk_id)
+        paths = [self._path(i) for i in victims]
+        await trio.to_thread.run_sync(lambda: [_unlink(p) for p in paths], limiter=self._disk)
+        await self._state.forget_chunks(victims)
+
+
+def _unlink(path: Path) -> None:
+    with contextlib.suppress(FileNotFoundError):
+        path.unlink()
+
+
+def _short(chunk_id: bytes) -> str:
+    return chunk_id.hex()[:12]
+
+
+OnNewChunk = Callable[[bytes], None]

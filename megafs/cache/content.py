@@ -1,0 +1,193 @@
+"""The content of one open file: its last sealed manifest plus dirty chunks.
+
+Writes land in plaintext chunk buffers in memory; ``seal`` turns them into
+sealed chunks in the chunk cache (ciphertext on disk) and a new chunk list.
+Memory stays bounded: once a file has more than ``MAX_DIRTY_CHUNKS`` dirty
+buffers, all but the one being written are sealed before the write returns,
+so a recorder appending for hours holds a few MiB, not the file.
+
+A chunk that is all zeros is stored as a hole: it costs no upload and no
+storage, and reads as zeros. Every stored chunk holds exactly the bytes the
+manifest geometry gives it (the chunk size, or what remains for the last
+one): when a file grows past its old last chunk, that chunk becomes dirty
+and is zero-padded when sealed, and a stored chunk of any other length is
+refused as an integrity failure.
+
+Writers, truncation and sealing hold the file's lock; readers do not need
+it, because every state they can observe between two checkpoints is whole.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import trio
+
+from megafs.cache.chunks import ChunkCache
+from megafs.crypto import CHUNK_SIZE, Manifest
+from megafs.errors import FormatError, IntegrityError
+
+__all__ = ["MAX_DIRTY_CHUNKS", "FileContent"]
+
+MAX_DIRTY_CHUNKS = 8
+
+
+class FileContent:
+    def __init__(
+        self,
+        chunks: ChunkCache,
+        manifest: Manifest,
+        *,
+        on_new_chunk: Callable[[bytes], None],
+    ) -> None:
+        if manifest.chunk_size != CHUNK_SIZE:
+            # The format allows other sizes; this client writes only 1 MiB.
+            raise FormatError("file uses an unsupported chunk size")
+        self._cache = chunks
+        self._on_new_chunk = on_new_chunk
+        self.size = manifest.size
+        self._secrets: list[bytes | None] = list(manifest.chunks)
+        self._dirty: dict[int, bytearray] = {}
+        self._lock = trio.Lock()
+        #: True while the content differs from the last manifest handed out.
+        self.changed = False
+
+    @property
+    def dirty_bytes(self) -> int:
+        return sum(len(b) for b in self._dirty.values())
+
+    def allocated_bytes(self) -> int:
+        """Bytes that are not holes (for st_blocks)."""
+        full = sum(1 for i, s in enumerate(self._secrets) if s is not None or i in self._dirty)
+        return min(self.size, full * CHUNK_SIZE)
+
+    # -- reading ----------------------------------------------------------------
+
+    async def read(self, offset: int, length: int) -> bytes:
+        end = min(offset + length, self.size)
+        if offset >= end:
+            return b""
+        parts: list[bytes] = []
+        pos = offset
+        while pos < end:
+            index, within = divmod(pos, CHUNK_SIZE)
+            n = min(CHUNK_SIZE - within, end - pos)
+            data = await self._chunk_plaintext(index)
+            piece = data[within : within + n]
+            if len(piece) < n:
+                piece = bytes(piece) + bytes(n - len(piece))
+            parts.append(bytes(piece))
+            pos += n
+        return parts[0] if len(parts) == 1 else b"".join(parts)
+
+    def _chunk_length(self, index: int) -> int:
+        return max(0, min(CHUNK_SIZE, self.size - index * CHUNK_SIZE))
+
+    async def _chunk_plaintext(self, index: int) -> bytes | bytearray:
+        """A chunk's bytes; a dirty buffer or a hole may be shorter than the
+        chunk (its tail reads as zeros)."""
+        buf = self._dirty.get(index)
+        if buf is not None:
+            return buf
+        secret = self._secrets[index] if index < len(self._secrets) else None
+        if secret is None:
+            return b""
+        data = await self._cache.read(secret)
+        if len(data) != self._chunk_length(index):
+            raise IntegrityError()
+        return data
+
+    # -- writing ----------------------------------------------------------------
+
+    async def write(self, offset: int, data: bytes) -> int:
+        async with self._lock:
+            await self._grow(offset + len(data))
+            view = memoryview(data)
+            pos = offset
+            last = offset // CHUNK_SIZE
+            while view:
+                index, within = divmod(pos, CHUNK_SIZE)
+                n = min(CHUNK_SIZE - within, len(view))
+                buf = self._dirty.get(index)
+                if buf is None:
+                    buf = await self._load_for_write(index, within, n)
+                    self._dirty[index] = buf
+                if len(buf) < within:
+                    buf.extend(bytes(within - len(buf)))
+                buf[within : within + n] = view[:n]
+                pos += n
+                last = index
+                view = view[n:]
+            self.changed = True
+            if len(self._dirty) > MAX_DIRTY_CHUNKS:
+                await self._seal_locked(keep=last)
+        return len(data)
+
+    async def _load_for_write(self, index: int, within: int, n: int) -> bytearray:
+        start = index * CHUNK_SIZE
+        existing = max(0, min(CHUNK_SIZE, self.size - start))
+        if existing == 0 or (within == 0 and n >= existing):
+            return bytearray()
+        return bytearray((await self._chunk_plaintext(index))[:existing])
+
+    async def _grow(self, size: int) -> None:
+        """Extend the file to ``size`` (no-op if not larger). The old last
+        chunk, if partial and stored, becomes dirty so it is sealed again at
+        its new length."""
+        if size <= self.size:
+            return
+        index, within = divmod(self.size, CHUNK_SIZE)
+        if within and index not in self._dirty:
+            self._dirty[index] = bytearray(await self._chunk_plaintext(index))
+        self.size = size
+        count = -(-size // CHUNK_SIZE)
+        self._secrets.extend([None] * (count - len(self._secrets)))
+
+    async def truncate(self, size: int) -> None:
+        async with self._lock:
+            if size < self.size:
+                count = -(-size // CHUNK_SIZE)
+                del self._secrets[count:]
+                for index in [i for i in self._dirty if i >= count]:
+                    del self._dirty[index]
+                index, within = divmod(size, CHUNK_SIZE)
+                if within:
+                    buf = self._dirty.get(index)
+                    if buf is None:
+                        buf = bytearray((await self._chunk_plaintext(index))[:within])
+                        self._dirty[index] = buf
+                    del buf[within:]
+                self.size = size
+            else:
+                await self._grow(size)
+            self.changed = True
+
+    # -- sealing ----------------------------------------------------------------
+
+    async def seal(self) -> Manifest:
+        """Seal every dirty chunk and return the manifest of the content.
+
+        Clears ``changed``: the caller commits this manifest, and any write
+        after it sets ``changed`` again.
+        """
+        async with self._lock:
+            await self._seal_locked()
+            self.changed = False
+            return Manifest(size=self.size, chunk_size=CHUNK_SIZE, chunks=tuple(self._secrets))
+
+    async def _seal_locked(self, keep: int | None = None) -> None:
+        for index in sorted(self._dirty):
+            if index == keep:
+                continue
+            buf = self._dirty[index]
+            length = self._chunk_length(index)
+            if len(buf) < length:
+                buf.extend(bytes(length - len(buf)))
+            if buf.count(0) == len(buf):
+                secret = None
+            else:
+                secret, chunk_id, new = await self._cache.store(bytes(buf))
+                if new:
+                    self._on_new_chunk(chunk_id)
+            self._secrets[index] = secret
+            del self._dirty[index]

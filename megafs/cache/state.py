@@ -1,0 +1,233 @@
+"""The daemon's local state: one SQLite database in the cache directory.
+
+It holds ciphertext and ids only (a stolen laptop reveals nothing without
+the password): the index of sealed chunks kept on disk, and the **journal**
+of node changes not yet committed on the server. The journal keeps, per
+node, the latest state to commit (sealed record, sealed manifest, chunk ids)
+or a deletion; a later change replaces an earlier one, so the journal is as
+large as the set of dirty nodes, not as the history.
+
+Schema (documented here, at its source)::
+
+    chunks(id BLOB PK      -- 32-byte chunk id (keyed hash, see format.md)
+           size INT        -- bytes of the sealed chunk file
+           dirty INT       -- 1 until the server has it; never evicted then
+           atime INT)      -- last use (ns), for LRU eviction
+    journal(node_id BLOB PK
+            seq INT        -- grows with every change; the uploader removes an
+                           -- entry only if it committed that very seq
+            op TEXT        -- 'put' or 'delete'
+            parent BLOB    -- new parent (put); the server sees it anyway
+            base_version INT  -- server version this change was made on
+                              -- (0 = node not yet on the server)
+            meta BLOB, content BLOB   -- sealed record and manifest (put)
+            chunks BLOB    -- concatenated 32-byte chunk ids (put)
+            commit_id BLOB)  -- makes a retried commit idempotent
+    meta(key TEXT PK, value BLOB)  -- format version of this database
+
+All calls run in a worker thread behind a limiter of one: SQLite is blocking
+and the trio thread serves FUSE requests.
+"""
+
+from __future__ import annotations
+
+import os
+import sqlite3
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TypeVar
+
+import trio
+
+__all__ = ["JournalEntry", "LocalState"]
+
+_T = TypeVar("_T")
+_SCHEMA_VERSION = b"1"
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value BLOB NOT NULL);
+CREATE TABLE IF NOT EXISTS chunks (
+    id BLOB PRIMARY KEY, size INTEGER NOT NULL, dirty INTEGER NOT NULL, atime INTEGER NOT NULL);
+CREATE TABLE IF NOT EXISTS journal (
+    node_id BLOB PRIMARY KEY, seq INTEGER NOT NULL, op TEXT NOT NULL, parent BLOB,
+    base_version INTEGER NOT NULL, meta BLOB, content BLOB, chunks BLOB NOT NULL,
+    commit_id BLOB NOT NULL);
+"""
+
+
+@dataclass
+class JournalEntry:
+    """The latest uncommitted state of one node."""
+
+    node_id: bytes
+    seq: int
+    op: str  # "put" | "delete"
+    parent: bytes | None
+    base_version: int
+    meta: bytes | None
+    content: bytes | None
+    chunks: tuple[bytes, ...]
+    commit_id: bytes
+
+
+class LocalState:
+    def __init__(self, path: Path) -> None:
+        self._path = path
+        self._limiter = trio.CapacityLimiter(1)
+        self._db: sqlite3.Connection | None = None
+
+    @classmethod
+    async def open(cls, path: Path) -> LocalState:
+        self = cls(path)
+        await self._run(self._open_sync)
+        return self
+
+    def _open_sync(self) -> None:
+        self._path.parent.mkdir(parents=True, exist_ok=True)
+        db = sqlite3.connect(self._path, check_same_thread=False, isolation_level=None)
+        os.chmod(self._path, 0o600)
+        db.execute("PRAGMA journal_mode=WAL")
+        # NORMAL survives a crash of the daemon; fsync() asks for a full sync.
+        db.execute("PRAGMA synchronous=NORMAL")
+        db.executescript(_SCHEMA)
+        row = db.execute("SELECT value FROM meta WHERE key='schema'").fetchone()
+        if row is None:
+            db.execute("INSERT INTO meta VALUES ('schema', ?)", (_SCHEMA_VERSION,))
+        elif bytes(row[0]) != _SCHEMA_VERSION:
+            db.close()
+            raise RuntimeError(f"{self._path}: cache database from another megafs version")
+        self._db = db
+
+    async def _run(self, fn: Callable[..., _T], *args: Any) -> _T:
+        return await trio.to_thread.run_sync(fn, *args, limiter=self._limiter)
+
+    def _conn(self) -> sqlite3.Connection:
+        if self._db is None:
+            raise RuntimeError("local state is closed")
+        return self._db
+
+    async def aclose(self) -> None:
+        def close() -> None:
+            if self._db is not None:
+                self._db.close()
+                self._db = None
+
+        with trio.CancelScope(shield=True):
+            await self._run(close)
+
+    # -- chunks --------------------------------------------------------------
+
+    async def load_chunks(self) -> list[tuple[bytes, int, bool]]:
+        """All known chunks as (id, size, dirty), least recently used first."""
+
+        def q() -> list[tuple[bytes, int, bool]]:
+            rows = self._conn().execute("SELECT id, size, dirty FROM chunks ORDER BY atime")
+            return [(bytes(i), s, bool(d)) for i, s, d in rows]
+
+        return await self._run(q)
+
+    async def add_chunk(self, chunk_id: bytes, size: int, *, dirty: bool) -> None:
+        def q() -> None:
+            self._conn().execute(
+                "INSERT INTO chunks VALUES (?, ?, ?, ?) ON CONFLICT(id) DO UPDATE SET "
+                "dirty = MAX(dirty, excluded.dirty), atime = excluded.atime",
+                (chunk_id, size, int(dirty), trio_free_time_ns()),
+            )
+
+        await self._run(q)
+
+    async def mark_clean(self, chunk_ids: list[bytes]) -> None:
+        def q() -> None:
+            self._conn().executemany(
+                "UPDATE chunks SET dirty = 0 WHERE id = ?", [(i,) for i in chunk_ids]
+            )
+
+        await self._run(q)
+
+    async def forget_chunks(self, chunk_ids: list[bytes]) -> None:
+        def q() -> None:
+            self._conn().executemany(
+                "DELETE FROM chunks WHERE id = ? AND dirty = 0", [(i,) for i in chunk_ids]
+            )
+
+        await self._run(q)
+
+    # -- journal -------------------------------------------------------------
+
+    async def load_journal(self) -> list[JournalEntry]:
+        def q() -> list[JournalEntry]:
+            rows = self._conn().execute(
+                "SELECT node_id, seq, op, parent, base_version, meta, content, chunks, "
+                "commit_id FROM journal ORDER BY seq"
+            )
+            return [_entry_from_row(r) for r in rows]
+
+        return await self._run(q)
+
+    async def put_entry(self, entry: JournalEntry, *, durable: bool = False) -> None:
+        """Record the latest state of a node. ``durable`` makes the database
+        sync to disk before returning (for fsync); otherwise the write
+        survives a crash of the daemon but not a power cut."""
+
+        def q() -> None:
+            db = self._conn()
+            db.execute(
+                "INSERT OR REPLACE INTO journal VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (
+                    entry.node_id,
+                    entry.seq,
+                    entry.op,
+                    entry.parent,
+                    entry.base_version,
+                    entry.meta,
+                    entry.content,
+                    b"".join(entry.chunks),
+                    entry.commit_id,
+                ),
+            )
+            if durable:
+                db.execute("PRAGMA wal_checkpoint(FULL)")
+
+        await self._run(q)
+
+    async def sync(self) -> None:
+        """Make everything written so far survive a power cut."""
+        await self._run(lambda: self._conn().execute("PRAGMA wal_checkpoint(FULL)"))
+
+    async def entry_committed(self, node_id: bytes, seq: int, new_version: int) -> None:
+        """The server has ``seq`` of this node: drop the entry, or, if a newer
+        change arrived meanwhile, rebase it on the version just committed."""
+
+        def q() -> None:
+            db = self._conn()
+            db.execute("DELETE FROM journal WHERE node_id = ? AND seq = ?", (node_id, seq))
+            db.execute(
+                "UPDATE journal SET base_version = ? WHERE node_id = ?", (new_version, node_id)
+            )
+
+        await self._run(q)
+
+
+def trio_free_time_ns() -> int:
+    """Wall-clock time for LRU ordering only (persisted across restarts, so
+    trio's clock, which starts anew per run, cannot serve)."""
+    import time
+
+    return time.time_ns()
+
+
+def _entry_from_row(row: tuple[Any, ...]) -> JournalEntry:
+    node_id, seq, op, parent, base, meta, content, chunks, commit_id = row
+    chunks = bytes(chunks)
+    return JournalEntry(
+        node_id=bytes(node_id),
+        seq=seq,
+        op=op,
+        parent=None if parent is None else bytes(parent),
+        base_version=base,
+        meta=None if meta is None else bytes(meta),
+        content=None if content is None else bytes(content),
+        chunks=tuple(chunks[i : i + 32] for i in range(0, len(chunks), 32)),
+        commit_id=bytes(commit_id),
+    )

@@ -1,0 +1,688 @@
+"""``megafs``: the command line.
+
+Every failure is one line on stderr and a documented exit code (see
+docs/cli.md), never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import getpass
+import json
+import logging
+import os
+import signal
+import sys
+import time
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import NoReturn
+
+import trio
+
+from megafs import __version__
+from megafs.cli.config import AccountConfig, Credentials, Paths, default_device
+from megafs.errors import AuthFailed, MegafsError, RemoteError
+
+__all__ = ["main"]
+
+log = logging.getLogger("megafs")
+
+EXIT_OK = 0
+EXIT_ERROR = 1
+EXIT_USAGE = 2
+EXIT_AUTH = 3
+EXIT_UNREACHABLE = 4
+EXIT_NOT_LOGGED_IN = 5
+EXIT_MOUNTPOINT = 6
+EXIT_NO_FUSE = 7
+EXIT_PENDING = 8
+
+
+class CliError(Exception):
+    def __init__(self, message: str, code: int = EXIT_ERROR) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+def _exit_code_for(exc: MegafsError) -> int:
+    if isinstance(exc, AuthFailed):
+        return EXIT_AUTH
+    if isinstance(exc, RemoteError):
+        return EXIT_UNREACHABLE
+    return EXIT_ERROR
+
+
+def parse_size(text: str) -> int:
+    units = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+    t = text.strip().upper().removesuffix("B").removesuffix("I")
+    unit = t[-1:] if t[-1:] in units and t[-1:] else ""
+    try:
+        value = float(t[: len(t) - len(unit)] if unit else t)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a size: {text!r} (try 5G or 512M)") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError("size must be positive")
+    return int(value * units[unit])
+
+
+# -- password input ------------------------------------------------------------------
+
+
+def read_password(password_file: str | None, *, confirm: bool = False) -> bytes:
+    """From ``--password-file`` (first line), else a prompt without echo."""
+    if password_file:
+        try:
+            text = Path(password_file).read_text().split("\n", 1)[0]
+        except OSError as exc:
+            raise CliError(f"cannot read password file: {exc.strerror}") from None
+        if not text:
+            raise CliError("the password file is empty")
+        return text.encode()
+    if not sys.stdin.isatty():
+        raise CliError("no terminal to ask for the password: use --password-file")
+    password = getpass.getpass("Password: ")
+    if confirm and getpass.getpass("Password again: ") != password:
+        raise CliError("the passwords do not match")
+    if not password:
+        raise CliError("empty password")
+    return password.encode()
+
+
+# -- commands --------------------------------------------------------------------------
+
+
+def cmd_signup(args: argparse.Namespace, paths: Paths) -> int:
+    from megafs.cli.account import signup
+    from megafs.remote import RemoteClient
+
+    password = read_password(args.password_file, confirm=True)
+    if len(password) < 8:
+        raise CliError("choose a password of at least 8 characters")
+    device = default_device()
+
+    async def run() -> None:
+        async with RemoteClient(args.url, insecure=args.insecure) as remote:
+            unlocked = await signup(
+                remote, args.email, password, device, uid=os.getuid(), gid=os.getgid()
+            )
+        account = AccountConfig(server=args.url, email=args.email, device=device)
+        account.save(paths)
+        Credentials.forget(paths, account)
+        if args.remember:
+            where = _remember(paths, account, unlocked)
+            print(f"account keys remembered in {where}")
+
+    trio.run(run)
+    print(f"account {args.email} created on {args.url}")
+    return EXIT_OK
+
+
+def _remember(paths: Paths, account: AccountConfig, unlocked: object) -> str:
+    from megafs.cli.account import Unlocked
+
+    assert isinstance(unlocked, Unlocked)
+    return Credentials(
+        auth_secret=unlocked.auth_secret,
+        master_key=unlocked.keys.master_key,
+        root_id=unlocked.keys.root_id,
+    ).save(paths, account)
+
+
+def cmd_login(args: argparse.Namespace, paths: Paths) -> int:
+    from megafs.cli.account import login
+    from megafs.remote import RemoteClient
+
+    password = read_password(args.password_file)
+    device = default_device()
+
+    async def run() -> None:
+        async with RemoteClient(args.url, insecure=args.insecure) as remote:
+            unlocked = await login(remote, args.email, password, device)
+            await remote.logout()
+        account = AccountConfig(server=args.url, email=args.email, device=device)
+        account.save(paths)
+        Credentials.forget(paths, account)
+        if args.remember:
+            print(f"account keys remembered in {_remember(paths, account, unlocked)}")
+
+    trio.run(run)
+    print(f"logged in as {args.email} on {args.url}")
+    return EXIT_OK
+
+
+def cmd_logout(args: argparse.Namespace, paths: Paths) -> int:
+    account = AccountConfig.load(paths)
+    Credentials.forget(paths, account)
+    paths.account_file.unlink(missing_ok=True)
+    print("logged out; remembered keys removed")
+    return EXIT_OK
+
+
+def _check_mountpoint(mountpoint: Path) -> None:
+    if not Path("/dev/fuse").exists():
+        raise CliError(
+            "/dev/fuse is missing: install fuse3 (and load the fuse module)", EXIT_NO_FUSE
+        )
+    if not mountpoint.exists():
+        raise CliError(f"mountpoint {mountpoint} does not exist", EXIT_MOUNTPOINT)
+    if not mountpoint.is_dir():
+        raise CliError(f"mountpoint {mountpoint} is not a directory", EXIT_MOUNTPOINT)
+    if _is_mounted(mountpoint):
+        raise CliError(f"{mountpoint} is already mounted", EXIT_MOUNTPOINT)
+    if any(mountpoint.iterdir()):
+        raise CliError(f"mountpoint {mountpoint} is not empty", EXIT_MOUNTPOINT)
+
+
+def _is_mounted(mountpoint: Path) -> bool:
+    target = str(mountpoint)
+    try:
+        with open("/proc/self/mountinfo") as f:
+            for line in f:
+                fields = line.split()
+                if len(fields) > 4 and _unescape(fields[4]) == target:
+                    return True
+    except OSError:
+        pass
+    return os.path.ismount(mountpoint)
+
+
+def _unescape(path: str) -> str:
+    return (
+        path.replace("\\040", " ")
+        .replace("\\011", "\t")
+        .replace("\\012", "\n")
+        .replace("\\134", "\\")
+    )
+
+
+def cmd_mount(args: argparse.Namespace, paths: Paths) -> int:
+    mountpoint = Path(args.mountpoint).absolute()
+    account = AccountConfig.load(paths)
+    if account is None:
+        raise CliError("not logged in: run `megafs login URL EMAIL` first", EXIT_NOT_LOGGED_IN)
+    _check_mountpoint(mountpoint)
+    creds = Credentials.load(paths, account)
+    password = None if creds is not None else read_password(args.password_file)
+    cache_dir = Path(args.cache_dir) if args.cache_dir else Paths.default_cache_dir(account)
+    job = _MountJob(
+        paths,
+        account,
+        mountpoint,
+        cache_dir,
+        args.cache_size,
+        creds,
+        password,
+        args.fsync_timeout,
+        args.insecure,
+    )
+    if args.foreground:
+        return job.run_foreground()
+    return job.run_background()
+
+
+class _MountJob:
+    """Unlock, mount and serve; in the foreground or as a daemon."""
+
+    def __init__(
+        self,
+        paths: Paths,
+        account: AccountConfig,
+        mountpoint: Path,
+        cache_dir: Path,
+        cache_size: int,
+        creds: Credentials | None,
+        password: bytes | None,
+        fsync_timeout: float,
+        insecure: bool,
+    ) -> None:
+        self.paths = paths
+        self.account = account
+        self.mountpoint = mountpoint
+        self.cache_dir = cache_dir
+        self.cache_size = cache_size
+        self.creds = creds
+        self.password = password
+        self.fsync_timeout = fsync_timeout
+        self.insecure = insecure
+
+    async def serve(self, on_ready: Callable[[], None]) -> None:
+        from megafs.cli.account import Unlocked, login, login_remembered
+        from megafs.crypto import AccountKeys
+        from megafs.fs import run_mount
+        from megafs.remote import RemoteClient
+
+        async with RemoteClient(self.account.server, insecure=self.insecure) as remote:
+            if self.creds is not None:
+                keys = AccountKeys.from_master(self.creds.master_key, self.creds.root_id)
+                unlocked: Unlocked = await login_remembered(
+                    remote, self.account.email, self.creds.auth_secret, keys, self.account.device
+                )
+            else:
+                assert self.password is not None
+                unlocked = await login(
+                    remote, self.account.email, self.password, self.account.device
+                )
+            self.password = None
+
+            async def relogin() -> None:
+                await login_remembered(
+                    remote,
+                    self.account.email,
+                    unlocked.auth_secret,
+                    unlocked.keys,
+                    self.account.device,
+                )
+
+            def ready() -> None:
+                self._write_pid_file()
+                on_ready()
+
+            try:
+                await run_mount(
+                    remote,
+                    unlocked.keys,
+                    self.mountpoint,
+                    self.cache_dir,
+                    cache_size=self.cache_size,
+                    relogin=relogin,
+                    fsync_timeout=self.fsync_timeout,
+                    on_ready=ready,
+                )
+            finally:
+                self.paths.pid_file(self.mountpoint).unlink(missing_ok=True)
+                with (
+                    trio.CancelScope(shield=True),
+                    trio.move_on_after(5),
+                    contextlib.suppress(MegafsError),
+                ):
+                    await remote.logout()
+
+    def _write_pid_file(self) -> None:
+        self.paths.mounts_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        self.paths.pid_file(self.mountpoint).write_text(
+            json.dumps(
+                {
+                    "pid": os.getpid(),
+                    "mountpoint": str(self.mountpoint),
+                    "cache_dir": str(self.cache_dir),
+                }
+            )
+        )
+
+    def run_foreground(self) -> int:
+        def ready() -> None:
+            print(
+                f"megafs: {self.mountpoint} is mounted (Ctrl-C or `megafs umount` to stop)",
+                file=sys.stderr,
+                flush=True,
+            )
+            _notify_systemd()
+
+        return _run_guarded(lambda: self.serve(ready))
+
+    def run_background(self) -> int:
+        """Fork a daemon and return once it reports the mount live (or why
+        not). Forking happens before any thread exists."""
+        read_fd, write_fd = os.pipe()
+        pid = os.fork()
+        if pid == 0:
+            os.close(read_fd)
+            os.setsid()
+            self._detach()
+            report = os.fdopen(write_fd, "w")
+
+            def ready() -> None:
+                report.write("OK\n")
+                report.flush()
+                report.close()
+
+            code = _run_guarded(lambda: self.serve(ready), report=report)
+            os._exit(code)
+        os.close(write_fd)
+        with os.fdopen(read_fd) as report:
+            message = report.read()
+        if message.startswith("OK"):
+            print(
+                f"megafs: {self.mountpoint} is mounted (daemon pid {pid}); "
+                f"`megafs umount {self.mountpoint}` to stop"
+            )
+            return EXIT_OK
+        _, status = os.waitpid(pid, 0)
+        if message.startswith("ERR "):
+            code_text, _, text = message[4:].partition(" ")
+            raise CliError(text.strip(), int(code_text))
+        raise CliError(
+            f"the mount daemon exited early (status {status}); see {self.cache_dir / 'daemon.log'}"
+        )
+
+    def _detach(self) -> None:
+        self.cache_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        log_fd = os.open(
+            self.cache_dir / "daemon.log", os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600
+        )
+        null = os.open(os.devnull, os.O_RDONLY)
+        os.dup2(null, 0)
+        os.dup2(log_fd, 1)
+        os.dup2(log_fd, 2)
+        os.close(null)
+        os.close(log_fd)
+        _configure_logging(verbose=logging.getLogger().level <= logging.DEBUG, daemon=True)
+
+
+def _notify_systemd() -> None:
+    """READY=1 for Type=notify units (no-op elsewhere)."""
+    address = os.environ.get("NOTIFY_SOCKET")
+    if not address:
+        return
+    import socket
+
+    if address.startswith("@"):
+        address = "\0" + address[1:]
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
+        sock.connect(address)
+        sock.sendall(b"READY=1")
+
+
+def _run_guarded(fn: Callable[[], Awaitable[None]], report=None) -> int:  # type: ignore[no-untyped-def]
+    """Run a trio main; turn known failures into one line and an exit code
+    (sent through ``report`` too, for a waiting parent)."""
+    from megafs.fs import MountError
+
+    def fail(message: str, code: int) -> int:
+        if report is not None and not report.closed:
+            report.write(f"ERR {code} {message}\n")
+            report.close()
+        print(f"megafs: {message}", file=sys.stderr)
+        return code
+
+    try:
+        trio.run(fn)
+    except MountError as exc:
+        return fail(str(exc), EXIT_MOUNTPOINT)
+    except MegafsError as exc:
+        return fail(_describe(exc), _exit_code_for(exc))
+    except CliError as exc:
+        return fail(str(exc), exc.code)
+    except Exception as exc:
+        log.exception("unexpected failure")
+        return fail(f"unexpected error: {exc}", EXIT_ERROR)
+    return EXIT_OK
+
+
+def _describe(exc: MegafsError) -> str:
+    if isinstance(exc, AuthFailed):
+        return "login failed: wrong email or password"
+    if isinstance(exc, RemoteError):
+        return f"cannot reach the server: {exc.detail}"
+    return exc.detail
+
+
+def cmd_umount(args: argparse.Namespace, paths: Paths) -> int:
+    """Unmount, then wait until the daemon has put every pending change on
+    the server and exited."""
+    import subprocess
+
+    mountpoint = Path(args.mountpoint).absolute()
+    pid = _daemon_pid(paths, mountpoint)
+    if not _is_mounted(mountpoint):
+        if pid is None:
+            raise CliError(f"{mountpoint} is not mounted", EXIT_MOUNTPOINT)
+    else:
+        done = subprocess.run(
+            ["fusermount3", "-u", str(mountpoint)], capture_output=True, text=True
+        )
+        if done.returncode != 0:
+            raise CliError(
+                done.stderr.strip().removeprefix("fusermount3: ") or f"cannot unmount {mountpoint}",
+                EXIT_MOUNTPOINT,
+            )
+    if pid is None:
+        print(f"{mountpoint} unmounted")
+        return EXIT_OK
+    started = time.monotonic()
+    told = False
+    while _alive(pid):
+        waited = time.monotonic() - started
+        if args.timeout and waited > args.timeout:
+            raise CliError(
+                "unmounted, but changes are still uploading; they stay in the "
+                "journal and finish on the next mount",
+                EXIT_PENDING,
+            )
+        if not told and waited > 2:
+            print("waiting for pending changes to reach the server...", file=sys.stderr)
+            told = True
+        time.sleep(0.1)
+    print(f"{mountpoint} unmounted; every change is on the server")
+    return EXIT_OK
+
+
+def _daemon_pid(paths: Paths, mountpoint: Path) -> int | None:
+    try:
+        data = json.loads(paths.pid_file(mountpoint).read_text())
+        pid = int(data["pid"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    return pid if _alive(pid) else None
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    try:  # our own child that has exited but is not reaped yet
+        done, _ = os.waitpid(pid, os.WNOHANG)
+        return done == 0
+    except ChildProcessError:
+        pass
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().split(") ", 1)[1][0] != "Z"
+    except (OSError, IndexError):
+        return False
+
+
+def cmd_server(args: argparse.Namespace, paths: Paths) -> int:
+    from megafs.server.run import run_server
+
+    return run_server(Path(args.data), args.listen, default_quota=args.quota)
+
+
+def cmd_quickstart(args: argparse.Namespace, paths: Paths) -> int:
+    from megafs.cli.quickstart import quickstart
+
+    return quickstart(args, paths)
+
+
+# -- wiring ------------------------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="megafs",
+        description="An end-to-end encrypted cloud drive, mounted as an ordinary folder.",
+    )
+    parser.add_argument("--version", action="version", version=f"megafs {__version__}")
+    parser.add_argument(
+        "--config-dir",
+        metavar="DIR",
+        help="configuration directory (default: $MEGAFS_CONFIG_DIR, else the "
+        "XDG config dir, ~/.config/megafs)",
+    )
+    parser.add_argument("-v", "--verbose", action="store_true", help="log debug details")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def common_auth(p: argparse.ArgumentParser) -> None:
+        p.add_argument("url", help="server address, e.g. https://drive.example.org")
+        p.add_argument("email", help="account email")
+        p.add_argument(
+            "--password-file",
+            metavar="F",
+            help="read the password from the first line of F instead of asking",
+        )
+        p.add_argument(
+            "--remember",
+            action="store_true",
+            help="keep the unlocked account key (desktop keyring, else a 0600 file) "
+            "so mount needs no password",
+        )
+        p.add_argument(
+            "--insecure", action="store_true", help="allow plain http:// to a non-loopback server"
+        )
+
+    p = sub.add_parser(
+        "signup",
+        help="create an account on a server",
+        description="Create an account. The password never leaves this "
+        "machine; forgetting it makes the data unrecoverable.",
+    )
+    common_auth(p)
+    p.set_defaults(func=cmd_signup)
+
+    p = sub.add_parser(
+        "login",
+        help="log in to an existing account",
+        description="Check the password against the server and record the "
+        "account in the config dir.",
+    )
+    common_auth(p)
+    p.set_defaults(func=cmd_login)
+
+    p = sub.add_parser("logout", help="forget the account and any remembered key")
+    p.set_defaults(func=cmd_logout)
+
+    p = sub.add_parser(
+        "mount",
+        help="mount the drive on a folder",
+        description="Mount the drive. Returns once the mount is live, unless --foreground.",
+    )
+    p.add_argument("mountpoint", help="an existing empty folder")
+    p.add_argument("--password-file", metavar="F", help="read the password from F")
+    p.add_argument(
+        "--foreground",
+        action="store_true",
+        help="stay in the foreground (for systemd and debugging)",
+    )
+    p.add_argument(
+        "--cache-dir",
+        metavar="D",
+        help="local cache and journal (default: XDG cache dir, per account)",
+    )
+    p.add_argument(
+        "--cache-size",
+        metavar="SIZE",
+        type=parse_size,
+        default=parse_size("5G"),
+        help="limit for cached data, e.g. 10G (default 5G); data not yet uploaded is never evicted",
+    )
+    p.add_argument(
+        "--fsync-timeout",
+        metavar="SECONDS",
+        type=float,
+        default=60.0,
+        help="fsync fails with EIO after the server was unreachable this long (default 60)",
+    )
+    p.add_argument(
+        "--insecure", action="store_true", help="allow plain http:// to a non-loopback server"
+    )
+    p.set_defaults(func=cmd_mount)
+
+    p = sub.add_parser(
+        "umount",
+        aliases=["unmount"],
+        help="unmount and finish uploads",
+        description="Unmount; returns after every pending change is on the "
+        "server and the daemon has exited.",
+    )
+    p.add_argument("mountpoint")
+    p.add_argument(
+        "--timeout",
+        metavar="SECONDS",
+        type=float,
+        default=0,
+        help="give up waiting for uploads after this long (exit code 8); they "
+        "finish on the next mount (default: wait)",
+    )
+    p.set_defaults(func=cmd_umount)
+
+    p = sub.add_parser(
+        "server",
+        help="run the megafs server",
+        description="Serve encrypted storage over HTTP. Stores only ciphertext.",
+    )
+    p.add_argument(
+        "--data", metavar="DIR", required=True, help="directory for the database and chunks"
+    )
+    p.add_argument(
+        "--listen",
+        metavar="HOST:PORT",
+        default="127.0.0.1:8377",
+        help="address to listen on (default 127.0.0.1:8377)",
+    )
+    p.add_argument(
+        "--quota",
+        metavar="SIZE",
+        type=parse_size,
+        default=parse_size("50G"),
+        help="storage quota of new accounts (default 50G)",
+    )
+    p.set_defaults(func=cmd_server)
+
+    p = sub.add_parser(
+        "quickstart",
+        help="local server + account + mount, in one step",
+        description="Start a server on this machine (reused if running), create "
+        "an account on first run (its key remembered), and mount.",
+    )
+    p.add_argument("mountpoint", nargs="?", default=str(Path.home() / "Mega"))
+    p.add_argument(
+        "--listen",
+        metavar="HOST:PORT",
+        default="127.0.0.1:8377",
+        help="where the local server listens (default 127.0.0.1:8377)",
+    )
+    p.add_argument("--cache-size", metavar="SIZE", type=parse_size, default=parse_size("5G"))
+    p.set_defaults(func=cmd_quickstart)
+    return parser
+
+
+def _configure_logging(*, verbose: bool, daemon: bool = False) -> None:
+    level = logging.DEBUG if verbose else logging.INFO if daemon else logging.WARNING
+    fmt = "%(asctime)s %(levelname)s %(name)s: %(message)s" if daemon else "megafs: %(message)s"
+    root = logging.getLogger()
+    for handler in list(root.handlers):
+        root.removeHandler(handler)
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter(fmt))
+    root.addHandler(handler)
+    root.setLevel(level)
+    for noisy in ("httpx", "httpcore", "hpack", "hypercorn.access"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def main(argv: list[str] | None = None) -> NoReturn:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    daemon_like = args.command == "server" or getattr(args, "foreground", False)
+    _configure_logging(verbose=args.verbose, daemon=daemon_like)
+    signal.signal(signal.SIGPIPE, signal.SIG_DFL)
+    paths = Paths.from_option(args.config_dir)
+    try:
+        code = args.func(args, paths)
+    except CliError as exc:
+        print(f"megafs: {exc}", file=sys.stderr)
+        code = exc.code
+    except MegafsError as exc:
+        print(f"megafs: {_describe(exc)}", file=sys.stderr)
+        code = _exit_code_for(exc)
+    except ValueError as exc:
+        print(f"megafs: {exc}", file=sys.stderr)
+        code = EXIT_ERROR
+    except KeyboardInterrupt:
+        code = 130
+    sys.exit(code)

@@ -1,0 +1,160 @@
+"""The mount daemon: owns every long-lived task of one mount.
+
+``run_mount`` opens the local state, takes over any journal an earlier run
+left, mounts, and runs in one nursery: the FUSE request loop, the uploader
+and the periodic flusher. Shutdown order when the filesystem is unmounted
+(``fusermount3 -u``, ``megafs umount``, SIGTERM or SIGINT):
+
+1. the kernel stops sending requests and ``pyfuse3.main`` returns;
+2. files with unsaved writes are committed to the journal;
+3. the uploader drains the journal to the server (a second signal stops
+   waiting: what is left stays in the journal for the next mount);
+4. the remaining tasks are cancelled and the local state is closed.
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import logging
+import os
+import signal
+from collections.abc import Awaitable, Callable
+from contextlib import AsyncExitStack
+from pathlib import Path
+
+import pyfuse3
+import trio
+
+from megafs.cache import ChunkCache, LocalState, Uploader
+from megafs.crypto import AccountKeys
+from megafs.errors import MegafsError
+from megafs.fs.operations import Operations
+from megafs.fs.tree import Tree
+from megafs.remote import RemoteClient
+
+__all__ = ["MountError", "run_mount"]
+
+log = logging.getLogger(__name__)
+
+#: Files being written are committed at least this often, so a long
+#: recording reaches the server while it runs.
+FLUSH_INTERVAL = 5.0
+
+
+class MountError(Exception):
+    """The mount could not start; the message is for the user."""
+
+
+async def run_mount(
+    remote: RemoteClient,
+    keys: AccountKeys,
+    mountpoint: Path,
+    cache_dir: Path,
+    *,
+    cache_size: int,
+    relogin: Callable[[], Awaitable[None]] | None = None,
+    fsync_timeout: float = 60.0,
+    on_ready: Callable[[], None] | None = None,
+) -> None:
+    """Mount the drive at ``mountpoint`` and serve it until unmounted."""
+    lock = _lock_cache_dir(cache_dir)
+    try:
+        async with AsyncExitStack() as stack:
+            state = await LocalState.open(cache_dir / "state.sqlite3")
+            stack.push_async_callback(state.aclose)
+            chunks = ChunkCache(cache_dir / "chunks", state, remote, keys, limit_bytes=cache_size)
+            await chunks.load()
+            uploader = Uploader(remote, state, chunks, relogin=relogin)
+            journal = await uploader.load()
+            if journal:
+                log.info("%d changes from an earlier run wait in the journal", len(journal))
+            tree = Tree(remote, uploader, chunks, keys)
+            await tree.load_root()
+            ops = Operations(tree, uploader, remote, fsync_timeout=fsync_timeout)
+            await _serve(ops, uploader, mountpoint, on_ready)
+    finally:
+        os.close(lock)
+
+
+async def _serve(
+    ops: Operations,
+    uploader: Uploader,
+    mountpoint: Path,
+    on_ready: Callable[[], None] | None,
+) -> None:
+    options = set(pyfuse3.default_options)
+    options |= {"fsname=megafs", "subtype=megafs"}
+    try:
+        pyfuse3.init(ops, str(mountpoint), options)
+    except RuntimeError as exc:
+        raise MountError(f"cannot mount on {mountpoint}: {exc}") from exc
+    mounted = True
+    try:
+        async with trio.open_nursery() as nursery:
+            await nursery.start(uploader.run)
+            nursery.start_soon(_flusher, ops)
+            signals = _Signals()
+            nursery.start_soon(signals.run)
+            log.info("mounted on %s", mountpoint)
+            if on_ready is not None:
+                on_ready()
+            await pyfuse3.main()
+            pyfuse3.close(unmount=True)
+            mounted = False
+            log.info("unmounted; saving pending changes")
+            await ops.flush_all()
+            with trio.CancelScope() as drain:
+                signals.on_signal = drain.cancel
+                await uploader.wait_idle()
+            if drain.cancelled_caught:
+                stats = uploader.statistics()
+                log.warning(
+                    "stopped with %d changes and %d chunks still in the journal; "
+                    "they upload on the next mount",
+                    stats.pending_nodes,
+                    stats.pending_chunks,
+                )
+            else:
+                log.info("all changes are on the server")
+            nursery.cancel_scope.cancel()
+    finally:
+        if mounted:
+            pyfuse3.close(unmount=True)
+
+
+class _Signals:
+    """SIGTERM/SIGINT: the first one unmounts, a later one stops waiting for
+    uploads."""
+
+    def __init__(self) -> None:
+        self.on_signal: Callable[[], None] = pyfuse3.terminate
+
+    async def run(self) -> None:
+        with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+            async for signum in signals:
+                log.info("received signal %d", signum)
+                self.on_signal()
+
+
+async def _flusher(ops: Operations) -> None:
+    while True:
+        await trio.sleep(FLUSH_INTERVAL)
+        try:
+            await ops.flush_all()
+        except MegafsError as exc:  # pragma: no cover - flush_all logs per file
+            log.error("periodic flush: %s", exc.detail)
+
+
+def _lock_cache_dir(cache_dir: Path) -> int:
+    """One daemon per cache directory: a second mount would corrupt it."""
+    cache_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+    fd = os.open(cache_dir / "lock", os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as exc:
+        os.close(fd)
+        if exc.errno in (errno.EWOULDBLOCK, errno.EAGAIN):
+            raise MountError(f"cache directory {cache_dir} is in use by another mount") from None
+        raise
+    return fd
