@@ -231,3 +231,70 @@ def test_ordinary_operations(drive: Drive) -> None:
     assert st.st_mode & 0o777 == 0o600
     assert st.st_mtime_ns == 2_000_000_456
     drive.umount()
+
+
+def test_tampered_chunk_is_eio_for_that_file_only(drive: Drive, server) -> None:
+    """The server flips one bit in a stored chunk: reading that file gives
+    EIO (never wrong bytes), the log says why, and other files still work."""
+    drive.mount()
+    victim = os.urandom(CHUNK_SIZE + 5000)
+    (drive.mnt / "victim.bin").write_bytes(victim)
+    (drive.mnt / "fine.txt").write_text("still readable")
+    drive.umount()
+    chunk_files = sorted(p for p in (server.data_dir / "chunks").rglob("*") if p.is_file())
+    big = [p for p in chunk_files if p.stat().st_size > 4096]
+    assert len(big) == 2  # the victim's two chunks; fine.txt is a small one
+    raw = bytearray(big[0].read_bytes())
+    raw[len(raw) // 2] ^= 0x01
+    big[0].write_bytes(bytes(raw))
+    drive.drop_cache()
+    drive.mount()
+    with pytest.raises(OSError) as err, open(drive.mnt / "victim.bin", "rb") as f:
+        f.read()
+    assert err.value.errno == 5  # EIO
+    assert (drive.mnt / "fine.txt").read_text() == "still readable"
+    assert "integrity" in drive.daemon_log()
+    drive.umount()
+
+
+def test_quickstart_as_a_new_user(tmp_path: Path) -> None:
+    """The README's main job: quickstart sets up server, account and mount;
+    running it again is harmless; umount stops the drive."""
+    from tests.helpers.drive import megafs
+
+    home = tmp_path / "home"
+    env = {
+        "HOME": str(home),
+        "XDG_CONFIG_HOME": str(home / ".config"),
+        "XDG_DATA_HOME": str(home / ".local/share"),
+        "XDG_CACHE_HOME": str(home / ".cache"),
+        "MEGAFS_CONFIG_DIR": "",
+    }
+    mnt = home / "Mega"
+    server_pid = None
+    try:
+        first = megafs("quickstart", str(mnt), "--listen", "127.0.0.1:0", env=env)
+        assert "started a megafs server" in first.stdout
+        assert "created account" in first.stdout
+        assert os.path.ismount(mnt)
+        (mnt / "hello.txt").write_text("hi")
+        again = megafs("quickstart", str(mnt), "--listen", "127.0.0.1:0", env=env)
+        assert "already running" in again.stdout and "already mounted" in again.stdout
+        server_pid = int(again.stdout.split("kill ")[1].split()[0])
+        megafs("umount", str(mnt), env=env)
+        assert not os.path.ismount(mnt)
+        third = megafs("quickstart", str(mnt), "--listen", "127.0.0.1:0", env=env)
+        assert "using account" in third.stdout
+        assert (mnt / "hello.txt").read_text() == "hi"
+        megafs("umount", str(mnt), env=env)
+    finally:
+        if os.path.ismount(mnt):
+            subprocess.run(["fusermount3", "-u", "-z", str(mnt)], check=False)
+        if server_pid is None:
+            info = home / ".local/share/megafs/server/server.json"
+            if info.exists():
+                import json
+
+                server_pid = json.loads(info.read_text())["pid"]
+        if server_pid:
+            os.kill(server_pid, 15)
