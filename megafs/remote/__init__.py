@@ -1,0 +1,12 @@
+"""The client side of the megafs protocol: one HTTP client for the server.
+
+``http`` (:class:`RemoteClient`) speaks ``megafs.wire``; ``responses``
+checks every answer field by field (the server is untrusted); ``retry`` is
+the one backoff policy for failures that may pass.
+"""
+
+from megafs.remote.http import RemoteClient
+from megafs.remote.responses import Account, RemoteNode, Session
+from megafs.remote.retry import Backoff, Transient, retrying
+
+__all__ = ["Account", "Backoff", "RemoteClient", "RemoteNode", "Session", "Transient", "retrying"]

@@ -1,0 +1,375 @@
+"""The HTTP client of the megafs protocol (``megafs.wire``), over httpx.
+
+Translation happens here, once: ids are bytes above this module and hex
+below it; binary values are base64 on the wire; error answers become the
+matching :mod:`megafs.errors` class with the server's detail; network
+failures, timeouts and server errors are retried (``retry``) and then
+become RemoteError or RemoteTimeout, chained from the httpx exception.
+
+Answers are untrusted: bodies are read raw (no decompression, so no
+decompression bomb) and capped while streaming (``MAX_CHUNK_BYTES`` for a
+chunk, ``MAX_JSON_BYTES`` for JSON), and ``responses`` checks every field.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ipaddress
+import json
+import logging
+import re
+from collections.abc import Callable, Sequence
+from functools import partial
+from types import TracebackType
+from typing import Any, TypeVar
+
+import httpx
+import trio
+
+from megafs import __version__
+from megafs.errors import (
+    AuthFailed,
+    FormatError,
+    InvalidRequest,
+    MegafsError,
+    RemoteError,
+    RemoteTimeout,
+    TooLarge,
+    error_for_code,
+)
+from megafs.remote.responses import (
+    Account,
+    RemoteNode,
+    Session,
+    parse_account,
+    parse_health,
+    parse_missing,
+    parse_node,
+    parse_nodes,
+    parse_prelogin,
+    parse_session,
+    parse_size,
+    parse_version,
+)
+from megafs.remote.retry import Transient, retrying
+from megafs.wire import (
+    API_PREFIX,
+    MAX_CHUNK_BYTES,
+    MAX_CONTENT_BYTES,
+    MAX_JSON_BYTES,
+    MAX_META_BYTES,
+    MAX_MISSING_IDS,
+    b64e,
+)
+
+__all__ = ["RemoteClient"]
+
+log = logging.getLogger(__name__)
+
+A = TypeVar("A")
+R = TypeVar("R")
+
+NODE_ID_BYTES = 16
+CHUNK_ID_BYTES = 32
+
+#: Statuses that say "try again later" rather than "no".
+_TRANSIENT_STATUSES = frozenset({500, 502, 503, 504})
+#: An error answer's body is only read for its code and detail.
+_ERROR_BODY_MAX = 64 * 1024
+_DETAIL_MAX_CHARS = 300
+#: JSON larger than this is encoded and parsed in a worker thread.
+_INLINE_JSON_BYTES = 1 << 20
+#: Server text ends up on terminals: no control characters (escape sequences).
+_UNPRINTABLE_RE = re.compile(r"[\x00-\x1f\x7f-\x9f]")
+
+
+class RemoteClient:
+    """One account's connection to a megafs server.
+
+    ``token`` is the session, set by :meth:`signup` and :meth:`login` (or
+    given). Every method may raise RemoteError (RemoteTimeout) once
+    ``retries`` retries of a network failure or server error are used up,
+    FormatError for a malformed answer, or the error class the server
+    answered with (AuthFailed, NotFound, VersionConflict, ...).
+    """
+
+    def __init__(
+        self,
+        base_url: str,
+        token: str | None = None,
+        *,
+        timeout: float = 30.0,
+        retries: int = 4,
+        insecure: bool = False,
+    ) -> None:
+        try:
+            url = httpx.URL(base_url)
+        except httpx.InvalidURL as exc:
+            raise InvalidRequest(f"not a server address: {base_url!r}") from exc
+        if url.scheme not in ("http", "https") or not url.host or url.query or url.fragment:
+            raise InvalidRequest(f"not a server address: {base_url!r} (expected "
+                                 "https://host[:port])")
+        if url.scheme == "http" and not insecure and not _is_loopback(url.host):
+            raise InvalidRequest(
+                f"refusing plain http:// to {url.host}: anyone on the way could read the "
+                "session token; use https://, or allow it explicitly (--insecure)")
+        self.token = token
+        self._base = f"{str(url).rstrip('/')}{API_PREFIX}"
+        self._retries = retries
+        self._http = httpx.AsyncClient(
+            timeout=timeout,
+            follow_redirects=False,
+            headers={"User-Agent": f"megafs/{__version__}", "Accept-Encoding": "identity"},
+        )
+
+    async def __aenter__(self) -> RemoteClient:
+        return self
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.aclose()
+
+    async def aclose(self) -> None:
+        """Close the connections; the client cannot be used afterwards."""
+        await self._http.aclose()
+
+    # -- account ---------------------------------------------------------------------
+
+    async def health(self) -> str:
+        """The server's version, if it is up."""
+        return parse_health(await self._json("GET", "/health", auth=False))
+
+    async def prelogin(self, email: str) -> dict[str, Any]:
+        """The account's KDF parameters (as JSON; ``crypto`` checks them)."""
+        return parse_prelogin(
+            await self._json("POST", "/prelogin", {"email": email}, auth=False))
+
+    async def signup(
+        self, email: str, kdf: dict[str, Any], auth_secret: bytes, keyblob: bytes,
+        root_id: bytes, root_meta: bytes, device: str,
+    ) -> Session:
+        """Create the account with its root folder, and log in."""
+        body = {
+            "email": email, "kdf": kdf, "auth_secret": b64e(auth_secret),
+            "keyblob": b64e(keyblob), "root": {"id": _node_hex(root_id), "meta": b64e(root_meta)},
+            "device": device,
+        }
+        return self._logged_in(parse_session(
+            await self._json("POST", "/signup", body, auth=False)))
+
+    async def login(self, email: str, auth_secret: bytes, device: str) -> Session:
+        body = {"email": email, "auth_secret": b64e(auth_secret), "device": device}
+        return self._logged_in(parse_session(
+            await self._json("POST", "/login", body, auth=False)))
+
+    def _logged_in(self, session: Session) -> Session:
+        self.token = session.token
+        return session
+
+    async def logout(self) -> None:
+        """End the session on the server and forget the token. A session
+        that has already ended (a retry whose first attempt landed, an
+        expired token) is not an error."""
+        with contextlib.suppress(AuthFailed):
+            await self._call("POST", "/logout")
+        self.token = None
+
+    async def account(self) -> Account:
+        return parse_account(await self._json("GET", "/account"))
+
+    # -- nodes ----------------------------------------------------------------------
+
+    async def get_node(self, node_id: bytes) -> RemoteNode:
+        node = parse_node(await self._json("GET", f"/nodes/{_node_hex(node_id)}"))
+        if node.id != node_id:
+            raise FormatError("malformed server response: asked for one node, got another")
+        return node
+
+    async def list_children(self, node_id: bytes) -> list[RemoteNode]:
+        """The children; large content is left out (``content`` None)."""
+        return parse_nodes(
+            await self._json("GET", f"/nodes/{_node_hex(node_id)}/children"), node_id)
+
+    async def put_node(
+        self,
+        node_id: bytes,
+        *,
+        parent: bytes | None,
+        expect_version: int,
+        meta: bytes,
+        content: bytes | None,
+        chunks: Sequence[bytes],
+        commit_id: bytes,
+    ) -> int:
+        """Create (``expect_version`` 0) or replace a node; returns the new
+        version. ``parent`` is None only for the root. Retrying the same
+        ``commit_id`` is safe: the server answers the version it made."""
+        if len(meta) > MAX_META_BYTES or len(content or b"") > MAX_CONTENT_BYTES:
+            raise TooLarge("the node's record or manifest is larger than the protocol allows")
+        body = {
+            "parent": None if parent is None else _node_hex(parent),
+            "expect_version": expect_version,
+            "meta": b64e(meta),
+            "content": None if content is None else b64e(content),
+            "chunks": [_chunk_hex(chunk_id) for chunk_id in chunks],
+            "commit_id": b64e(commit_id),
+        }
+        large = len(content or b"") + CHUNK_ID_BYTES * len(chunks) > _INLINE_JSON_BYTES
+        return parse_version(
+            await self._json("PUT", f"/nodes/{_node_hex(node_id)}", body, large=large))
+
+    async def delete_node(self, node_id: bytes, *, expect_version: int) -> None:
+        await self._call("DELETE", f"/nodes/{_node_hex(node_id)}",
+                         query={"expect_version": str(expect_version)})
+
+    # -- chunks ---------------------------------------------------------------------
+
+    async def missing_chunks(self, ids: Sequence[bytes]) -> set[bytes]:
+        """Which of ``ids`` the server does not have (the others it keeps
+        for a grace period, for a commit that uses them)."""
+        missing: set[bytes] = set()
+        for start in range(0, len(ids), MAX_MISSING_IDS):
+            batch = [_chunk_hex(chunk_id) for chunk_id in ids[start:start + MAX_MISSING_IDS]]
+            answer = await self._json("POST", "/chunks/missing", {"ids": batch})
+            missing |= parse_missing(answer, set(batch))
+        return missing
+
+    async def put_chunk(self, chunk_id: bytes, data: bytes) -> None:
+        if len(data) > MAX_CHUNK_BYTES:
+            raise TooLarge(f"a chunk may have at most {MAX_CHUNK_BYTES} bytes")
+        parse_size(await self._json("PUT", f"/chunks/{_chunk_hex(chunk_id)}", raw=data))
+
+    async def get_chunk(self, chunk_id: bytes) -> bytes:
+        return await self._call("GET", f"/chunks/{_chunk_hex(chunk_id)}", cap=MAX_CHUNK_BYTES)
+
+    # -- transport ------------------------------------------------------------------
+
+    async def _json(
+        self, method: str, path: str, body: Any = None, *, raw: bytes | None = None,
+        auth: bool = True, large: bool = False,
+    ) -> Any:
+        """Send ``body`` as JSON (or ``raw`` bytes) and parse the JSON answer.
+        ``large``: the body is big enough to encode in a worker thread."""
+        content_type = "application/octet-stream"
+        if body is not None:
+            raw = await _off_loop(_encode_json, body, large=large)
+            content_type = "application/json"
+        answer = await self._call(method, path, raw=raw, content_type=content_type, auth=auth)
+        try:
+            return await _off_loop(json.loads, answer, large=len(answer) > _INLINE_JSON_BYTES)
+        except (ValueError, RecursionError):
+            raise FormatError(f"malformed server response to {method} {path}: not JSON") \
+                from None
+
+    async def _call(
+        self, method: str, path: str, *, raw: bytes | None = None,
+        content_type: str = "application/octet-stream", query: dict[str, str] | None = None,
+        auth: bool = True, cap: int = MAX_JSON_BYTES,
+    ) -> bytes:
+        """One request, retried while it fails transiently; returns the body
+        of a 2xx answer or raises."""
+        headers: dict[str, str] = {}
+        if auth:
+            if self.token is None:
+                raise AuthFailed("not logged in")
+            headers["Authorization"] = f"Bearer {self.token}"
+        if raw is not None:
+            headers["Content-Type"] = content_type
+        attempt = partial(self._attempt, method, path, headers, raw, query, cap)
+        return await retrying(attempt, retries=self._retries, what=f"{method} {path}")
+
+    async def _attempt(
+        self, method: str, path: str, headers: dict[str, str], raw: bytes | None,
+        query: dict[str, str] | None, cap: int,
+    ) -> bytes:
+        started = trio.current_time()
+        what = f"{method} {path}"
+        try:
+            async with self._http.stream(method, self._base + path, headers=headers,
+                                         content=raw, params=query) as response:
+                status = response.status_code
+                if 200 <= status < 300:
+                    body = await _read(response, cap, what)
+                else:
+                    try:
+                        body = await _read(response, _ERROR_BODY_MAX, what)
+                    except FormatError:
+                        body = b""  # an unreadable error body still has its status
+        except httpx.TimeoutException as exc:
+            raise Transient(RemoteTimeout(f"{what}: the server did not answer in time")) from exc
+        except httpx.TransportError as exc:
+            raise Transient(RemoteError(f"{what}: {exc or type(exc).__name__}")) from exc
+        log.debug("%s -> %d (%.0f ms)", what, status, (trio.current_time() - started) * 1000)
+        if 200 <= status < 300:
+            return body
+        raise _error_for(status, body, what)
+
+
+def _error_for(status: int, body: bytes, what: str) -> MegafsError | Transient:
+    """The exception for an error answer: the class its code names (or,
+    failing that, its status), with its detail made printable; server
+    errors are Transient."""
+    code, detail = "", ""
+    try:
+        value = json.loads(body)
+    except (ValueError, RecursionError):
+        value = None
+    if isinstance(value, dict):
+        code, detail = (item if isinstance(item := value.get(key), str) else ""
+                        for key in ("error", "detail"))
+    detail = _UNPRINTABLE_RE.sub(" ", detail)[:_DETAIL_MAX_CHARS].strip() or f"HTTP {status}"
+    if status in _TRANSIENT_STATUSES:
+        cls = RemoteTimeout if status == 504 else RemoteError
+        return Transient(cls(f"{what}: server error {status}: {detail}"))
+    return error_for_code(code, status)(detail)
+
+
+async def _read(response: httpx.Response, cap: int, what: str) -> bytes:
+    """The raw body, refused as soon as it is known to exceed ``cap``."""
+    encoding = response.headers.get("content-encoding", "identity").strip().lower()
+    if encoding not in ("", "identity"):
+        raise FormatError(f"malformed server response to {what}: compressed ({encoding})")
+    declared = response.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > cap:
+        raise FormatError(f"malformed server response to {what}: larger than {cap} bytes")
+    parts: list[bytes] = []
+    size = 0
+    async for part in response.aiter_raw():
+        size += len(part)
+        if size > cap:
+            raise FormatError(f"malformed server response to {what}: larger than {cap} bytes")
+        parts.append(part)
+    return b"".join(parts)
+
+
+def _encode_json(value: Any) -> bytes:
+    return json.dumps(value, separators=(",", ":")).encode()
+
+
+async def _off_loop(fn: Callable[[A], R], arg: A, *, large: bool) -> R:
+    """``fn(arg)``, in a worker thread when the input is large, so that
+    encoding or parsing megabytes does not stall the event loop."""
+    return await trio.to_thread.run_sync(fn, arg) if large else fn(arg)
+
+
+def _node_hex(node_id: bytes) -> str:
+    if not isinstance(node_id, bytes) or len(node_id) != NODE_ID_BYTES:
+        raise InvalidRequest(f"a node id is {NODE_ID_BYTES} bytes")
+    return node_id.hex()
+
+
+def _chunk_hex(chunk_id: bytes) -> str:
+    if not isinstance(chunk_id, bytes) or len(chunk_id) != CHUNK_ID_BYTES:
+        raise InvalidRequest(f"a chunk id is {CHUNK_ID_BYTES} bytes")
+    return chunk_id.hex()
+
+
+def _is_loopback(host: str) -> bool:
+    if host.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False

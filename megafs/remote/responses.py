@@ -1,0 +1,233 @@
+"""What the server answers, parsed without trusting it.
+
+The server is untrusted (docs/threat-model): every field of every answer is
+checked for presence, type, id format, base64 and the size limits of
+``megafs.wire`` before anything else sees it. Any deviation is a
+FormatError naming the field, never a KeyError or TypeError escaping to a
+caller. These checks are about shape only: whether the contents are
+genuine is for ``crypto`` to decide.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Any
+
+from megafs.errors import FormatError
+from megafs.wire import CHUNK_ID_RE, MAX_CONTENT_BYTES, MAX_META_BYTES, NODE_ID_RE, b64d
+
+__all__ = [
+    "Account",
+    "RemoteNode",
+    "Session",
+    "parse_account",
+    "parse_health",
+    "parse_missing",
+    "parse_node",
+    "parse_nodes",
+    "parse_prelogin",
+    "parse_session",
+    "parse_size",
+    "parse_version",
+]
+
+#: Integers the server sends fit a signed 64-bit column.
+_MAX_INT = 2**63 - 1
+#: Tokens go back to the server in a header: only characters that are safe
+#: there (no CR/LF a hostile server could use to inject headers).
+_TOKEN_RE = re.compile(r"[A-Za-z0-9_.~+/=-]{16,512}")
+_KDF_INTS = ("memory_kib", "iterations", "lanes")
+
+
+@dataclass(frozen=True)
+class Account:
+    email: str
+    kdf: dict[str, Any]
+    keyblob: bytes
+    root_id: bytes
+    quota: int
+    used: int
+
+
+@dataclass(frozen=True)
+class Session:
+    token: str
+    expires: int
+    account: Account
+
+
+@dataclass(frozen=True)
+class RemoteNode:
+    """A node as the server holds it. ``content`` is None when the node has
+    none, or (in listings) when it is larger than ``wire.INLINE_CONTENT_MAX``:
+    then ``content_size`` is non-zero and ``get_node`` fetches it."""
+
+    id: bytes
+    parent: bytes | None
+    version: int
+    meta: bytes
+    content: bytes | None
+    content_size: int
+
+
+class _Fields:
+    """One JSON object from the server, read field by field."""
+
+    def __init__(self, value: Any, what: str) -> None:
+        if not isinstance(value, dict):
+            raise _bad(what, "is not an object")
+        self._obj = value
+        self._what = what
+
+    def _get(self, key: str) -> Any:
+        if key not in self._obj:
+            raise _bad(f"{self._what}.{key}", "is missing")
+        return self._obj[key]
+
+    def _fail(self, key: str, problem: str) -> FormatError:
+        return _bad(f"{self._what}.{key}", problem)
+
+    def obj(self, key: str) -> _Fields:
+        return _Fields(self._get(key), f"{self._what}.{key}")
+
+    def items(self, key: str) -> list[Any]:
+        value = self._get(key)
+        if not isinstance(value, list):
+            raise self._fail(key, "is not a list")
+        return value
+
+    def integer(self, key: str, *, low: int = 0) -> int:
+        value = self._get(key)
+        if type(value) is not int or not low <= value <= _MAX_INT:
+            raise self._fail(key, f"is not an integer >= {low}")
+        return value
+
+    def text(self, key: str) -> str:
+        value = self._get(key)
+        if not isinstance(value, str):
+            raise self._fail(key, "is not a string")
+        return value
+
+    def true(self, key: str) -> None:
+        if self._get(key) is not True:
+            raise self._fail(key, "is not true")
+
+    def blob(self, key: str, *, max_bytes: int | None = None) -> bytes:
+        try:
+            data = b64d(self._get(key))
+        except ValueError:
+            raise self._fail(key, "is not base64") from None
+        if max_bytes is not None and len(data) > max_bytes:
+            raise self._fail(key, f"is larger than {max_bytes} bytes")
+        return data
+
+    def blob_or_none(self, key: str, *, max_bytes: int) -> bytes | None:
+        return None if self._get(key) is None else self.blob(key, max_bytes=max_bytes)
+
+    def node_id(self, key: str) -> bytes:
+        value = self._get(key)
+        if not isinstance(value, str) or not NODE_ID_RE.fullmatch(value):
+            raise self._fail(key, "is not a node id")
+        return bytes.fromhex(value)
+
+    def node_id_or_none(self, key: str) -> bytes | None:
+        return None if self._get(key) is None else self.node_id(key)
+
+
+def _bad(field: str, problem: str) -> FormatError:
+    return FormatError(f"malformed server response: {field} {problem}")
+
+
+def parse_health(value: Any) -> str:
+    """The server's version."""
+    fields = _Fields(value, "health")
+    fields.true("ok")
+    return fields.text("version")
+
+
+def _kdf(fields: _Fields) -> dict[str, Any]:
+    """The KDF parameters, in the server's JSON form; whether they are
+    acceptable is ``crypto``'s decision (it refuses a downgrade)."""
+    out: dict[str, Any] = {"alg": fields.text("alg")}
+    for name in _KDF_INTS:
+        out[name] = fields.integer(name)
+    fields.blob("salt")
+    out["salt"] = fields.text("salt")
+    return out
+
+
+def parse_prelogin(value: Any) -> dict[str, Any]:
+    return _kdf(_Fields(value, "prelogin").obj("kdf"))
+
+
+def _account(fields: _Fields) -> Account:
+    return Account(
+        email=fields.text("email"),
+        kdf=_kdf(fields.obj("kdf")),
+        keyblob=fields.blob("keyblob"),
+        root_id=fields.node_id("root_id"),
+        quota=fields.integer("quota"),
+        used=fields.integer("used"),
+    )
+
+
+def parse_account(value: Any) -> Account:
+    return _account(_Fields(value, "account"))
+
+
+def parse_session(value: Any) -> Session:
+    fields = _Fields(value, "session")
+    token = fields.text("token")
+    if not _TOKEN_RE.fullmatch(token):
+        raise _bad("session.token", "has unexpected characters or length")
+    return Session(token, fields.integer("expires"), _account(fields.obj("account")))
+
+
+def parse_node(value: Any, *, listed: bool = False, what: str = "node") -> RemoteNode:
+    """A node; ``listed`` for listings, where large content is left out."""
+    fields = _Fields(value, what)
+    node = RemoteNode(
+        id=fields.node_id("id"),
+        parent=fields.node_id_or_none("parent"),
+        version=fields.integer("version", low=1),
+        meta=fields.blob("meta", max_bytes=MAX_META_BYTES),
+        content=fields.blob_or_none("content", max_bytes=MAX_CONTENT_BYTES),
+        content_size=fields.integer("content_size"),
+    )
+    if node.content is not None:
+        consistent = node.content_size == len(node.content)
+    else:
+        consistent = node.content_size == 0 or (listed and node.content_size <= MAX_CONTENT_BYTES)
+    if not consistent:
+        raise _bad(f"{what}.content_size", "does not match the content")
+    return node
+
+
+def parse_nodes(value: Any, parent: bytes) -> list[RemoteNode]:
+    """A listing of ``parent``'s children: each must name it as parent, once."""
+    items = _Fields(value, "listing").items("nodes")
+    nodes = [parse_node(item, listed=True, what=f"listing.nodes[{i}]")
+             for i, item in enumerate(items)]
+    if any(node.parent != parent for node in nodes):
+        raise _bad("listing.nodes", "contains a node of another folder")
+    if len({node.id for node in nodes}) != len(nodes):
+        raise _bad("listing.nodes", "contains a node twice")
+    return nodes
+
+
+def parse_version(value: Any) -> int:
+    return _Fields(value, "put").integer("version", low=1)
+
+
+def parse_size(value: Any) -> int:
+    return _Fields(value, "chunk").integer("size")
+
+
+def parse_missing(value: Any, asked: set[str]) -> set[bytes]:
+    """The missing chunk ids; each must be one that was asked about."""
+    items = _Fields(value, "missing").items("missing")
+    if not all(isinstance(item, str) and CHUNK_ID_RE.fullmatch(item) and item in asked
+               for item in items):
+        raise _bad("missing.missing", "contains an id that was not asked about")
+    return {bytes.fromhex(item) for item in items}

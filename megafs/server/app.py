@@ -1,0 +1,373 @@
+"""The HTTP API of ``megafs.wire`` as a Starlette application.
+
+Each handler authenticates, validates (``validate``), calls one store
+operation and serializes the answer; the rules themselves (compare and set,
+quotas, isolation) live in the stores, which scope every query by account.
+Errors are raised as :class:`MegafsError` and turned into ``{"error",
+"detail"}`` answers in one place; anything else is logged and answered
+with a bare 500.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Awaitable, Callable, Mapping
+from typing import Any
+
+import trio
+from starlette.applications import Starlette
+from starlette.datastructures import Headers
+from starlette.exceptions import HTTPException
+from starlette.middleware import Middleware
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route, request_response
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from megafs import __version__
+from megafs.errors import AuthFailed, InvalidRequest, MegafsError, NotFound
+from megafs.server import validate as v
+from megafs.server.auth import AUTH_SECRET_BYTES, Auth, NewSession, check_kdf
+from megafs.server.chunks import ChunkStore
+from megafs.server.metadata import AccountRow, MetadataStore, NodeRow, NodeWrite
+from megafs.server.openapi import openapi_document
+from megafs.wire import (
+    API_PREFIX,
+    INLINE_CONTENT_MAX,
+    MAX_CHUNK_BYTES,
+    MAX_CONTENT_BYTES,
+    MAX_JSON_BYTES,
+    MAX_META_BYTES,
+    MAX_MISSING_IDS,
+    b64e,
+)
+
+__all__ = ["create_app"]
+
+log = logging.getLogger(__name__)
+
+_NODE_FIELDS = ("parent", "expect_version", "meta", "content", "chunks", "commit_id")
+#: See :class:`_Boundary`: unread request bodies up to this size are drained.
+_DRAIN_MAX = MAX_JSON_BYTES
+_DRAIN_SECONDS = 10.0
+
+
+def create_app(meta: MetadataStore, chunks: ChunkStore, *, default_quota: int) -> Starlette:
+    """The megafs API over the given stores; new accounts get ``default_quota``
+    bytes. The stores stay owned by the caller (the app never closes them)."""
+    api = _Api(meta, chunks, default_quota)
+    p = API_PREFIX
+    routes = [
+        Route(path, _Resource(handlers)) for path, handlers in {
+            f"{p}/health": {"GET": api.health},
+            f"{p}/prelogin": {"POST": api.prelogin},
+            f"{p}/signup": {"POST": api.signup},
+            f"{p}/login": {"POST": api.login},
+            f"{p}/logout": {"POST": api.logout},
+            f"{p}/account": {"GET": api.account},
+            f"{p}/nodes/{{id}}": {"GET": api.get_node, "PUT": api.put_node,
+                                  "DELETE": api.delete_node},
+            f"{p}/nodes/{{id}}/children": {"GET": api.list_children},
+            # Before chunks/{id}, which would take "missing" for a (bad) chunk id.
+            f"{p}/chunks/missing": {"POST": api.missing_chunks},
+            f"{p}/chunks/{{id}}": {"PUT": api.put_chunk, "GET": api.get_chunk},
+            "/openapi.json": {"GET": api.openapi},
+        }.items()
+    ]
+    app = Starlette(
+        routes=routes,
+        middleware=[Middleware(_Boundary)],
+        exception_handlers={MegafsError: _megafs_error, HTTPException: _http_error},
+    )
+    app.router.redirect_slashes = False
+    return app
+
+
+class _Api:
+    def __init__(self, meta: MetadataStore, chunks: ChunkStore, default_quota: int) -> None:
+        self._meta = meta
+        self._chunks = chunks
+        self._auth = Auth(meta)
+        if not 0 <= default_quota <= v.MAX_INT:
+            raise ValueError(f"the default quota must be 0..{v.MAX_INT} bytes")
+        self._quota = default_quota
+        self._openapi = openapi_document()
+
+    async def _account_id(self, request: Request) -> int:
+        return await self._auth.authenticate(request.headers.get("authorization"))
+
+    # -- unauthenticated -------------------------------------------------------------
+
+    async def health(self, request: Request) -> Response:
+        return JSONResponse({"ok": True, "version": __version__})
+
+    async def openapi(self, request: Request) -> Response:
+        return JSONResponse(self._openapi)
+
+    async def prelogin(self, request: Request) -> Response:
+        body = v.exact_fields(await v.read_json(request), ("email",), "body")
+        return JSONResponse({"kdf": await self._auth.prelogin(v.email(body["email"]))})
+
+    async def signup(self, request: Request) -> Response:
+        body = v.exact_fields(
+            await v.read_json(request),
+            ("email", "kdf", "auth_secret", "keyblob", "root", "device"), "body",
+        )
+        root = v.exact_fields(body["root"], ("id", "meta"), "root")
+        session = await self._auth.signup(
+            v.email(body["email"]),
+            check_kdf(body["kdf"]),
+            _auth_secret(body["auth_secret"]),
+            v.blob(body["keyblob"], "keyblob", min_bytes=1, max_bytes=v.KEYBLOB_MAX_BYTES),
+            v.node_id(root["id"], "root.id"),
+            v.blob(root["meta"], "root.meta", max_bytes=MAX_META_BYTES),
+            v.text(body["device"], "device", max_chars=v.DEVICE_MAX_CHARS),
+            quota=self._quota,
+        )
+        return JSONResponse(_session_json(session), status_code=201)
+
+    async def login(self, request: Request) -> Response:
+        body = v.exact_fields(await v.read_json(request), ("email", "auth_secret", "device"),
+                              "body")
+        session = await self._auth.login(
+            v.email(body["email"]),
+            _auth_secret(body["auth_secret"]),
+            v.text(body["device"], "device", max_chars=v.DEVICE_MAX_CHARS),
+        )
+        return JSONResponse(_session_json(session))
+
+    # -- authenticated --------------------------------------------------------------
+
+    async def logout(self, request: Request) -> Response:
+        await self._auth.logout(request.headers.get("authorization"))
+        return Response(status_code=204)
+
+    async def account(self, request: Request) -> Response:
+        account = await self._meta.account(await self._account_id(request))
+        return JSONResponse(_account_json(account))
+
+    async def get_node(self, request: Request) -> Response:
+        account_id = await self._account_id(request)
+        node = await self._meta.get_node(account_id, _path_node_id(request))
+        if node is None:
+            raise NotFound("no such node")
+        return JSONResponse(_node_json(node))
+
+    async def list_children(self, request: Request) -> Response:
+        account_id = await self._account_id(request)
+        nodes = await self._meta.list_children(account_id, _path_node_id(request),
+                                               inline_max=INLINE_CONTENT_MAX)
+        if nodes is None:
+            raise NotFound("no such node")
+        return JSONResponse({"nodes": [_node_json(node) for node in nodes]})
+
+    async def put_node(self, request: Request) -> Response:
+        account_id = await self._account_id(request)
+        node_id = _path_node_id(request)
+        body = v.exact_fields(await v.read_json(request), _NODE_FIELDS, "body")
+        if not isinstance(body["chunks"], list):
+            raise InvalidRequest("chunks must be a list of chunk ids")
+        low, high = v.COMMIT_ID_BYTES
+        write = NodeWrite(
+            parent=None if body["parent"] is None else v.node_id(body["parent"], "parent"),
+            expect_version=v.integer(body["expect_version"], "expect_version"),
+            meta=v.blob(body["meta"], "meta", max_bytes=MAX_META_BYTES),
+            content=None if body["content"] is None
+            else v.blob(body["content"], "content", max_bytes=MAX_CONTENT_BYTES),
+            chunks=frozenset(v.chunk_id(item, "chunks[]") for item in body["chunks"]),
+            commit_id=v.blob(body["commit_id"], "commit_id", min_bytes=low, max_bytes=high),
+        )
+        version = await self._meta.put_node(account_id, node_id, write, now=_now())
+        return JSONResponse({"version": version})
+
+    async def delete_node(self, request: Request) -> Response:
+        account_id = await self._account_id(request)
+        node_id = _path_node_id(request)
+        raw = request.query_params.get("expect_version", "")
+        if not raw.isascii() or not raw.isdigit() or len(raw) > 16:
+            raise InvalidRequest("the query parameter expect_version must be a version number")
+        expect = v.integer(int(raw), "expect_version", low=1)
+        await self._meta.delete_node(account_id, node_id, expect_version=expect)
+        return Response(status_code=204)
+
+    async def missing_chunks(self, request: Request) -> Response:
+        account_id = await self._account_id(request)
+        body = v.exact_fields(await v.read_json(request), ("ids",), "body")
+        ids = body["ids"]
+        if not isinstance(ids, list) or len(ids) > MAX_MISSING_IDS:
+            raise InvalidRequest(f"ids must be a list of at most {MAX_MISSING_IDS} chunk ids")
+        unique = list(dict.fromkeys(v.chunk_id(item, "ids[]") for item in ids))
+        missing = await self._meta.missing_chunks(account_id, unique, now=_now())
+        return JSONResponse({"missing": missing})
+
+    async def put_chunk(self, request: Request) -> Response:
+        account_id = await self._account_id(request)
+        chunk_id = _path_chunk_id(request)
+        data = await v.read_body(request, MAX_CHUNK_BYTES)
+        if not data:
+            raise InvalidRequest("a chunk cannot be empty")
+        async with self._chunks.locked(account_id, chunk_id):
+            stored = (await self._meta.has_chunk(account_id, chunk_id)
+                      and await self._chunks.exists(account_id, chunk_id))
+            if not stored:
+                await self._chunks.put(account_id, chunk_id, data)
+            try:
+                await self._meta.add_chunk(account_id, chunk_id, len(data), now=_now())
+            except MegafsError:
+                # Not recorded (quota): the bytes must not stay behind unaccounted.
+                await self._chunks.delete(account_id, chunk_id)
+                raise
+        return JSONResponse({"size": len(data)}, status_code=201)
+
+    async def get_chunk(self, request: Request) -> Response:
+        account_id = await self._account_id(request)
+        chunk_id = _path_chunk_id(request)
+        if not await self._meta.has_chunk(account_id, chunk_id):
+            raise NotFound("no such chunk")
+        data = await self._chunks.get(account_id, chunk_id)
+        return Response(data, media_type="application/octet-stream")
+
+
+def _now() -> int:
+    return int(time.time())
+
+
+def _path_node_id(request: Request) -> str:
+    return v.node_id(request.path_params["id"], "the node id in the path")
+
+
+def _path_chunk_id(request: Request) -> str:
+    return v.chunk_id(request.path_params["id"], "the chunk id in the path")
+
+
+def _auth_secret(value: Any) -> bytes:
+    return v.blob(value, "auth_secret", min_bytes=AUTH_SECRET_BYTES, max_bytes=AUTH_SECRET_BYTES)
+
+
+def _account_json(account: AccountRow) -> dict[str, Any]:
+    return {
+        "email": account.email,
+        "kdf": account.kdf,
+        "keyblob": b64e(account.keyblob),
+        "root_id": account.root_id,
+        "quota": account.quota,
+        "used": account.used,
+    }
+
+
+def _session_json(session: NewSession) -> dict[str, Any]:
+    return {"token": session.token, "expires": session.expires,
+            "account": _account_json(session.account)}
+
+
+def _node_json(node: NodeRow) -> dict[str, Any]:
+    return {
+        "id": node.id,
+        "parent": node.parent,
+        "version": node.version,
+        "meta": b64e(node.meta),
+        "content": None if node.content is None else b64e(node.content),
+        "content_size": node.content_size,
+    }
+
+
+async def _megafs_error(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, MegafsError)
+    headers = {"WWW-Authenticate": "Bearer"} if isinstance(exc, AuthFailed) else None
+    return JSONResponse({"error": exc.code, "detail": exc.detail}, status_code=exc.http_status,
+                        headers=headers)
+
+
+async def _http_error(request: Request, exc: Exception) -> Response:
+    """Starlette's own errors (no such route, wrong method) in our format."""
+    assert isinstance(exc, HTTPException)
+    code = NotFound.code if exc.status_code == 404 else InvalidRequest.code
+    return JSONResponse({"error": code, "detail": exc.detail}, status_code=exc.status_code,
+                        headers=exc.headers)
+
+
+Handler = Callable[[Request], Awaitable[Response]]
+
+
+class _Resource:
+    """Every method of one path. A method the path lacks is 405 with an
+    ``Allow`` header naming all it has (one Route per method would name
+    only its own, and a route further down could claim the request)."""
+
+    def __init__(self, handlers: Mapping[str, Handler]) -> None:
+        self._apps = {method: request_response(handler) for method, handler in handlers.items()}
+        if "GET" in self._apps:
+            self._apps["HEAD"] = self._apps["GET"]
+        self._allow = ", ".join(sorted(self._apps))
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        app = self._apps.get(scope["method"])
+        if app is None:
+            raise HTTPException(405, headers={"Allow": self._allow})
+        await app(scope, receive, send)
+
+
+class _Boundary:
+    """The outermost layer of every request:
+
+    - one INFO line per request (method, path, status, time), never headers
+      or bodies (tokens, auth secrets);
+    - the last resort for unexpected exceptions: logged with their
+      traceback, answered with a 500 that reveals nothing;
+    - a request body the app left unread (it answered early: 401, 413, a bad
+      id) is read and dropped after the answer is sent and before the
+      response ends, up to ``_DRAIN_MAX`` bytes, so the client can finish
+      sending, read the answer and reuse the connection. (Hypercorn would
+      otherwise close the connection under the client without telling it.)
+      A larger or unbounded body gets ``Connection: close`` instead.
+    """
+
+    def __init__(self, app: ASGIApp) -> None:
+        self._app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self._app(scope, receive, send)
+            return
+        started = trio.current_time()
+        status: int | None = None
+        headers = Headers(scope=scope)
+        length = headers.get("content-length", "")
+        drainable = length.isascii() and length.isdigit() and int(length) <= _DRAIN_MAX
+        body_done = (length == "0" or not length) and "transfer-encoding" not in headers
+
+        async def receive_and_note() -> Message:
+            nonlocal body_done
+            message = await receive()
+            body_done = body_done or not message.get("more_body", False)
+            return message
+
+        async def send_and_note(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+                if not body_done and not drainable:
+                    message = {**message, "headers": [*message.get("headers", ()),
+                                                      (b"connection", b"close")]}
+            elif (message["type"] == "http.response.body" and not message.get("more_body")
+                  and not body_done and drainable):
+                # The client gets the whole answer now; the response ends (and
+                # Hypercorn may reuse the connection) once the body is read.
+                await send({**message, "more_body": True})
+                with trio.move_on_after(_DRAIN_SECONDS):
+                    while not body_done:
+                        await receive_and_note()
+                message = {"type": "http.response.body", "body": b"", "more_body": False}
+            await send(message)
+
+        try:
+            await self._app(scope, receive_and_note, send_and_note)
+        except Exception:
+            log.exception("unexpected error in %s %s", scope["method"], scope["path"])
+            if status is None:
+                await JSONResponse({"error": MegafsError.code, "detail": "internal server error"},
+                                   status_code=500)(scope, receive_and_note, send_and_note)
+        finally:
+            log.info("%s %s %s %.0f ms", scope["method"], scope["path"], status or "-",
+                     (trio.current_time() - started) * 1000)

@@ -1,0 +1,674 @@
+"""The server's metadata: accounts, sessions, nodes and which chunks they use.
+
+:class:`MetadataStore` is the interface the HTTP layer and the garbage
+collector use; :class:`SQLiteMetadataStore` implements it. Each method is
+one atomic step (one transaction), so the rules of ``megafs.wire`` (compare
+and set, parent checks, quota) hold however requests interleave, and a
+second backend (PostgreSQL) only has to provide the same methods. The SQL
+is kept portable where that costs nothing (``ON CONFLICT``, ``WITH
+RECURSIVE``, ``length()`` on blobs work in both).
+
+Ids are stored as the lowercase hex the wire uses; everything the client
+sealed (kdf aside, which is public by design) is an opaque blob here.
+"""
+
+from __future__ import annotations
+
+import json
+import secrets
+import sqlite3
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TypeVar
+
+import trio
+
+from megafs.errors import (
+    AlreadyExists,
+    InvalidRequest,
+    NotEmpty,
+    NotFound,
+    QuotaExceeded,
+    VersionConflict,
+)
+
+__all__ = [
+    "AccountRow",
+    "MetadataStore",
+    "MissingReference",
+    "NodeRow",
+    "NodeWrite",
+    "SQLiteMetadataStore",
+]
+
+T = TypeVar("T")
+
+#: Bumped when the schema below changes incompatibly; a store refuses a
+#: database written by a newer server instead of misreading it.
+SCHEMA_VERSION = 1
+
+#: A session's ``last_seen`` is rewritten at most this often, so an active
+#: client does not turn every read into a database write.
+LAST_SEEN_RESOLUTION = 60
+
+#: SQLite's default limit on ``?`` parameters is far above this; PostgreSQL
+#: has none. Batches keep each ``IN (...)`` list cheap to plan.
+_IN_BATCH = 500
+
+
+class MissingReference(NotFound):
+    """A node names a parent or chunk this account does not have.
+
+    The wire code stays ``not_found`` (the client reacts the same way: upload
+    what is missing, then retry) but the status is 409, because the URL's
+    own node is not what is missing.
+    """
+
+    http_status = 409
+
+
+@dataclass(frozen=True)
+class AccountRow:
+    """An account as stored. ``id`` is internal and never sent to clients."""
+
+    id: int
+    email: str
+    kdf: dict[str, Any]
+    auth_hash: bytes
+    keyblob: bytes
+    root_id: str
+    quota: int
+    used: int
+
+
+@dataclass(frozen=True)
+class NodeRow:
+    """A node as served. ``content`` is None when the node has none, or when
+    a listing left out content larger than its inline limit
+    (``content_size`` still tells the size)."""
+
+    id: str
+    parent: str | None
+    version: int
+    meta: bytes
+    content: bytes | None
+    content_size: int
+
+
+@dataclass(frozen=True)
+class NodeWrite:
+    """A validated ``PUT /nodes/{id}`` body."""
+
+    parent: str | None
+    expect_version: int
+    meta: bytes
+    content: bytes | None
+    chunks: frozenset[str]
+    commit_id: bytes
+
+
+class MetadataStore(ABC):
+    """Everything the server knows besides chunk bytes.
+
+    Times are integer Unix seconds passed in by the caller, so the store
+    has no clock of its own (tests pass any ``now``). Every method is
+    atomic; the ones that change a node or a chunk also keep the account's
+    ``used`` byte count exact.
+    """
+
+    @abstractmethod
+    async def server_secret(self) -> bytes:
+        """A random 32-byte secret made when the store was created."""
+
+    # -- accounts and sessions ----------------------------------------------------
+
+    @abstractmethod
+    async def create_account(
+        self, email: str, kdf: dict[str, Any], auth_hash: bytes, keyblob: bytes,
+        root_id: str, root_meta: bytes, *, quota: int, now: int,
+    ) -> AccountRow:
+        """Create an account and its root node together.
+
+        Raises AlreadyExists if the email is taken, QuotaExceeded if the
+        root node alone exceeds ``quota``.
+        """
+
+    @abstractmethod
+    async def account_by_email(self, email: str) -> AccountRow | None: ...
+
+    @abstractmethod
+    async def account(self, account_id: int) -> AccountRow:
+        """Raises NotFound if the account does not exist."""
+
+    @abstractmethod
+    async def add_session(
+        self, token_hash: bytes, account_id: int, device: str, *, now: int, expires: int
+    ) -> None: ...
+
+    @abstractmethod
+    async def session_account(self, token_hash: bytes, *, now: int) -> int | None:
+        """The account of a live session (refreshing its ``last_seen``), or
+        None if there is no such session or it has expired."""
+
+    @abstractmethod
+    async def delete_session(self, token_hash: bytes) -> bool:
+        """Returns whether the session existed."""
+
+    @abstractmethod
+    async def purge_sessions(self, *, now: int) -> int:
+        """Delete expired sessions; returns how many."""
+
+    # -- nodes --------------------------------------------------------------------
+
+    @abstractmethod
+    async def get_node(self, account_id: int, node_id: str) -> NodeRow | None: ...
+
+    @abstractmethod
+    async def list_children(
+        self, account_id: int, node_id: str, *, inline_max: int
+    ) -> list[NodeRow] | None:
+        """The children of a node, ordered by id, with content only where it
+        is at most ``inline_max`` bytes; None if the node does not exist."""
+
+    @abstractmethod
+    async def put_node(self, account_id: int, node_id: str, write: NodeWrite, *, now: int) -> int:
+        """Create or replace a node (compare-and-set); returns its new version.
+
+        A retry of the write that made the current version (same
+        ``commit_id``) returns that version. Raises AlreadyExists,
+        NotFound, VersionConflict, MissingReference (parent or chunk),
+        InvalidRequest (root rules, cycles) or QuotaExceeded.
+        """
+
+    @abstractmethod
+    async def delete_node(self, account_id: int, node_id: str, *, expect_version: int) -> None:
+        """Raises NotFound, VersionConflict, NotEmpty, or InvalidRequest for
+        the root."""
+
+    # -- chunks -------------------------------------------------------------------
+
+    @abstractmethod
+    async def has_chunk(self, account_id: int, chunk_id: str) -> bool: ...
+
+    @abstractmethod
+    async def missing_chunks(
+        self, account_id: int, chunk_ids: Sequence[str], *, now: int
+    ) -> list[str]:
+        """The ids not recorded, in the order given; the others are touched
+        (kept from garbage collection for another grace period)."""
+
+    @abstractmethod
+    async def add_chunk(self, account_id: int, chunk_id: str, size: int, *, now: int) -> bool:
+        """Record a chunk whose bytes are stored; returns True if it is new.
+
+        A new chunk counts towards ``used`` (QuotaExceeded if it does not
+        fit); a known one is only touched.
+        """
+
+    @abstractmethod
+    async def garbage_chunks(self, *, cutoff: int, limit: int) -> list[tuple[int, str]]:
+        """Up to ``limit`` (account id, chunk id) that no node references and
+        that were last touched before ``cutoff``."""
+
+    @abstractmethod
+    async def forget_chunk(self, account_id: int, chunk_id: str, *, cutoff: int) -> bool:
+        """Delete a chunk's record if it is still garbage (see
+        :meth:`garbage_chunks`), releasing its bytes from ``used``; returns
+        whether it did."""
+
+    @abstractmethod
+    async def aclose(self) -> None: ...
+
+
+# Column by column; everything the client sealed is opaque here.
+_SCHEMA = """
+-- Settings of this server instance.
+CREATE TABLE IF NOT EXISTS server_config (
+    key   TEXT PRIMARY KEY,  -- 'secret': 64 hex digits, keys the fake prelogin salts;
+                             -- 'schema_version': the SCHEMA_VERSION that wrote the db
+    value TEXT NOT NULL
+);
+
+CREATE TABLE IF NOT EXISTS accounts (
+    id        INTEGER PRIMARY KEY,  -- internal only: names the account's chunk directory
+    email     TEXT NOT NULL UNIQUE, -- login name, lower-cased
+    kdf       TEXT NOT NULL,        -- the client's Argon2id parameters (JSON), served by
+                                    -- prelogin; public by design
+    auth_hash BLOB NOT NULL,        -- SHA-256 of the 32-byte auth secret; the secret itself
+                                    -- is never stored
+    keyblob   BLOB NOT NULL,        -- master key sealed by the client (opaque)
+    root_id   TEXT NOT NULL,        -- id of the root node (hex), created with the account
+    quota     INTEGER NOT NULL,     -- bytes the account may hold
+    used      INTEGER NOT NULL,     -- bytes it holds: every recorded chunk (referenced or
+                                    -- not, until collected) plus each node's meta + content
+    created   INTEGER NOT NULL      -- Unix seconds
+);
+
+-- Bearer tokens. Only their hash is stored, so a database leak yields no
+-- usable session.
+CREATE TABLE IF NOT EXISTS sessions (
+    token_hash BLOB PRIMARY KEY,    -- SHA-256 of the token
+    account_id INTEGER NOT NULL REFERENCES accounts(id),
+    device     TEXT NOT NULL,       -- label the client gave at login
+    created    INTEGER NOT NULL,
+    last_seen  INTEGER NOT NULL,    -- last use, to within LAST_SEEN_RESOLUTION seconds
+    expires    INTEGER NOT NULL     -- the token is refused from this time on
+);
+CREATE INDEX IF NOT EXISTS sessions_expires ON sessions(expires);
+
+-- Files and folders. The server never learns which is which, nor any name.
+CREATE TABLE IF NOT EXISTS nodes (
+    account_id INTEGER NOT NULL REFERENCES accounts(id),
+    id         TEXT NOT NULL,       -- 32 hex digits chosen by the client; unique per account
+    parent     TEXT,                -- parent node id; NULL for (and only for) the root
+    version    INTEGER NOT NULL,    -- 1 when created, +1 per replacement (compare-and-set)
+    meta       BLOB NOT NULL,       -- sealed record (opaque)
+    content    BLOB,                -- sealed manifest (opaque), or NULL
+    commit_id  BLOB NOT NULL,       -- the client's id of the write that made this version,
+                                    -- so a retried write is recognised
+    updated    INTEGER NOT NULL,    -- Unix seconds of that write
+    PRIMARY KEY (account_id, id)
+);
+CREATE INDEX IF NOT EXISTS nodes_parent ON nodes(account_id, parent);
+
+-- Stored chunks. A chunk is shared by every node of the account that
+-- lists it and collected once none does and its grace period is over.
+CREATE TABLE IF NOT EXISTS chunks (
+    account_id INTEGER NOT NULL REFERENCES accounts(id),
+    id         TEXT NOT NULL,       -- 64 hex digits (a keyed hash the client computed)
+    size       INTEGER NOT NULL,    -- bytes stored
+    touched    INTEGER NOT NULL,    -- last upload or missing-probe (Unix seconds)
+    PRIMARY KEY (account_id, id)
+);
+CREATE INDEX IF NOT EXISTS chunks_touched ON chunks(touched);
+
+-- Which chunks a node's current version uses. The foreign keys make the
+-- database itself refuse a reference to an unrecorded chunk, and the
+-- collection of a referenced one.
+CREATE TABLE IF NOT EXISTS node_chunks (
+    account_id INTEGER NOT NULL,
+    node_id    TEXT NOT NULL,
+    chunk_id   TEXT NOT NULL,
+    PRIMARY KEY (account_id, node_id, chunk_id),
+    FOREIGN KEY (account_id, node_id) REFERENCES nodes(account_id, id) ON DELETE CASCADE,
+    FOREIGN KEY (account_id, chunk_id) REFERENCES chunks(account_id, id)
+);
+CREATE INDEX IF NOT EXISTS node_chunks_chunk ON node_chunks(account_id, chunk_id);
+"""
+
+_NODE_BYTES = "length(meta) + coalesce(length(content), 0)"
+_ACCOUNT_COLUMNS = "id, email, kdf, auth_hash, keyblob, root_id, quota, used"
+
+
+def _node_bytes(meta: bytes, content: bytes | None) -> int:
+    return len(meta) + len(content or b"")
+
+
+def _account_row(row: tuple[Any, ...]) -> AccountRow:
+    id_, email, kdf, auth_hash, keyblob, root_id, quota, used = row
+    return AccountRow(id_, email, json.loads(kdf), bytes(auth_hash), bytes(keyblob), root_id,
+                      quota, used)
+
+
+def _batches(items: Sequence[str]) -> Iterator[Sequence[str]]:
+    for start in range(0, len(items), _IN_BATCH):
+        yield items[start:start + _IN_BATCH]
+
+
+class SQLiteMetadataStore(MetadataStore):
+    """:class:`MetadataStore` in one SQLite file (WAL mode).
+
+    One connection serves every call; a ``CapacityLimiter(1)`` makes the
+    calls take turns and each runs in a worker thread, so the event loop
+    never waits on the disk. Construction opens (and if needed creates)
+    the database and blocks: from async code, construct it with
+    ``trio.to_thread.run_sync``.
+    """
+
+    def __init__(self, path: Path) -> None:
+        self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
+        try:
+            self._db.execute("PRAGMA journal_mode=WAL")
+            # FULL: a node the server has answered for survives a power cut,
+            # not only a crash of this process.
+            self._db.execute("PRAGMA synchronous=FULL")
+            self._db.execute("PRAGMA foreign_keys=ON")
+            # Another process (an offline maintenance run) may hold the lock briefly.
+            self._db.execute("PRAGMA busy_timeout=10000")
+            self._db.executescript(f"BEGIN IMMEDIATE;{_SCHEMA}COMMIT;")
+            self._secret = self._init_config()
+        except BaseException:
+            self._db.close()
+            raise
+        self._limiter = trio.CapacityLimiter(1)
+
+    def _init_config(self) -> bytes:
+        with self._transaction() as db:
+            config = dict(db.execute("SELECT key, value FROM server_config").fetchall())
+            version = int(config.get("schema_version", SCHEMA_VERSION))
+            if version > SCHEMA_VERSION:
+                raise sqlite3.DatabaseError(
+                    f"the database has schema version {version}; this server knows "
+                    f"{SCHEMA_VERSION} at most")
+            if "secret" not in config:
+                config["secret"] = secrets.token_hex(32)
+                db.executemany(
+                    "INSERT INTO server_config (key, value) VALUES (?, ?)",
+                    [("secret", config["secret"]), ("schema_version", str(SCHEMA_VERSION))],
+                )
+        return bytes.fromhex(config["secret"])
+
+    @contextmanager
+    def _transaction(self) -> Iterator[sqlite3.Connection]:
+        """One write transaction. IMMEDIATE takes the write lock up front, so
+        a read-then-write step cannot be overtaken by another process."""
+        self._db.execute("BEGIN IMMEDIATE")
+        try:
+            yield self._db
+        except BaseException:
+            self._db.execute("ROLLBACK")
+            raise
+        self._db.execute("COMMIT")
+
+    async def _run(self, fn: Callable[[sqlite3.Connection], T]) -> T:
+        """Run ``fn`` in one transaction, in a worker thread, one call at a time."""
+
+        def in_transaction() -> T:
+            with self._transaction() as db:
+                return fn(db)
+
+        return await trio.to_thread.run_sync(in_transaction, limiter=self._limiter)
+
+    async def server_secret(self) -> bytes:
+        return self._secret
+
+    # -- accounts and sessions ----------------------------------------------------
+
+    async def create_account(
+        self, email: str, kdf: dict[str, Any], auth_hash: bytes, keyblob: bytes,
+        root_id: str, root_meta: bytes, *, quota: int, now: int,
+    ) -> AccountRow:
+        used = _node_bytes(root_meta, None)
+        if used > quota:
+            raise QuotaExceeded("the quota is smaller than the root folder")
+
+        def create(db: sqlite3.Connection) -> AccountRow:
+            if db.execute("SELECT 1 FROM accounts WHERE email = ?", (email,)).fetchone():
+                raise AlreadyExists("an account with this email exists")
+            account_id = db.execute(
+                "INSERT INTO accounts (email, kdf, auth_hash, keyblob, root_id, quota, used,"
+                " created) VALUES (?, ?, ?, ?, ?, ?, ?, ?) RETURNING id",
+                (email, json.dumps(kdf), auth_hash, keyblob, root_id, quota, used, now),
+            ).fetchone()[0]
+            db.execute(
+                "INSERT INTO nodes (account_id, id, parent, version, meta, content, commit_id,"
+                " updated) VALUES (?, ?, NULL, 1, ?, NULL, ?, ?)",
+                (account_id, root_id, root_meta, b"", now),
+            )
+            return AccountRow(account_id, email, kdf, auth_hash, keyblob, root_id, quota, used)
+
+        return await self._run(create)
+
+    async def account_by_email(self, email: str) -> AccountRow | None:
+        def find(db: sqlite3.Connection) -> AccountRow | None:
+            row = db.execute(
+                f"SELECT {_ACCOUNT_COLUMNS} FROM accounts WHERE email = ?", (email,)
+            ).fetchone()
+            return None if row is None else _account_row(row)
+
+        return await self._run(find)
+
+    async def account(self, account_id: int) -> AccountRow:
+        return await self._run(lambda db: self._account(db, account_id))
+
+    @staticmethod
+    def _account(db: sqlite3.Connection, account_id: int) -> AccountRow:
+        row = db.execute(
+            f"SELECT {_ACCOUNT_COLUMNS} FROM accounts WHERE id = ?", (account_id,)
+        ).fetchone()
+        if row is None:
+            raise NotFound("no such account")
+        return _account_row(row)
+
+    async def add_session(
+        self, token_hash: bytes, account_id: int, device: str, *, now: int, expires: int
+    ) -> None:
+        await self._run(lambda db: db.execute(
+            "INSERT INTO sessions (token_hash, account_id, device, created, last_seen, expires)"
+            " VALUES (?, ?, ?, ?, ?, ?)",
+            (token_hash, account_id, device, now, now, expires),
+        ))
+
+    async def session_account(self, token_hash: bytes, *, now: int) -> int | None:
+        def lookup(db: sqlite3.Connection) -> int | None:
+            row = db.execute(
+                "SELECT account_id, last_seen FROM sessions WHERE token_hash = ? AND expires > ?",
+                (token_hash, now),
+            ).fetchone()
+            if row is None:
+                return None
+            if now - row[1] >= LAST_SEEN_RESOLUTION:
+                db.execute("UPDATE sessions SET last_seen = ? WHERE token_hash = ?",
+                           (now, token_hash))
+            return int(row[0])
+
+        return await self._run(lookup)
+
+    async def delete_session(self, token_hash: bytes) -> bool:
+        return await self._run(lambda db: db.execute(
+            "DELETE FROM sessions WHERE token_hash = ?", (token_hash,)).rowcount > 0)
+
+    async def purge_sessions(self, *, now: int) -> int:
+        return await self._run(lambda db: db.execute(
+            "DELETE FROM sessions WHERE expires <= ?", (now,)).rowcount)
+
+    # -- nodes --------------------------------------------------------------------
+
+    async def get_node(self, account_id: int, node_id: str) -> NodeRow | None:
+        def get(db: sqlite3.Connection) -> NodeRow | None:
+            row = db.execute(
+                "SELECT id, parent, version, meta, content FROM nodes"
+                " WHERE account_id = ? AND id = ?", (account_id, node_id),
+            ).fetchone()
+            if row is None:
+                return None
+            id_, parent, version, meta, content = row
+            content = None if content is None else bytes(content)
+            return NodeRow(id_, parent, version, bytes(meta), content, len(content or b""))
+
+        return await self._run(get)
+
+    async def list_children(
+        self, account_id: int, node_id: str, *, inline_max: int
+    ) -> list[NodeRow] | None:
+        def children(db: sqlite3.Connection) -> list[NodeRow] | None:
+            if not self._node_exists(db, account_id, node_id):
+                return None
+            rows = db.execute(
+                "SELECT id, parent, version, meta,"
+                " CASE WHEN length(content) <= ? THEN content END,"
+                " coalesce(length(content), 0)"
+                " FROM nodes WHERE account_id = ? AND parent = ? ORDER BY id",
+                (inline_max, account_id, node_id),
+            ).fetchall()
+            return [
+                NodeRow(id_, parent, version, bytes(meta),
+                        None if content is None else bytes(content), size)
+                for id_, parent, version, meta, content, size in rows
+            ]
+
+        return await self._run(children)
+
+    @staticmethod
+    def _node_exists(db: sqlite3.Connection, account_id: int, node_id: str) -> bool:
+        return db.execute("SELECT 1 FROM nodes WHERE account_id = ? AND id = ?",
+                          (account_id, node_id)).fetchone() is not None
+
+    async def put_node(self, account_id: int, node_id: str, write: NodeWrite, *, now: int) -> int:
+        return await self._run(lambda db: self._put_node(db, account_id, node_id, write, now))
+
+    def _put_node(
+        self, db: sqlite3.Connection, account_id: int, node_id: str, w: NodeWrite, now: int
+    ) -> int:
+        current = db.execute(
+            f"SELECT version, commit_id, {_NODE_BYTES} FROM nodes"
+            " WHERE account_id = ? AND id = ?", (account_id, node_id),
+        ).fetchone()
+        if current is not None and bytes(current[1]) == w.commit_id:
+            return int(current[0])  # a retry of the write that is already in
+        if w.expect_version == 0:
+            if current is not None:
+                raise AlreadyExists("the node exists")
+        elif current is None:
+            raise NotFound("no such node")
+        elif current[0] != w.expect_version:
+            raise VersionConflict(f"the node is at version {current[0]}")
+        account = self._account(db, account_id)
+        self._check_parent(db, account, node_id, w.parent)
+        chunk_ids = sorted(w.chunks)
+        self._check_chunks(db, account_id, chunk_ids)
+        growth = _node_bytes(w.meta, w.content) - (current[2] if current else 0)
+        if growth > 0 and account.used + growth > account.quota:
+            raise QuotaExceeded(f"the account's quota of {account.quota} bytes is full")
+
+        version = 1 if current is None else int(current[0]) + 1
+        db.execute(
+            "INSERT INTO nodes (account_id, id, parent, version, meta, content, commit_id,"
+            " updated) VALUES (?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (account_id, id) DO UPDATE"
+            " SET parent = excluded.parent, version = excluded.version, meta = excluded.meta,"
+            " content = excluded.content, commit_id = excluded.commit_id,"
+            " updated = excluded.updated",
+            (account_id, node_id, w.parent, version, w.meta, w.content, w.commit_id, now),
+        )
+        db.execute("DELETE FROM node_chunks WHERE account_id = ? AND node_id = ?",
+                   (account_id, node_id))
+        db.executemany(
+            "INSERT INTO node_chunks (account_id, node_id, chunk_id) VALUES (?, ?, ?)",
+            ((account_id, node_id, chunk_id) for chunk_id in chunk_ids),
+        )
+        db.execute("UPDATE accounts SET used = used + ? WHERE id = ?", (growth, account_id))
+        return version
+
+    def _check_parent(
+        self, db: sqlite3.Connection, account: AccountRow, node_id: str, parent: str | None
+    ) -> None:
+        if node_id == account.root_id:
+            if parent is not None:
+                raise InvalidRequest("the root folder cannot be moved")
+            return
+        if parent is None:
+            raise InvalidRequest("only the root folder has no parent")
+        if parent == node_id:
+            raise InvalidRequest("a node cannot be its own parent")
+        if not self._node_exists(db, account.id, parent):
+            raise MissingReference("the parent node does not exist")
+        # The new parent's ancestors, up to the root: the node must not be
+        # among them, or the move would cut a loop out of the tree.
+        loop = db.execute(
+            "WITH RECURSIVE ancestors(id) AS ("
+            " SELECT ? UNION"
+            " SELECT nodes.parent FROM nodes JOIN ancestors"
+            " ON nodes.account_id = ? AND nodes.id = ancestors.id"
+            " WHERE nodes.parent IS NOT NULL"
+            ") SELECT 1 FROM ancestors WHERE id = ?",
+            (parent, account.id, node_id),
+        ).fetchone()
+        if loop is not None:
+            raise InvalidRequest("a folder cannot be moved into itself")
+
+    @staticmethod
+    def _check_chunks(db: sqlite3.Connection, account_id: int, chunk_ids: Sequence[str]) -> None:
+        for batch in _batches(chunk_ids):
+            found = db.execute(
+                "SELECT count(*) FROM chunks WHERE account_id = ? AND id IN"
+                f" ({', '.join('?' * len(batch))})", (account_id, *batch),
+            ).fetchone()[0]
+            if found != len(batch):
+                raise MissingReference("the node references a chunk that is not stored")
+
+    async def delete_node(self, account_id: int, node_id: str, *, expect_version: int) -> None:
+        def delete(db: sqlite3.Connection) -> None:
+            row = db.execute(
+                f"SELECT version, {_NODE_BYTES} FROM nodes WHERE account_id = ? AND id = ?",
+                (account_id, node_id),
+            ).fetchone()
+            if row is None:
+                raise NotFound("no such node")
+            if node_id == self._account(db, account_id).root_id:
+                raise InvalidRequest("the root folder cannot be deleted")
+            if row[0] != expect_version:
+                raise VersionConflict(f"the node is at version {row[0]}")
+            if db.execute("SELECT 1 FROM nodes WHERE account_id = ? AND parent = ? LIMIT 1",
+                          (account_id, node_id)).fetchone():
+                raise NotEmpty("the folder is not empty")
+            db.execute("DELETE FROM nodes WHERE account_id = ? AND id = ?", (account_id, node_id))
+            db.execute("UPDATE accounts SET used = used - ? WHERE id = ?", (row[1], account_id))
+
+        await self._run(delete)
+
+    # -- chunks -------------------------------------------------------------------
+
+    async def has_chunk(self, account_id: int, chunk_id: str) -> bool:
+        return await self._run(lambda db: db.execute(
+            "SELECT 1 FROM chunks WHERE account_id = ? AND id = ?", (account_id, chunk_id),
+        ).fetchone() is not None)
+
+    async def missing_chunks(
+        self, account_id: int, chunk_ids: Sequence[str], *, now: int
+    ) -> list[str]:
+        def missing(db: sqlite3.Connection) -> list[str]:
+            present: set[str] = set()
+            for batch in _batches(chunk_ids):
+                present.update(row[0] for row in db.execute(
+                    "UPDATE chunks SET touched = ? WHERE account_id = ? AND id IN"
+                    f" ({', '.join('?' * len(batch))}) RETURNING id", (now, account_id, *batch)))
+            return [chunk_id for chunk_id in chunk_ids if chunk_id not in present]
+
+        return await self._run(missing)
+
+    async def add_chunk(self, account_id: int, chunk_id: str, size: int, *, now: int) -> bool:
+        def add(db: sqlite3.Connection) -> bool:
+            if db.execute("UPDATE chunks SET touched = ? WHERE account_id = ? AND id = ?",
+                          (now, account_id, chunk_id)).rowcount:
+                return False
+            account = self._account(db, account_id)
+            if account.used + size > account.quota:
+                raise QuotaExceeded(f"the account's quota of {account.quota} bytes is full")
+            db.execute("INSERT INTO chunks (account_id, id, size, touched) VALUES (?, ?, ?, ?)",
+                       (account_id, chunk_id, size, now))
+            db.execute("UPDATE accounts SET used = used + ? WHERE id = ?", (size, account_id))
+            return True
+
+        return await self._run(add)
+
+    async def garbage_chunks(self, *, cutoff: int, limit: int) -> list[tuple[int, str]]:
+        return await self._run(lambda db: [
+            (int(account_id), chunk_id) for account_id, chunk_id in db.execute(
+                f"SELECT account_id, id FROM chunks c WHERE touched < ? AND {_UNREFERENCED}"
+                " LIMIT ?", (cutoff, limit))
+        ])
+
+    async def forget_chunk(self, account_id: int, chunk_id: str, *, cutoff: int) -> bool:
+        def forget(db: sqlite3.Connection) -> bool:
+            row = db.execute(
+                "DELETE FROM chunks AS c WHERE account_id = ? AND id = ? AND touched < ?"
+                f" AND {_UNREFERENCED} RETURNING size", (account_id, chunk_id, cutoff),
+            ).fetchone()
+            if row is None:
+                return False
+            db.execute("UPDATE accounts SET used = used - ? WHERE id = ?", (row[0], account_id))
+            return True
+
+        return await self._run(forget)
+
+    async def aclose(self) -> None:
+        await trio.to_thread.run_sync(self._db.close, limiter=self._limiter)
+
+
+_UNREFERENCED = (
+    "NOT EXISTS (SELECT 1 FROM node_chunks r WHERE r.account_id = c.account_id"
+    " AND r.chunk_id = c.id)"
+)
