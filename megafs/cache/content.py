@@ -25,11 +25,14 @@ import trio
 
 from megafs.cache.chunks import ChunkCache
 from megafs.crypto import CHUNK_SIZE, Manifest
-from megafs.errors import FormatError, IntegrityError
+from megafs.errors import FormatError, IntegrityError, TooLarge
 
-__all__ = ["MAX_DIRTY_CHUNKS", "FileContent"]
+__all__ = ["MAX_DIRTY_CHUNKS", "MAX_FILE_SIZE", "FileContent"]
 
 MAX_DIRTY_CHUNKS = 8
+#: 256 GiB: the largest file whose manifest (8 MiB) and chunk list fit one
+#: commit request (wire.MAX_JSON_BYTES). Larger sizes are EFBIG.
+MAX_FILE_SIZE = 256 << 30
 
 
 class FileContent:
@@ -136,6 +139,8 @@ class FileContent:
         its new length."""
         if size <= self.size:
             return
+        if size > MAX_FILE_SIZE:
+            raise TooLarge(f"files are limited to {MAX_FILE_SIZE >> 30} GiB")
         index, within = divmod(self.size, CHUNK_SIZE)
         if within and index not in self._dirty:
             self._dirty[index] = bytearray(await self._chunk_plaintext(index))

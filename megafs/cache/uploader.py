@@ -84,6 +84,8 @@ class Uploader:
         self._progress = trio.Event()
         self._stats = UploaderStats()
         self._failing_since: float | None = None
+        #: Nodes whose creation was sent but not confirmed: they may exist.
+        self._maybe_created: set[bytes] = set()
         #: Highest journal seq of each node that is on the server (or moot).
         self._done_seq: dict[bytes, int] = {}
 
@@ -139,7 +141,7 @@ class Uploader:
     async def delete(self, node_id: bytes, *, durable: bool = False) -> int:
         old = self._entries.get(node_id)
         base = old.base_version if old else self._versions.get(node_id, 0)
-        if base == 0 and node_id not in self._inflight:
+        if base == 0 and node_id not in self._inflight and node_id not in self._maybe_created:
             # Never reached the server: forget it instead of deleting.
             if old is not None:
                 del self._entries[node_id]
@@ -293,25 +295,31 @@ class Uploader:
             if current is None or current.seq != entry.seq:
                 return  # superseded while waiting; the next round takes it
             self._inflight.add(entry.node_id)
+            if entry.op == "put" and entry.base_version == 0:
+                self._maybe_created.add(entry.node_id)
             try:
                 version = await self._with_retry(self._commit, current, attempts=1)
+                results.append(version is not None)
+                if version is None:
+                    return
+                # Update memory before the next checkpoint, while the node
+                # still counts as in flight: a delete arriving meanwhile must
+                # see that the node now exists on the server.
+                self._maybe_created.discard(entry.node_id)
+                self._done_seq[entry.node_id] = entry.seq
+                latest = self._entries.get(entry.node_id)
+                if latest is not None and latest.seq == entry.seq:
+                    del self._entries[entry.node_id]
+                elif latest is not None:
+                    latest.base_version = version
+                    self._work.set()
+                if version:
+                    self._versions[entry.node_id] = version
+                else:
+                    self._versions.pop(entry.node_id, None)
             finally:
                 self._inflight.discard(entry.node_id)
-            results.append(version is not None)
-            if version is None:
-                return
             await self._state.entry_committed(entry.node_id, entry.seq, version)
-            self._done_seq[entry.node_id] = entry.seq
-            latest = self._entries.get(entry.node_id)
-            if latest is not None and latest.seq == entry.seq:
-                del self._entries[entry.node_id]
-            elif latest is not None:
-                latest.base_version = version
-                self._work.set()
-            if version:
-                self._versions[entry.node_id] = version
-            else:
-                self._versions.pop(entry.node_id, None)
             self._stats.committed += 1
             self._notify()
 
@@ -319,7 +327,12 @@ class Uploader:
         if entry.op == "delete":
             # NotFound: already gone, a retry of a delete that landed.
             with contextlib.suppress(NotFound):
-                await self._remote.delete_node(entry.node_id, expect_version=entry.base_version)
+                version = entry.base_version
+                if version == 0:
+                    # Its creation may or may not have landed; the id is ours
+                    # alone, so whatever the server holds under it is ours.
+                    version = (await self._remote.get_node(entry.node_id)).version
+                await self._remote.delete_node(entry.node_id, expect_version=version)
             return 0
         assert entry.parent is not None and entry.meta is not None
         try:
