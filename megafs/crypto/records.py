@@ -54,6 +54,10 @@ class Kind(enum.IntEnum):
     SOCKET = 5
     CHARDEV = 6
     BLOCKDEV = 7
+    #: A further name of a hard-linked node: TARGET holds that node's id.
+    LINK = 8
+    #: The account's hidden folder of hard-linked nodes (a child of the root).
+    LINKS = 9
 
 
 class _Tag(enum.IntEnum):
@@ -71,6 +75,7 @@ class _Tag(enum.IntEnum):
     TARGET = 12
     RDEV = 13
     XATTR = 14
+    NLINK = 15
 
 
 _REQUIRED = (
@@ -113,6 +118,8 @@ class NodeRecord:
     target: bytes = b""
     rdev: int = 0
     xattrs: dict[bytes, bytes] = field(default_factory=dict)
+    #: Names this node has; only nodes in the LINKS folder have more than one.
+    nlink: int = 1
 
     def evolve(self, **changes: object) -> NodeRecord:
         return replace(self, **changes)  # type: ignore[arg-type]
@@ -130,6 +137,10 @@ class NodeRecord:
             raise ValueError("invalid name")
         if len(self.key) != 32:
             raise ValueError("node keys are 32 bytes")
+        if self.kind == Kind.LINK and len(self.target) != 16:
+            raise ValueError("a link's target is a 16-byte node id")
+        if self.nlink < 1:
+            raise ValueError("a node has at least one name")
         out = bytearray((RECORD_VERSION,))
 
         def put(tag: _Tag, value: bytes) -> None:
@@ -161,6 +172,8 @@ class NodeRecord:
             put(_Tag.XATTR, bytes((len(name),)) + name + value)
         if total > MAX_XATTRS_BYTES:
             raise ValueError("xattrs too large")
+        if self.nlink != 1:
+            put(_Tag.NLINK, _U32.pack(self.nlink))
         return bytes(out)
 
     @classmethod
@@ -179,7 +192,7 @@ class NodeRecord:
                 if len(value) != length:
                     raise ValueError("truncated field")
                 pos += length
-                if tag == _Tag.XATTR:
+                if tag == _Tag.XATTR and last <= _Tag.XATTR:
                     name = value[1 : 1 + value[0]]
                     if not name or len(name) != value[0] or name in xattrs:
                         raise ValueError("bad xattr")
@@ -207,6 +220,7 @@ class NodeRecord:
                 target=fields.get(_Tag.TARGET, b""),
                 rdev=_U64.unpack(fields[_Tag.RDEV])[0] if _Tag.RDEV in fields else 0,
                 xattrs=xattrs,
+                nlink=_U32.unpack(fields[_Tag.NLINK])[0] if _Tag.NLINK in fields else 1,
             )
             # Accept only the one encoding encode() writes: this applies every
             # writer-side rule (valid name, sorted xattrs within the size limit,

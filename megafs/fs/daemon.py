@@ -55,9 +55,16 @@ async def run_mount(
     cache_size: int,
     relogin: Callable[[], Awaitable[None]] | None = None,
     fsync_timeout: float = 60.0,
+    allow_other: bool = True,
     on_ready: Callable[[], None] | None = None,
 ) -> None:
-    """Mount the drive at ``mountpoint`` and serve it until unmounted."""
+    """Mount the drive at ``mountpoint`` and serve it until unmounted.
+
+    With ``allow_other`` (when FUSE permits it: root, or ``user_allow_other``
+    in /etc/fuse.conf) every local user may use the mount and the kernel
+    checks permission bits as on ext4 (``default_permissions``); without it
+    only the mounting user may enter it.
+    """
     lock = _lock_cache_dir(cache_dir)
     try:
         async with AsyncExitStack() as stack:
@@ -72,7 +79,13 @@ async def run_mount(
             tree = Tree(remote, uploader, chunks, keys)
             await tree.load_root()
             ops = Operations(tree, uploader, remote, fsync_timeout=fsync_timeout)
-            await _serve(ops, uploader, mountpoint, on_ready)
+            await _serve(
+                ops,
+                uploader,
+                mountpoint,
+                on_ready,
+                allow_other=allow_other and other_users_permitted(),
+            )
     finally:
         os.close(lock)
 
@@ -82,9 +95,13 @@ async def _serve(
     uploader: Uploader,
     mountpoint: Path,
     on_ready: Callable[[], None] | None,
+    *,
+    allow_other: bool,
 ) -> None:
     options = set(pyfuse3.default_options)
     options |= {"fsname=megafs", "subtype=megafs"}
+    if allow_other:
+        options.add("allow_other")
     try:
         pyfuse3.init(ops, str(mountpoint), options)
     except RuntimeError as exc:
@@ -144,6 +161,17 @@ async def _flusher(ops: Operations) -> None:
             await ops.flush_all()
         except MegafsError as exc:  # pragma: no cover - flush_all logs per file
             log.error("periodic flush: %s", exc.detail)
+
+
+def other_users_permitted() -> bool:
+    """Whether FUSE lets this process mount with ``allow_other``."""
+    if os.geteuid() == 0:
+        return True
+    try:
+        with open("/etc/fuse.conf") as f:
+            return any(line.split("#", 1)[0].strip() == "user_allow_other" for line in f)
+    except OSError:
+        return False
 
 
 def _lock_cache_dir(cache_dir: Path) -> int:

@@ -11,7 +11,6 @@ Permission checks are the kernel's (``default_permissions``), as on ext4.
 
 from __future__ import annotations
 
-import bisect
 import errno
 import functools
 import logging
@@ -28,7 +27,7 @@ import trio
 from megafs.cache import Uploader
 from megafs.crypto import Kind
 from megafs.errors import MegafsError, RemoteError
-from megafs.fs.tree import Inode, Tree, touch
+from megafs.fs.tree import Inode, Tree
 from megafs.remote import RemoteClient
 
 __all__ = ["Operations"]
@@ -51,6 +50,7 @@ _KIND_BITS = {
     Kind.BLOCKDEV: stat.S_IFBLK,
 }
 _STATFS_BLOCK = 4096
+_LINK_MAX = 65000
 _XATTR_NAMESPACES = (b"user.", b"trusted.", b"security.")
 _XATTR_VALUE_MAX = 64 * 1024
 _XATTR_TOTAL_MAX = 64 * 1024
@@ -135,7 +135,7 @@ class Operations(pyfuse3.Operations):
             )
             a.st_nlink = 2 + subdirs
         else:
-            a.st_nlink = 0 if inode.unlinked else 1
+            a.st_nlink = 0 if inode.unlinked else inode.record.nlink
         a.st_uid = rec.uid
         a.st_gid = rec.gid
         a.st_rdev = rec.rdev
@@ -275,13 +275,12 @@ class Operations(pyfuse3.Operations):
 
     @_errors
     async def readdir(self, fh: int, start_id: int, token: pyfuse3.ReaddirToken) -> None:
-        # Entries are ordered by inode number, which never changes and only
-        # grows for new entries, so an offset stays valid while the folder
-        # changes: the snapshot taken at opendir is served consistently.
+        # The listing is a snapshot taken at opendir, so an offset (a position
+        # in it) stays valid however the folder changes meanwhile.
         entries = self._dir_handles[fh]
-        pos = bisect.bisect_right(entries, start_id, key=lambda e: e[0])
-        for ino, name, inode in entries[pos:]:
-            if not pyfuse3.readdir_reply(token, name, self._attrs(inode), ino):
+        for index in range(start_id, len(entries)):
+            _, name, inode = entries[index]
+            if not pyfuse3.readdir_reply(token, name, self._attrs(inode), index + 1):
                 break
             inode.lookups += 1
 
@@ -318,10 +317,7 @@ class Operations(pyfuse3.Operations):
         await self._remove(parent, name, inode)
 
     async def _remove(self, parent: Inode, name: bytes, inode: Inode) -> None:
-        assert parent.children is not None
-        del parent.children[name]
-        touch(parent, time.time_ns())
-        await self._tree.delete(inode)
+        await self._tree.remove_name(parent, name)
 
     @_errors
     async def rename(
@@ -354,7 +350,7 @@ class Operations(pyfuse3.Operations):
             await self._exchange(old_parent, name_old, inode, new_parent, name_new, target)
             return
         if target is inode:
-            return
+            return  # two names of one node: nothing to do
         if target is not None:
             if flags & pyfuse3.RENAME_NOREPLACE:
                 raise _fail(errno.EEXIST)
@@ -365,33 +361,19 @@ class Operations(pyfuse3.Operations):
                     raise _fail(errno.ENOTEMPTY)
             elif inode.kind == Kind.DIR:
                 raise _fail(errno.ENOTDIR)
-        now = time.time_ns()
-        assert old_parent.children is not None
-        del old_parent.children[name_old]
-        if target is not None:
-            await self._tree.delete(target)
-        self._place(inode, new_parent, name_new, now)
-        touch(old_parent, now)
-        await self._tree.commit(inode)
+            await self._tree.remove_name(new_parent, name_new)
+        await self._tree.move(old_parent, name_old, new_parent, name_new)
 
     async def _exchange(
         self, parent_a: Inode, name_a: bytes, a: Inode, parent_b: Inode, name_b: bytes, b: Inode
     ) -> None:
         if a is b:
             return
-        now = time.time_ns()
-        self._place(a, parent_b, name_b, now)
-        self._place(b, parent_a, name_a, now)
-        await self._tree.commit(a)
-        await self._tree.commit(b)
-
-    @staticmethod
-    def _place(inode: Inode, parent: Inode, name: bytes, now: int) -> None:
-        assert parent.children is not None
-        parent.children[name] = inode
-        inode.parent = parent
-        inode.record = inode.record.evolve(name=name, ctime_ns=now)
-        touch(parent, now)
+        # Through a free temporary name, so each step is a plain move.
+        spare = b".megafs-exchange-" + a.id.hex().encode()
+        await self._tree.move(parent_a, name_a, parent_a, spare)
+        await self._tree.move(parent_b, name_b, parent_a, name_a)
+        await self._tree.move(parent_a, spare, parent_b, name_b)
 
     def _gid(self, parent: Inode, ctx: pyfuse3.RequestContext) -> int:
         # BSD/setgid-directory semantics, as ext4 does.
@@ -435,8 +417,17 @@ class Operations(pyfuse3.Operations):
     async def link(
         self, inode: int, new_parent_inode: int, new_name: bytes, ctx: pyfuse3.RequestContext
     ) -> pyfuse3.EntryAttributes:
-        # Hard links need a node with several parents; not supported yet.
-        raise _fail(errno.EPERM)
+        node = self._inode(inode)
+        parent = self._inode(new_parent_inode)
+        if node.kind in (Kind.DIR, Kind.LINKS):
+            raise _fail(errno.EPERM)
+        if node.unlinked:
+            raise _fail(errno.ENOENT)
+        await self._absent(parent, new_name)
+        if node.record.nlink >= _LINK_MAX:
+            raise _fail(errno.EMLINK)
+        await self._tree.link(node, parent, new_name)
+        return self._reply(node)
 
     # -- extended attributes ---------------------------------------------------
 

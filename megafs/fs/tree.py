@@ -44,7 +44,17 @@ __all__ = ["ROOT_INODE", "Inode", "Tree"]
 log = logging.getLogger(__name__)
 
 ROOT_INODE = 1
+#: Name of the hidden folder of hard-linked nodes (never shown).
+LINKS_NAME = b".megafs-links"
 _EMPTY_MANIFEST = Manifest(size=0, chunk_size=CHUNK_SIZE, chunks=())
+
+
+@dataclass(eq=False)
+class LinkName:
+    """A LINK node: one name of a hard-linked node, in some folder."""
+
+    id: bytes
+    record: NodeRecord
 
 
 @dataclass(eq=False)
@@ -69,6 +79,9 @@ class Inode:
     seq: int = 0
     unlinked: bool = False
     lock: trio.Lock = field(default_factory=trio.Lock)
+    #: Folders: names that are LINK nodes (further names of a hard-linked
+    #: node), by name.
+    links: dict[bytes, LinkName] = field(default_factory=dict)
 
     @property
     def kind(self) -> Kind:
@@ -94,6 +107,8 @@ class Tree:
         self.inodes: dict[int, Inode] = {}
         self._next_ino = ROOT_INODE + 1
         self._loading: dict[int, trio.Event] = {}
+        #: The hidden folder of hard-linked nodes, once seen or created.
+        self._links_dir: Inode | None = None
 
     # -- loading ------------------------------------------------------------------
 
@@ -123,7 +138,7 @@ class Tree:
         """The folder's children by name, loading them on first use."""
         if folder.children is not None:
             return folder.children
-        if folder.kind != Kind.DIR:
+        if folder.kind not in (Kind.DIR, Kind.LINKS):
             raise NotFound("not a folder")
         while folder.ino in self._loading:
             await self._loading[folder.ino].wait()
@@ -167,15 +182,158 @@ class Tree:
                 continue
             found[entry.node_id] = (record, entry.content)
         children: dict[bytes, Inode] = {}
+        link_names: list[tuple[bytes, NodeRecord]] = []
         for node_id in sorted(found):
             record, content = found[node_id]
+            if record.kind == Kind.LINK:
+                link_names.append((node_id, record))
+                continue
+            if record.kind == Kind.LINKS:
+                if folder.parent is None and self._links_dir is None:
+                    self._links_dir = self._new_inode(node_id, folder, record)
+                else:
+                    log.error("folder %s: unexpected links folder; hidden", folder.id.hex())
+                continue
             if record.name in children:
                 log.error("folder %s: two children named alike; showing one", folder.id.hex())
                 continue
             inode = self._new_inode(node_id, folder, record)
             inode.listed_content = content
             children[record.name] = inode
+        if link_names:
+            linked = await self._linked_nodes()
+            for link_id, record in link_names:
+                target = linked.get(record.target)
+                if target is None or record.name in children:
+                    log.error(
+                        "folder %s: link %s names no node; hidden", folder.id.hex(), link_id.hex()
+                    )
+                    continue
+                children[record.name] = target
+                folder.links[record.name] = LinkName(link_id, record)
         return children
+
+    async def _linked_nodes(self) -> dict[bytes, Inode]:
+        """Hard-linked nodes by id (they live in the hidden links folder)."""
+        root = self.inodes[ROOT_INODE]
+        if root.ino not in self._loading:
+            # (While the root itself loads, its listing has already shown
+            # the links folder, if there is one.)
+            await self.children(root)
+        if self._links_dir is None:
+            return {}
+        return {inode.id: inode for inode in (await self.children(self._links_dir)).values()}
+
+    async def _links_folder(self) -> Inode:
+        """The hidden links folder, created on the account's first hard link."""
+        root = self.inodes[ROOT_INODE]
+        await self.children(root)
+        if self._links_dir is None:
+            now = time.time_ns()
+            record = NodeRecord(
+                kind=Kind.LINKS,
+                name=LINKS_NAME,
+                key=new_key(),
+                mode=0o700,
+                uid=root.record.uid,
+                gid=root.record.gid,
+                atime_ns=now,
+                mtime_ns=now,
+                ctime_ns=now,
+                size=0,
+                rev=0,
+            )
+            links = self._new_inode(new_node_id(), root, record)
+            links.children = {}
+            self._links_dir = links
+            await self.commit(links)
+        return self._links_dir
+
+    # -- hard links -----------------------------------------------------------------
+
+    async def link(self, inode: Inode, folder: Inode, name: bytes) -> None:
+        """Give ``inode`` a further name. On its first link the node moves
+        into the links folder and its current name becomes a LINK node too."""
+        links = await self._links_folder()
+        now = time.time_ns()
+        if inode.parent is not links:
+            old_folder = inode.parent
+            assert old_folder is not None
+            old_name = inode.record.name
+            await self._add_link_name(old_folder, old_name, inode)
+            inode.parent = links
+            inode.record = inode.record.evolve(name=inode.id.hex().encode())
+            assert links.children is not None
+            links.children[inode.record.name] = inode
+        inode.record = inode.record.evolve(nlink=inode.record.nlink + 1, ctime_ns=now)
+        await self.commit(inode)
+        await self._add_link_name(folder, name, inode)
+        (await self.children(folder))[name] = inode
+        touch(folder, now)
+
+    async def _add_link_name(self, folder: Inode, name: bytes, inode: Inode) -> None:
+        r = inode.record
+        record = NodeRecord(
+            kind=Kind.LINK,
+            name=name,
+            key=new_key(),
+            mode=r.mode,
+            uid=r.uid,
+            gid=r.gid,
+            atime_ns=r.atime_ns,
+            mtime_ns=r.mtime_ns,
+            ctime_ns=r.ctime_ns,
+            size=0,
+            rev=1,
+            target=inode.id,
+        )
+        link = LinkName(new_node_id(), record)
+        folder.links[name] = link
+        await self._put_link(folder, link)
+
+    async def _put_link(self, folder: Inode, link: LinkName) -> None:
+        meta = seal_record(folder.record.key, link.id, folder.id, link.record)
+        await self._uploader.put(link.id, parent=folder.id, meta=meta, content=None, chunks=())
+
+    async def remove_name(self, folder: Inode, name: bytes) -> Inode:
+        """Remove one name from a folder; the node goes when its last name
+        does. Returns the node."""
+        children = await self.children(folder)
+        inode = children.pop(name)
+        touch(folder, time.time_ns())
+        link = folder.links.pop(name, None)
+        if link is None:
+            await self.delete(inode)
+            return inode
+        await self._uploader.delete(link.id)
+        nlink = inode.record.nlink - 1
+        inode.record = inode.record.evolve(nlink=max(nlink, 1), ctime_ns=time.time_ns())
+        if nlink <= 0:
+            await self.delete(inode)
+        else:
+            await self.commit(inode)
+        return inode
+
+    async def move(self, folder: Inode, name: bytes, new_folder: Inode, new_name: bytes) -> None:
+        """Move one name (the target name must be free)."""
+        children = await self.children(folder)
+        new_children = await self.children(new_folder)
+        inode = children.pop(name)
+        new_children[new_name] = inode
+        now = time.time_ns()
+        touch(folder, now)
+        touch(new_folder, now)
+        link = folder.links.pop(name, None)
+        if link is None:
+            inode.parent = new_folder
+            inode.record = inode.record.evolve(name=new_name, ctime_ns=now)
+            await self.commit(inode)
+            return
+        link.record = link.record.evolve(name=new_name, rev=link.record.rev + 1)
+        new_folder.links[new_name] = link
+        await self._put_link(new_folder, link)
+        inode.record = inode.record.evolve(ctime_ns=now)
+        await self.commit(inode)
 
     async def content(self, inode: Inode) -> FileContent:
         """The file's content, loading its manifest on first use."""
@@ -303,7 +461,10 @@ class Tree:
         inode.chunk_ids = self._ids(manifest)
 
     async def delete(self, inode: Inode) -> None:
-        """Remove a node (already unlinked from its parent's children)."""
+        """Remove a node (already removed from its folder's children)."""
+        links = self._links_dir
+        if links is not None and inode.parent is links and links.children is not None:
+            links.children.pop(inode.record.name, None)
         inode.unlinked = True
         inode.seq = await self._uploader.delete(inode.id)
 

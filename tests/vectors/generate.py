@@ -12,6 +12,16 @@ is introduced (write ``v2.json`` next to ``v1.json``, keep ``v1.json`` and
 its test while version 1 can still be read), and update docs/format.md in
 the same change.
 
+Version 1 was extended once, before its first release: hard links added
+the node kinds LINK (8) and LINKS (9) and the record field NLINK (tag 15,
+written only when a node has more than one name). No existing output
+changed: the new vectors (the LINKS folder, a hard-linked file in it, its
+manifest and two LINK names) were appended after the old ones with new,
+distinct inputs, and the old records gained only the JSON key ``nlink``
+(1), which their plaintexts do not encode. The regenerated file was checked
+to differ from the previous one by additions only, and its new SHA-256
+pinned in test_vectors.py. Any later change is a new format version.
+
 All inputs are fixed below (keys, ids, nonces, plaintexts, and Argon2id at
 the client minimum with a fixed salt); the outputs are computed with
 megafs.crypto. Byte strings are lowercase hex; integers are exact JSON
@@ -60,6 +70,18 @@ def record_json(r: NodeRecord) -> dict[str, Any]:
         "uid": r.uid, "gid": r.gid, "atime_ns": r.atime_ns, "mtime_ns": r.mtime_ns,
         "ctime_ns": r.ctime_ns, "size": r.size, "rev": r.rev, "target": h(r.target),
         "rdev": r.rdev, "xattrs": [[h(k), h(v)] for k, v in sorted(r.xattrs.items())],
+        "nlink": r.nlink,
+    }
+
+
+def manifest_json(label: str, key: bytes, node_id: bytes, m: Manifest,
+                  nonce: bytes) -> dict[str, Any]:
+    return {
+        "label": label, "content_key": h(key), "node_id": h(node_id), "nonce": h(nonce),
+        "manifest": {"size": m.size, "chunk_size": m.chunk_size,
+                     "chunks": [None if c is None else h(c) for c in m.chunks]},
+        "plaintext": h(m.encode()),
+        "blob": h(seal_manifest(key, node_id, m, nonce=nonce)),
     }
 
 
@@ -140,9 +162,33 @@ def main() -> None:
                "atime_ns": -1, "mtime_ns": -(1 << 63), "ctime_ns": (1 << 63) - 1,
                "rev": (1 << 64) - 1})),
     ]
+    # Hard links (added to version 1 before release, after the vectors
+    # above, which stay byte for byte as they were): the hidden LINKS folder
+    # in the root, a file moved into it (named by its id in hex, with two
+    # names), and its two names, LINK records in the root and in Documents.
+    dir_id, dir_rec = children[0][1], children[0][2]
+    links_id, links_key = seq(0x08, 16), seq(0xD0, 32)
+    links = NodeRecord(kind=Kind.LINKS, name=b".megafs-links",
+                       **{**base, "key": links_key, "mode": 0o700})
+    linked_id = seq(0x09, 16)
+    linked = NodeRecord(kind=Kind.FILE, name=linked_id.hex().encode(), nlink=2,
+                        **{**base, "key": seq(0xE0, 32), "mode": 0o640, "size": 1, "rev": 3})
+    link_fields = {**base, "mode": linked.mode, "uid": linked.uid, "gid": linked.gid,
+                   "atime_ns": linked.atime_ns, "mtime_ns": linked.mtime_ns,
+                   "ctime_ns": linked.ctime_ns, "size": linked.size}
+    link_in_root = NodeRecord(kind=Kind.LINK, name=b"notes.txt", target=linked_id,
+                              **{**link_fields, "key": seq(0xF0, 32)})
+    link_in_dir = NodeRecord(kind=Kind.LINK, name=b"notes (hard link).txt", target=linked_id,
+                             **{**link_fields, "key": seq(0x00, 32, 5)})
+
     records = []
     entries = [("root", root_id, NO_PARENT, account.root_folder_key, root)] + [
         (label, node_id, root_id, root_key, rec) for label, node_id, rec in children
+    ] + [
+        ("links folder", links_id, root_id, root_key, links),
+        ("hard-linked file", linked_id, links_id, links_key, linked),
+        ("link in root", seq(0x0A, 16), root_id, root_key, link_in_root),
+        ("link in Documents", seq(0x0B, 16), dir_id, dir_rec.key, link_in_dir),
     ]
     for i, (label, node_id, parent_id, parent_key, rec) in enumerate(entries):
         nonce = seq(0x10 + i, 12, 11)
@@ -163,14 +209,14 @@ def main() -> None:
                                         chunks=(big.secret, None, tail_secret)), seq(0x44, 12)),
         ("empty file", Manifest(size=0, chunk_size=CHUNK_SIZE, chunks=()), seq(0x45, 12)),
     ]:
-        manifests.append({
-            "label": label, "content_key": h(file_rec.key), "node_id": h(file_id),
-            "nonce": h(nonce),
-            "manifest": {"size": m.size, "chunk_size": m.chunk_size,
-                         "chunks": [None if c is None else h(c) for c in m.chunks]},
-            "plaintext": h(m.encode()),
-            "blob": h(seal_manifest(file_rec.key, file_id, m, nonce=nonce)),
-        })
+        manifests.append(manifest_json(label, file_rec.key, file_id, m, nonce))
+    # The hard-linked file's content: the one-byte chunk. Bound to the node's
+    # id only, so it did not change when the node moved into LINKS.
+    manifests.append(manifest_json(
+        "hard-linked file", linked.key, linked_id,
+        Manifest(size=linked.size, chunk_size=CHUNK_SIZE,
+                 chunks=(bytes.fromhex(chunks[0]["secret"]),)),
+        seq(0x46, 12)))
 
     vectors = {
         "format_version": 1,

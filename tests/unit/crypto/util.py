@@ -16,6 +16,7 @@ from megafs.errors import IntegrityError
 TAGS = {
     "KIND": 1, "NAME": 2, "KEY": 3, "MODE": 4, "UID": 5, "GID": 6, "ATIME": 7,
     "MTIME": 8, "CTIME": 9, "SIZE": 10, "REV": 11, "TARGET": 12, "RDEV": 13, "XATTR": 14,
+    "NLINK": 15,
 }
 REQUIRED = ["KIND", "NAME", "KEY", "MODE", "UID", "GID", "ATIME", "MTIME", "CTIME", "SIZE", "REV"]
 HEADER = 46  # version, alg, nonce(12), commitment(32)
@@ -65,6 +66,8 @@ def record_fields(r: NodeRecord) -> list[tuple[int, bytes]]:
         fields.append((t["RDEV"], struct.pack(">Q", r.rdev)))
     for name in sorted(r.xattrs):
         fields.append((t["XATTR"], bytes((len(name),)) + name + r.xattrs[name]))
+    if r.nlink != 1:  # absent means 1; always last, after the XATTR fields
+        fields.append((t["NLINK"], struct.pack(">I", r.nlink)))
     return fields
 
 

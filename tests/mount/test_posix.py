@@ -1,0 +1,134 @@
+"""POSIX behaviour beyond plain files, checked live and again after a
+remount with an empty cache (so everything came back from the server)."""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import os
+import stat
+
+import pytest
+
+from tests.helpers.drive import Drive
+
+pytestmark = pytest.mark.mount
+
+_libc = ctypes.CDLL(None, use_errno=True)
+RENAME_NOREPLACE = 1
+RENAME_EXCHANGE = 2
+AT_FDCWD = -100
+
+
+def renameat2(old: os.PathLike[str], new: os.PathLike[str], flags: int) -> None:
+    if _libc.renameat2(AT_FDCWD, os.fsencode(old), AT_FDCWD, os.fsencode(new), flags) != 0:
+        code = ctypes.get_errno()
+        raise OSError(code, os.strerror(code))
+
+
+def remount_cold(drive: Drive) -> None:
+    drive.umount()
+    drive.drop_cache()
+    drive.mount()
+
+
+def test_hard_links(drive: Drive) -> None:
+    drive.mount()
+    m = drive.mnt
+    (m / "a").write_bytes(b"shared data")
+    (m / "dir").mkdir()
+    os.link(m / "a", m / "b")
+    os.link(m / "b", m / "dir" / "c")
+    inos = {os.stat(m / n).st_ino for n in ("a", "b", "dir/c")}
+    assert len(inos) == 1
+    assert os.stat(m / "a").st_nlink == 3
+    with open(m / "dir" / "c", "ab") as f:
+        f.write(b" grows")
+    assert (m / "a").read_bytes() == b"shared data grows"
+    os.unlink(m / "a")
+    assert os.stat(m / "b").st_nlink == 2
+    os.rename(m / "dir" / "c", m / "moved")
+    with pytest.raises(OSError) as err:
+        os.link(m / "dir", m / "dirlink")
+    assert err.value.errno == errno.EPERM
+    remount_cold(drive)
+    assert sorted(os.listdir(m)) == ["b", "dir", "moved"]
+    assert (m / "moved").read_bytes() == b"shared data grows"
+    assert os.stat(m / "b").st_ino == os.stat(m / "moved").st_ino
+    assert os.stat(m / "b").st_nlink == 2
+    os.unlink(m / "b")
+    assert os.stat(m / "moved").st_nlink == 1
+    assert (m / "moved").read_bytes() == b"shared data grows"
+    remount_cold(drive)
+    assert (m / "moved").read_bytes() == b"shared data grows"
+    os.unlink(m / "moved")
+    assert sorted(os.listdir(m)) == ["dir"]
+    drive.umount()
+
+
+def test_symlinks_special_files_and_xattrs(drive: Drive) -> None:
+    drive.mount()
+    m = drive.mnt
+    os.symlink("../some/where \xff".encode("utf-8", "surrogateescape"), m / "link")
+    os.symlink("/absolute/target", m / "abs")
+    os.mkfifo(m / "fifo", 0o640)
+    os.mknod(m / "chr", 0o600 | stat.S_IFCHR, os.makedev(1, 3))
+    (m / "file").write_text("x")
+    os.setxattr(m / "file", "user.colour", b"blue")
+    os.setxattr(m / "file", "user.empty", b"")
+    with pytest.raises(OSError) as err:
+        os.getxattr(m / "file", "user.missing")
+    assert err.value.errno == errno.ENODATA
+    with pytest.raises(OSError) as err:
+        os.setxattr(m / "file", "system.posix_acl_access", b"\x02\0\0\0")
+    assert err.value.errno == errno.EOPNOTSUPP
+    os.setxattr(m / "file", "user.gone", b"1")
+    os.removexattr(m / "file", "user.gone")
+    remount_cold(drive)
+    assert os.readlink(m / "link") == "../some/where \xff".encode(
+        "utf-8", "surrogateescape"
+    ).decode("utf-8", "surrogateescape")
+    assert os.readlink(m / "abs") == "/absolute/target"
+    assert stat.S_ISFIFO(os.stat(m / "fifo").st_mode)
+    assert stat.S_IMODE(os.stat(m / "fifo").st_mode) == 0o640
+    st = os.stat(m / "chr")
+    assert stat.S_ISCHR(st.st_mode) and st.st_rdev == os.makedev(1, 3)
+    assert sorted(os.listxattr(m / "file")) == ["user.colour", "user.empty"]
+    assert os.getxattr(m / "file", "user.colour") == b"blue"
+    assert os.getxattr(m / "file", "user.empty") == b""
+    drive.umount()
+
+
+def test_rename_flags_and_odd_names(drive: Drive) -> None:
+    drive.mount()
+    m = drive.mnt
+    odd = [b"x" * 255, b"\xff\xfe not utf-8", b"-leading dash", b"new\nline", b" spaced "]
+    for name in odd:
+        with open(os.path.join(os.fsencode(m), name), "wb") as f:
+            f.write(name)
+    (m / "one").write_text("1")
+    (m / "two").write_text("2")
+    with pytest.raises(OSError) as err:
+        renameat2(m / "one", m / "two", RENAME_NOREPLACE)
+    assert err.value.errno == errno.EEXIST
+    renameat2(m / "one", m / "two", RENAME_EXCHANGE)
+    assert (m / "one").read_text() == "2" and (m / "two").read_text() == "1"
+    (m / "d1").mkdir()
+    (m / "d1" / "sub").mkdir()
+    with pytest.raises(OSError) as err:
+        os.rename(m / "d1", m / "d1" / "sub" / "inside")
+    assert err.value.errno == errno.EINVAL
+    (m / "d2").mkdir()
+    os.rename(m / "d2", m / "d1" / "sub")  # over an empty directory
+    with pytest.raises(OSError) as err:
+        os.mkdir(m / ("y" * 256))
+    assert err.value.errno == errno.ENAMETOOLONG
+    remount_cold(drive)
+    names = set(os.listdir(os.fsencode(m)))
+    for name in odd:
+        assert name in names
+        with open(os.path.join(os.fsencode(m), name), "rb") as f:
+            assert f.read() == name
+    assert (m / "one").read_text() == "2" and (m / "two").read_text() == "1"
+    assert os.listdir(m / "d1") == ["sub"] and os.listdir(m / "d1" / "sub") == []
+    drive.umount()
