@@ -10,6 +10,8 @@ the server answers with, so each boundary translates errors in one place::
     ├── VersionConflict         EAGAIN     409   stale node version
     ├── PermissionDenied        EACCES     403
     ├── AuthFailed              EACCES     401   bad credentials or session
+    │   └── SecondFactorRequired EACCES    401   right password, a 2FA code is needed
+    ├── RateLimited             EAGAIN     429   too many failed attempts; retry later
     ├── InvalidRequest          EINVAL     400
     ├── TooLarge                EFBIG      413
     ├── QuotaExceeded           ENOSPC     507
@@ -34,8 +36,10 @@ __all__ = [
     "NotFound",
     "PermissionDenied",
     "QuotaExceeded",
+    "RateLimited",
     "RemoteError",
     "RemoteTimeout",
+    "SecondFactorRequired",
     "TooLarge",
     "VersionConflict",
     "error_for_code",
@@ -78,6 +82,25 @@ class AuthFailed(MegafsError):
     errno, http_status, code = _errno.EACCES, 401, "auth_failed"
 
 
+class SecondFactorRequired(AuthFailed):
+    """The password was right, but the account has two-factor
+    authentication: log in again with a code. Never raised for a wrong
+    password, so it tells nothing to someone who does not know it."""
+
+    code = "second_factor_required"
+
+
+class RateLimited(MegafsError):
+    """Too many failed attempts for this account or client address.
+    ``retry_after`` (seconds) is sent as the ``Retry-After`` header."""
+
+    errno, http_status, code = _errno.EAGAIN, 429, "rate_limited"
+
+    def __init__(self, detail: str = "", retry_after: int = 0) -> None:
+        super().__init__(detail)
+        self.retry_after = retry_after
+
+
 class InvalidRequest(MegafsError):
     errno, http_status, code = _errno.EINVAL, 400, "invalid_request"
 
@@ -118,8 +141,8 @@ _BY_CODE: dict[str, type[MegafsError]] = {
     cls.code: cls
     for cls in (
         NotFound, AlreadyExists, NotEmpty, VersionConflict, PermissionDenied, AuthFailed,
-        InvalidRequest, TooLarge, QuotaExceeded, IntegrityError, FormatError, RemoteError,
-        RemoteTimeout,
+        SecondFactorRequired, RateLimited, InvalidRequest, TooLarge, QuotaExceeded,
+        IntegrityError, FormatError, RemoteError, RemoteTimeout,
     )
 }
 

@@ -17,9 +17,20 @@ Routes (all under ``API_PREFIX``)::
     POST   /prelogin   {email}         -> {"kdf": KDF}
     POST   /signup     {email, kdf, auth_secret, keyblob, root: {id, meta}, device}
                                        -> 201 Session
-    POST   /login      {email, auth_secret, device}    -> Session
+    POST   /login      {email, auth_secret, device, [code], [long_lived]}  -> Session
     POST   /logout                     -> 204
     GET    /account                    -> Account
+    POST   /2fa/setup                  -> {"secret": base32}   (pending until enabled)
+    POST   /2fa/enable {code}          -> {"recovery_codes": [str]}
+    POST   /2fa/disable {email, auth_secret, code}  -> 204
+    GET    /sessions                   -> {"sessions": [SessionInfo]}
+    POST   /sessions/revoke-others     -> {"revoked": int}
+    DELETE /sessions/{id}              -> 204
+    POST   /password {old_auth_secret, kdf, auth_secret, keyblob}  -> 204
+    PUT    /recovery {auth_secret, recovery_auth, keyblob}  -> 204
+    POST   /recovery/start {email, recovery_auth}  -> {"keyblob": b64}
+    POST   /recovery/finish {email, recovery_auth, kdf, auth_secret, keyblob, device,
+                             [code], [long_lived]}  -> Session
     GET    /nodes/{id}                 -> Node (with content)
     GET    /nodes/{id}/children        -> {"nodes": [Node]}  (content only when small)
     PUT    /nodes/{id} {parent, expect_version, meta, content, chunks, commit_id}
@@ -33,6 +44,21 @@ Routes (all under ``API_PREFIX``)::
     Session = {token, expires, account: Account}
     Account = {email, kdf, keyblob, root_id, quota, used}
     Node    = {id, parent, version, meta, content, content_size}
+    SessionInfo = {id, device, created, last_seen, expires, current}
+
+Accounts (docs/api.md and docs/security.md say why):
+
+- ``code`` is a TOTP code (``TOTP_DIGITS`` digits, RFC 6238, SHA-1,
+  ``TOTP_STEP`` seconds, ``TOTP_SKEW_STEPS`` steps of clock skew either way,
+  each time step accepted once) or one of the single-use recovery codes
+  ``/2fa/enable`` returned. A right password without a needed code is 401
+  ``second_factor_required``; a wrong password is 401 ``auth_failed``.
+- Failed attempts are counted per account and per client address; past a
+  few, the route answers 429 ``rate_limited`` with ``Retry-After``.
+- ``long_lived`` sessions (remembered devices, mounts) expire after
+  ``LONG_SESSION_IDLE_SECONDS`` without use, others after
+  ``SESSION_IDLE_SECONDS``.
+- ``/password`` and ``/recovery/finish`` end every other session.
 
 Semantics:
 
@@ -64,12 +90,21 @@ __all__ = [
     "CHUNK_GRACE_SECONDS",
     "CHUNK_ID_RE",
     "INLINE_CONTENT_MAX",
+    "LONG_SESSION_IDLE_SECONDS",
     "MAX_CHUNK_BYTES",
     "MAX_CONTENT_BYTES",
     "MAX_JSON_BYTES",
     "MAX_META_BYTES",
     "MAX_MISSING_IDS",
     "NODE_ID_RE",
+    "RECOVERY_CODES",
+    "RECOVERY_CODE_RE",
+    "SESSION_IDLE_SECONDS",
+    "SESSION_ID_RE",
+    "TOTP_DIGITS",
+    "TOTP_SECRET_BYTES",
+    "TOTP_SKEW_STEPS",
+    "TOTP_STEP",
     "b64d",
     "b64e",
 ]
@@ -92,7 +127,27 @@ INLINE_CONTENT_MAX = 4096
 MAX_MISSING_IDS = 10_000
 CHUNK_GRACE_SECONDS = 3600
 
+#: A session expires after this long without a request (sliding).
+SESSION_IDLE_SECONDS = 30 * 24 * 3600
+#: The same for long-lived sessions: a remembered device or a running mount,
+#: which must not need the password (or a 2FA code) again while in use.
+LONG_SESSION_IDLE_SECONDS = 365 * 24 * 3600
+
+#: TOTP (RFC 6238) as authenticator apps implement it by default.
+TOTP_DIGITS = 6
+TOTP_STEP = 30
+#: Codes of this many steps before or after the server's are accepted too.
+TOTP_SKEW_STEPS = 1
+#: 160 bits, the HMAC-SHA-1 block-friendly size RFC 4226 recommends.
+TOTP_SECRET_BYTES = 20
+#: Single-use recovery codes handed out when 2FA is enabled.
+RECOVERY_CODES = 10
+#: 16 base32 characters (80 bits) in four groups: ``abcd-efgh-ijkl-mnop``.
+RECOVERY_CODE_RE = re.compile(r"^[a-z2-7]{4}(?:-[a-z2-7]{4}){3}$")
+
 NODE_ID_RE = re.compile(r"^[0-9a-f]{32}$")
+#: 8 random bytes as 16 lowercase hex digits: names a session in listings.
+SESSION_ID_RE = re.compile(r"^[0-9a-f]{16}$")
 CHUNK_ID_RE = re.compile(r"^[0-9a-f]{64}$")
 
 

@@ -93,29 +93,45 @@ def default_device() -> str:
 
 @dataclass(frozen=True)
 class Credentials:
-    """What ``--remember`` keeps: enough to log in and decrypt without the
-    password."""
+    """What ``--remember`` keeps: the unlocked account key and a long-lived
+    session the server opened after a full login (two-factor code
+    included), so mount needs neither the password nor a code. No password
+    or password-derived secret is kept: ``megafs sessions revoke`` on
+    another device cuts a stolen copy off the server (though not off the
+    key: docs/security.md).
 
-    auth_secret: bytes
+    ``auth_secret`` is set only in an entry an earlier megafs wrote, which
+    kept that instead of a session; its first use trades it for one.
+    """
+
     master_key: bytes
     root_id: bytes
+    session: str | None = None
+    auth_secret: bytes | None = None
 
     def _encode(self) -> str:
-        return json.dumps(
-            {
-                "auth_secret": base64.b64encode(self.auth_secret).decode(),
-                "master_key": base64.b64encode(self.master_key).decode(),
-                "root_id": self.root_id.hex(),
-            }
-        )
+        data = {
+            "master_key": base64.b64encode(self.master_key).decode(),
+            "root_id": self.root_id.hex(),
+        }
+        if self.session is not None:
+            data["session"] = self.session
+        if self.auth_secret is not None:
+            data["auth_secret"] = base64.b64encode(self.auth_secret).decode()
+        return json.dumps(data)
 
     @classmethod
     def _decode(cls, text: str) -> Credentials:
         data = json.loads(text)
+        session = data.get("session")
+        auth_secret = data.get("auth_secret")
+        if not isinstance(session, str | None) or (session is None and auth_secret is None):
+            raise ValueError("no session in the remembered entry")
         return cls(
-            auth_secret=base64.b64decode(data["auth_secret"]),
             master_key=base64.b64decode(data["master_key"]),
             root_id=bytes.fromhex(data["root_id"]),
+            session=session,
+            auth_secret=None if auth_secret is None else base64.b64decode(auth_secret),
         )
 
     def save(self, paths: Paths, account: AccountConfig) -> str:

@@ -16,14 +16,15 @@ import signal
 import sys
 import time
 from collections.abc import Awaitable, Callable
+from functools import partial
 from pathlib import Path
-from typing import NoReturn
+from typing import Any, NoReturn
 
 import trio
 
 from megafs import __version__
 from megafs.cli.config import AccountConfig, Credentials, Paths, default_device
-from megafs.errors import AuthFailed, MegafsError, RemoteError
+from megafs.errors import AuthFailed, MegafsError, RateLimited, RemoteError
 
 __all__ = ["main"]
 
@@ -47,7 +48,7 @@ class CliError(Exception):
 
 
 def _exit_code_for(exc: MegafsError) -> int:
-    if isinstance(exc, AuthFailed):
+    if isinstance(exc, AuthFailed | RateLimited):
         return EXIT_AUTH
     if isinstance(exc, RemoteError):
         return EXIT_UNREACHABLE
@@ -95,6 +96,7 @@ def read_password(password_file: str | None, *, confirm: bool = False) -> bytes:
 
 def cmd_signup(args: argparse.Namespace, paths: Paths) -> int:
     from megafs.cli.account import signup
+    from megafs.cli.security import forget_remembered, remember
     from megafs.remote import RemoteClient
 
     password = read_password(args.password_file, confirm=True)
@@ -105,47 +107,48 @@ def cmd_signup(args: argparse.Namespace, paths: Paths) -> int:
     async def run() -> None:
         async with RemoteClient(args.url, insecure=args.insecure) as remote:
             unlocked = await signup(
-                remote, args.email, password, device, uid=os.getuid(), gid=os.getgid()
+                remote, args.email, password, device, uid=os.getuid(), gid=os.getgid(),
+                long_lived=args.remember,
             )
-        account = AccountConfig(server=args.url, email=args.email, device=device)
-        account.save(paths)
-        Credentials.forget(paths, account)
-        if args.remember:
-            where = _remember(paths, account, unlocked)
-            print(f"account keys remembered in {where}")
+            await forget_remembered(paths, AccountConfig.load(paths), insecure=args.insecure)
+            account = AccountConfig(server=args.url, email=args.email, device=device)
+            account.save(paths)
+            if args.remember:
+                print(f"account keys remembered in {remember(paths, account, unlocked)}")
+            else:
+                await remote.logout()
 
     trio.run(run)
     print(f"account {args.email} created on {args.url}")
     return EXIT_OK
 
 
-def _remember(paths: Paths, account: AccountConfig, unlocked: object) -> str:
-    from megafs.cli.account import Unlocked
-
-    assert isinstance(unlocked, Unlocked)
-    return Credentials(
-        auth_secret=unlocked.auth_secret,
-        master_key=unlocked.keys.master_key,
-        root_id=unlocked.keys.root_id,
-    ).save(paths, account)
-
-
 def cmd_login(args: argparse.Namespace, paths: Paths) -> int:
     from megafs.cli.account import login
+    from megafs.cli.security import (
+        code_source,
+        forget_remembered,
+        login_with_recovery_key,
+        remember,
+    )
     from megafs.remote import RemoteClient
 
+    if args.recovery_key or args.recovery_key_file:
+        return login_with_recovery_key(args, paths)
     password = read_password(args.password_file)
     device = default_device()
 
     async def run() -> None:
         async with RemoteClient(args.url, insecure=args.insecure) as remote:
-            unlocked = await login(remote, args.email, password, device)
-            await remote.logout()
-        account = AccountConfig(server=args.url, email=args.email, device=device)
-        account.save(paths)
-        Credentials.forget(paths, account)
-        if args.remember:
-            print(f"account keys remembered in {_remember(paths, account, unlocked)}")
+            unlocked = await login(remote, args.email, password, device,
+                                   code=code_source(args.totp_code), long_lived=args.remember)
+            await forget_remembered(paths, AccountConfig.load(paths), insecure=args.insecure)
+            account = AccountConfig(server=args.url, email=args.email, device=device)
+            account.save(paths)
+            if args.remember:
+                print(f"account keys remembered in {remember(paths, account, unlocked)}")
+            else:
+                await remote.logout()
 
     trio.run(run)
     print(f"logged in as {args.email} on {args.url}")
@@ -153,8 +156,10 @@ def cmd_login(args: argparse.Namespace, paths: Paths) -> int:
 
 
 def cmd_logout(args: argparse.Namespace, paths: Paths) -> int:
-    account = AccountConfig.load(paths)
-    Credentials.forget(paths, account)
+    from megafs.cli.security import forget_remembered
+
+    # The account's address was accepted at login (with --insecure if it had to be).
+    trio.run(partial(forget_remembered, paths, AccountConfig.load(paths), insecure=True))
     paths.account_file.unlink(missing_ok=True)
     print("logged out; remembered keys removed")
     return EXIT_OK
@@ -216,6 +221,8 @@ def cmd_mount(args: argparse.Namespace, paths: Paths) -> int:
         password,
         args.fsync_timeout,
         args.insecure,
+        args.totp_code,
+        private=args.private,
     )
     if args.foreground:
         return job.run_foreground()
@@ -236,8 +243,12 @@ class _MountJob:
         password: bytes | None,
         fsync_timeout: float,
         insecure: bool,
+        totp_code: str | None,
+        *,
+        private: bool = False,
     ) -> None:
         self.paths = paths
+        self.private = private
         self.account = account
         self.mountpoint = mountpoint
         self.cache_dir = cache_dir
@@ -246,34 +257,32 @@ class _MountJob:
         self.password = password
         self.fsync_timeout = fsync_timeout
         self.insecure = insecure
+        self.totp_code = totp_code
 
     async def serve(self, on_ready: Callable[[], None]) -> None:
-        from megafs.cli.account import Unlocked, login, login_remembered
-        from megafs.crypto import AccountKeys
+        """Mount with the remembered session, or with a long-lived one
+        opened with the password (and a code) and ended at unmount: either
+        lives as long as the mount uses it, so the mount never needs the
+        password or a code again."""
+        from megafs.cli.account import login, login_remembered
+        from megafs.cli.security import code_source
         from megafs.fs import run_mount
         from megafs.remote import RemoteClient
 
         async with RemoteClient(self.account.server, insecure=self.insecure) as remote:
             if self.creds is not None:
-                keys = AccountKeys.from_master(self.creds.master_key, self.creds.root_id)
-                unlocked: Unlocked = await login_remembered(
-                    remote, self.account.email, self.creds.auth_secret, keys, self.account.device
+                unlocked, kept = await login_remembered(
+                    remote, self.account.email, self.creds, self.account.device
                 )
+                if kept != self.creds:
+                    kept.save(self.paths, self.account)
             else:
                 assert self.password is not None
                 unlocked = await login(
-                    remote, self.account.email, self.password, self.account.device
+                    remote, self.account.email, self.password, self.account.device,
+                    code=code_source(self.totp_code), long_lived=True,
                 )
             self.password = None
-
-            async def relogin() -> None:
-                await login_remembered(
-                    remote,
-                    self.account.email,
-                    unlocked.auth_secret,
-                    unlocked.keys,
-                    self.account.device,
-                )
 
             def ready() -> None:
                 self._write_pid_file()
@@ -286,18 +295,19 @@ class _MountJob:
                     self.mountpoint,
                     self.cache_dir,
                     cache_size=self.cache_size,
-                    relogin=relogin,
                     fsync_timeout=self.fsync_timeout,
+                    allow_other=not self.private,
                     on_ready=ready,
                 )
             finally:
                 self.paths.pid_file(self.mountpoint).unlink(missing_ok=True)
-                with (
-                    trio.CancelScope(shield=True),
-                    trio.move_on_after(5),
-                    contextlib.suppress(MegafsError),
-                ):
-                    await remote.logout()
+                if self.creds is None:  # the remembered session outlives the mount
+                    with (
+                        trio.CancelScope(shield=True),
+                        trio.move_on_after(5),
+                        contextlib.suppress(MegafsError),
+                    ):
+                        await remote.logout()
 
     def _write_pid_file(self) -> None:
         self.paths.mounts_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
@@ -412,8 +422,8 @@ def _run_guarded(fn: Callable[[], Awaitable[None]], report=None) -> int:  # type
 
 
 def _describe(exc: MegafsError) -> str:
-    if isinstance(exc, AuthFailed):
-        return "login failed: wrong email or password"
+    if isinstance(exc, AuthFailed | RateLimited):
+        return f"login failed: {exc.detail}"
     if isinstance(exc, RemoteError):
         return f"cannot reach the server: {exc.detail}"
     return exc.detail
@@ -488,9 +498,10 @@ def _alive(pid: int) -> bool:
 
 
 def cmd_server(args: argparse.Namespace, paths: Paths) -> int:
-    from megafs.server.run import run_server
+    from megafs.server.run import run_server, security_options
 
-    return run_server(Path(args.data), args.listen, default_quota=args.quota)
+    return run_server(Path(args.data), args.listen, default_quota=args.quota,
+                      **security_options(args))
 
 
 def cmd_quickstart(args: argparse.Namespace, paths: Paths) -> int:
@@ -535,6 +546,34 @@ def build_parser() -> argparse.ArgumentParser:
             "--insecure", action="store_true", help="allow plain http:// to a non-loopback server"
         )
 
+    from megafs.cli import security
+    from megafs.server.run import add_security_arguments
+
+    def session_options(p: argparse.ArgumentParser, *, nested: bool = False) -> None:
+        """For commands that act as the logged-in account. ``nested``: on a
+        sub-action, where a default would override the same option given
+        before the action's name."""
+        unset: dict[str, Any] = {"default": argparse.SUPPRESS} if nested else {}
+        p.add_argument(
+            "--password-file",
+            metavar="F",
+            **unset,
+            help="read the password from the first line of F instead of asking "
+            "(without remembered credentials, or where the password is needed again)",
+        )
+        p.add_argument(
+            "--totp-code",
+            metavar="CODE",
+            help="two-factor code (or a recovery code) for the login, if the account needs one",
+            **unset,
+        )
+        p.add_argument(
+            "--insecure",
+            action="store_true",
+            help="allow plain http:// to a non-loopback server",
+            **unset,
+        )
+
     p = sub.add_parser(
         "signup",
         help="create an account on a server",
@@ -547,10 +586,27 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser(
         "login",
         help="log in to an existing account",
-        description="Check the password against the server and record the "
-        "account in the config dir.",
+        description="Check the password (and the two-factor code, if the account "
+        "has 2FA) against the server and record the account in the config dir. "
+        "With --recovery-key, set a new password with the recovery key instead "
+        "(--password-file then gives the new password).",
     )
     common_auth(p)
+    p.add_argument(
+        "--totp-code",
+        metavar="CODE",
+        help="two-factor code from the app, or a recovery code (asked for if needed)",
+    )
+    p.add_argument(
+        "--recovery-key",
+        action="store_true",
+        help="forgot the password: set a new one with the recovery key (asked for)",
+    )
+    p.add_argument(
+        "--recovery-key-file",
+        metavar="F",
+        help="like --recovery-key, reading the key from F",
+    )
     p.set_defaults(func=cmd_login)
 
     p = sub.add_parser("logout", help="forget the account and any remembered key")
@@ -563,6 +619,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("mountpoint", help="an existing empty folder")
     p.add_argument("--password-file", metavar="F", help="read the password from F")
+    p.add_argument(
+        "--totp-code",
+        metavar="CODE",
+        help="two-factor code for a mount with the password (asked for with --foreground "
+        "on a terminal; not needed with remembered credentials)",
+    )
     p.add_argument(
         "--foreground",
         action="store_true",
@@ -589,6 +651,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--insecure", action="store_true", help="allow plain http:// to a non-loopback server"
+    )
+    p.add_argument(
+        "--private",
+        action="store_true",
+        help="only the mounting user may enter the mount (default: every user, with permission "
+        "bits checked by the kernel as on ext4, where FUSE allows it)",
     )
     p.set_defaults(func=cmd_mount)
 
@@ -631,7 +699,79 @@ def build_parser() -> argparse.ArgumentParser:
         default=parse_size("50G"),
         help="storage quota of new accounts (default 50G)",
     )
+    add_security_arguments(p)
     p.set_defaults(func=cmd_server)
+
+    p = sub.add_parser(
+        "2fa",
+        help="turn two-factor authentication on or off",
+        description="Two-factor authentication (TOTP, any authenticator app): logins "
+        "then need a code besides the password. It guards the account against a "
+        "stolen password, not against the server (docs/security.md).",
+    )
+    twofa = p.add_subparsers(dest="twofa_command", required=True, metavar="ACTION")
+    q = twofa.add_parser(
+        "enable",
+        help="show a new secret (QR code), then turn 2FA on with a first code",
+        description="Without --code: make a new secret, show it as a link and a "
+        "QR code, and ask for a first code (without a terminal, stop there). With "
+        "--code: turn 2FA on with a code of the secret shown last. Prints "
+        "single-use recovery codes once.",
+    )
+    q.add_argument("--code", metavar="CODE", help="a code from the app, for the secret shown")
+    session_options(q)
+    q.set_defaults(func=security.cmd_2fa_enable)
+    q = twofa.add_parser(
+        "disable",
+        help="turn 2FA off (needs the password and a code)",
+        description="Turn two-factor authentication off; needs the password and a "
+        "code from the app or a recovery code.",
+    )
+    q.add_argument("--code", metavar="CODE", help="a code from the app, or a recovery code")
+    q.add_argument("--password-file", metavar="F", help="read the password from F")
+    q.add_argument(
+        "--insecure", action="store_true", help="allow plain http:// to a non-loopback server"
+    )
+    q.set_defaults(func=security.cmd_2fa_disable)
+
+    p = sub.add_parser(
+        "sessions",
+        help="list the account's sessions, or end some",
+        description="List the account's sessions (devices, mounts, logins); * marks "
+        "the one this command used. `sessions revoke ID` ends one, `sessions revoke "
+        "--all-others` every other one; an ended session is refused at once.",
+    )
+    session_options(p)
+    p.set_defaults(func=security.cmd_sessions)
+    actions = p.add_subparsers(dest="sessions_command", metavar="ACTION")
+    q = actions.add_parser("revoke", help="end a session (or all others)")
+    q.add_argument("id", nargs="?", help="the session's ID, as listed")
+    q.add_argument("--all-others", action="store_true", help="every session but this one")
+    session_options(q, nested=True)
+    q.set_defaults(func=security.cmd_sessions)
+
+    p = sub.add_parser(
+        "passwd",
+        help="change the password",
+        description="Change the password: the account key is re-wrapped under the "
+        "new one (no file is re-encrypted) and every other session ends.",
+    )
+    session_options(p)
+    p.add_argument(
+        "--new-password-file", metavar="F", help="read the new password from F instead of asking"
+    )
+    p.set_defaults(func=security.cmd_passwd)
+
+    p = sub.add_parser(
+        "recovery-key",
+        help="make a recovery key (resets a forgotten password)",
+        description="Make a random recovery key and print it once; the server keeps "
+        "the account key wrapped under it. `megafs login URL EMAIL --recovery-key` "
+        "then sets a new password. A new key replaces the old one. Without the "
+        "password and the recovery key, the data cannot be recovered.",
+    )
+    session_options(p)
+    p.set_defaults(func=security.cmd_recovery_key)
 
     p = sub.add_parser(
         "quickstart",

@@ -78,7 +78,8 @@ def _fail(message: str) -> Exception:
 
 def quickstart(args: argparse.Namespace, paths: Paths) -> int:
     from megafs.cli.account import signup
-    from megafs.cli.main import _is_mounted, cmd_mount
+    from megafs.cli.main import _is_mounted, build_parser, cmd_mount
+    from megafs.cli.security import remember
     from megafs.remote import RemoteClient
 
     data_dir = Paths.default_server_dir()
@@ -105,16 +106,15 @@ def quickstart(args: argparse.Namespace, paths: Paths) -> int:
         async def create():  # type: ignore[no-untyped-def]
             async with RemoteClient(url) as remote:
                 return await signup(
-                    remote, email, password, device, uid=os.getuid(), gid=os.getgid()
+                    remote, email, password, device, uid=os.getuid(), gid=os.getgid(),
+                    long_lived=True,
                 )
 
         unlocked = trio.run(create)
         account = AccountConfig(server=url, email=email, device=device)
         account.save(paths)
         marker.write_text(email + "\n")
-        where = Credentials(
-            unlocked.auth_secret, unlocked.keys.master_key, unlocked.keys.root_id
-        ).save(paths, account)
+        where = remember(paths, account, unlocked)
         print(f"created account {email}; its key is remembered in {where}")
 
     mountpoint = Path(args.mountpoint).expanduser().absolute()
@@ -122,14 +122,9 @@ def quickstart(args: argparse.Namespace, paths: Paths) -> int:
         print(f"{mountpoint} is already mounted")
     else:
         mountpoint.mkdir(parents=True, exist_ok=True)
-        mount_args = argparse.Namespace(
-            mountpoint=str(mountpoint),
-            password_file=None,
-            foreground=False,
-            cache_dir=None,
-            cache_size=args.cache_size,
-            fsync_timeout=60.0,
-            insecure=False,
+        # The mount command's own parser supplies every default.
+        mount_args = build_parser().parse_args(
+            ["mount", str(mountpoint), "--cache-size", str(args.cache_size)]
         )
         code = cmd_mount(mount_args, paths)
         if code:

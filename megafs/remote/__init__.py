@@ -6,7 +6,16 @@ the one backoff policy for failures that may pass.
 """
 
 from megafs.remote.http import RemoteClient
-from megafs.remote.responses import Account, RemoteNode, Session
+from megafs.remote.responses import Account, RemoteNode, Session, SessionInfo
 from megafs.remote.retry import Backoff, Transient, retrying
 
-__all__ = ["Account", "Backoff", "RemoteClient", "RemoteNode", "Session", "Transient", "retrying"]
+__all__ = [
+    "Account",
+    "Backoff",
+    "RemoteClient",
+    "RemoteNode",
+    "Session",
+    "SessionInfo",
+    "Transient",
+    "retrying",
+]

@@ -18,6 +18,7 @@ import ipaddress
 import json
 import logging
 import re
+import ssl
 from collections.abc import Callable, Sequence
 from functools import partial
 from types import TracebackType
@@ -41,14 +42,20 @@ from megafs.remote.responses import (
     Account,
     RemoteNode,
     Session,
+    SessionInfo,
     parse_account,
+    parse_count,
     parse_health,
+    parse_keyblob,
     parse_missing,
     parse_node,
     parse_nodes,
     parse_prelogin,
+    parse_recovery_codes,
     parse_session,
+    parse_sessions,
     parse_size,
+    parse_totp_secret,
     parse_version,
 )
 from megafs.remote.retry import Transient, retrying
@@ -59,6 +66,7 @@ from megafs.wire import (
     MAX_JSON_BYTES,
     MAX_META_BYTES,
     MAX_MISSING_IDS,
+    SESSION_ID_RE,
     b64e,
 )
 
@@ -101,7 +109,12 @@ class RemoteClient:
         timeout: float = 30.0,
         retries: int = 4,
         insecure: bool = False,
+        verify: bool | str | ssl.SSLContext = True,
     ) -> None:
+        """``verify``: how an https:// server's certificate is checked: True
+        (Mozilla's CAs from ``certifi``, or ``$SSL_CERT_FILE``), a CA file
+        or an SSL context (a private CA, a pinned self-signed certificate). Never off: a client that
+        trusts any certificate would hand its token to whoever answers."""
         try:
             url = httpx.URL(base_url)
         except httpx.InvalidURL as exc:
@@ -116,7 +129,16 @@ class RemoteClient:
         self.token = token
         self._base = f"{str(url).rstrip('/')}{API_PREFIX}"
         self._retries = retries
+        if verify is False:
+            raise InvalidRequest("certificate checks cannot be turned off")
+        if isinstance(verify, str):
+            try:
+                verify = ssl.create_default_context(cafile=verify)
+            except (OSError, ssl.SSLError) as exc:
+                raise InvalidRequest(f"cannot use {verify} as trusted certificates: "
+                                     f"{_reason(exc)}") from exc
         self._http = httpx.AsyncClient(
+            verify=verify,
             timeout=timeout,
             follow_redirects=False,
             headers={"User-Agent": f"megafs/{__version__}", "Accept-Encoding": "identity"},
@@ -148,19 +170,27 @@ class RemoteClient:
 
     async def signup(
         self, email: str, kdf: dict[str, Any], auth_secret: bytes, keyblob: bytes,
-        root_id: bytes, root_meta: bytes, device: str,
+        root_id: bytes, root_meta: bytes, device: str, *, long_lived: bool = False,
     ) -> Session:
         """Create the account with its root folder, and log in."""
         body = {
             "email": email, "kdf": kdf, "auth_secret": b64e(auth_secret),
             "keyblob": b64e(keyblob), "root": {"id": _node_hex(root_id), "meta": b64e(root_meta)},
-            "device": device,
+            "device": device, "long_lived": long_lived,
         }
         return self._logged_in(parse_session(
             await self._json("POST", "/signup", body, auth=False)))
 
-    async def login(self, email: str, auth_secret: bytes, device: str) -> Session:
-        body = {"email": email, "auth_secret": b64e(auth_secret), "device": device}
+    async def login(
+        self, email: str, auth_secret: bytes, device: str, *, code: str | None = None,
+        long_lived: bool = False,
+    ) -> Session:
+        """Open a session. ``code``: a TOTP or recovery code, for an account
+        with two-factor authentication (without one it is
+        SecondFactorRequired). ``long_lived``: a session for a remembered
+        device or a mount, which lives while it is used."""
+        body = {"email": email, "auth_secret": b64e(auth_secret), "device": device,
+                "code": code, "long_lived": long_lived}
         return self._logged_in(parse_session(
             await self._json("POST", "/login", body, auth=False)))
 
@@ -178,6 +208,66 @@ class RemoteClient:
 
     async def account(self) -> Account:
         return parse_account(await self._json("GET", "/account"))
+
+    # -- account security -----------------------------------------------------------
+
+    async def totp_setup(self) -> str:
+        """A new TOTP secret (base32) that waits for :meth:`totp_enable`."""
+        return parse_totp_secret(await self._json("POST", "/2fa/setup"))
+
+    async def totp_enable(self, code: str) -> list[str]:
+        """Turn two-factor authentication on with a first code of the
+        waiting secret; returns the single-use recovery codes."""
+        return parse_recovery_codes(await self._json("POST", "/2fa/enable", {"code": code}))
+
+    async def totp_disable(self, email: str, auth_secret: bytes, code: str) -> None:
+        body = {"email": email, "auth_secret": b64e(auth_secret), "code": code}
+        await self._call_json("POST", "/2fa/disable", body, auth=False)
+
+    async def sessions(self) -> list[SessionInfo]:
+        return parse_sessions(await self._json("GET", "/sessions"))
+
+    async def revoke_session(self, session_id: str) -> None:
+        """End one of the account's sessions (NotFound: no such session)."""
+        if not SESSION_ID_RE.fullmatch(session_id):
+            raise InvalidRequest(f"not a session id: {session_id!r} (16 hex digits)")
+        await self._call("DELETE", f"/sessions/{session_id}")
+
+    async def revoke_other_sessions(self) -> int:
+        """End every session of the account but this one; returns how many."""
+        return parse_count(await self._json("POST", "/sessions/revoke-others"), "revoked")
+
+    async def change_password(
+        self, old_auth_secret: bytes, kdf: dict[str, Any], auth_secret: bytes, keyblob: bytes
+    ) -> None:
+        """Replace the password's proof and the keyblob; the server ends
+        every other session."""
+        body = {"old_auth_secret": b64e(old_auth_secret), "kdf": kdf,
+                "auth_secret": b64e(auth_secret), "keyblob": b64e(keyblob)}
+        await self._call_json("POST", "/password", body)
+
+    async def set_recovery_key(
+        self, auth_secret: bytes, recovery_auth: bytes, keyblob: bytes
+    ) -> None:
+        body = {"auth_secret": b64e(auth_secret), "recovery_auth": b64e(recovery_auth),
+                "keyblob": b64e(keyblob)}
+        await self._call_json("PUT", "/recovery", body)
+
+    async def recovery_start(self, email: str, recovery_auth: bytes) -> bytes:
+        """The master key's wrap under the recovery key."""
+        body = {"email": email, "recovery_auth": b64e(recovery_auth)}
+        return parse_keyblob(await self._json("POST", "/recovery/start", body, auth=False))
+
+    async def recovery_finish(
+        self, email: str, recovery_auth: bytes, kdf: dict[str, Any], auth_secret: bytes,
+        keyblob: bytes, device: str, *, code: str | None = None, long_lived: bool = False,
+    ) -> Session:
+        """Set a new password with the recovery key, and log in."""
+        body = {"email": email, "recovery_auth": b64e(recovery_auth), "kdf": kdf,
+                "auth_secret": b64e(auth_secret), "keyblob": b64e(keyblob), "device": device,
+                "code": code, "long_lived": long_lived}
+        return self._logged_in(parse_session(
+            await self._json("POST", "/recovery/finish", body, auth=False)))
 
     # -- nodes ----------------------------------------------------------------------
 
@@ -263,6 +353,11 @@ class RemoteClient:
             raise FormatError(f"malformed server response to {method} {path}: not JSON") \
                 from None
 
+    async def _call_json(self, method: str, path: str, body: Any, *, auth: bool = True) -> None:
+        """Send ``body`` as JSON to a route that answers without a body."""
+        await self._call(method, path, raw=_encode_json(body),
+                         content_type="application/json", auth=auth)
+
     async def _call(
         self, method: str, path: str, *, raw: bytes | None = None,
         content_type: str = "application/octet-stream", query: dict[str, str] | None = None,
@@ -300,11 +395,23 @@ class RemoteClient:
         except httpx.TimeoutException as exc:
             raise Transient(RemoteTimeout(f"{what}: the server did not answer in time")) from exc
         except httpx.TransportError as exc:
-            raise Transient(RemoteError(f"{what}: {exc or type(exc).__name__}")) from exc
+            raise Transient(RemoteError(f"{what}: {_reason(exc)}")) from exc
         log.debug("%s -> %d (%.0f ms)", what, status, (trio.current_time() - started) * 1000)
         if 200 <= status < 300:
             return body
         raise _error_for(status, body, what)
+
+
+def _reason(exc: BaseException) -> str:
+    """The first non-empty message down the exception's causes: httpx
+    often wraps the telling one (a refused certificate, a refused
+    connection) in an exception without text."""
+    cause: BaseException | None = exc
+    while cause is not None:
+        if str(cause):
+            return str(cause)
+        cause = cause.__cause__ or cause.__context__
+    return type(exc).__name__
 
 
 def _error_for(status: int, body: bytes, what: str) -> MegafsError | Transient:

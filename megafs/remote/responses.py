@@ -15,20 +15,36 @@ from dataclasses import dataclass
 from typing import Any
 
 from megafs.errors import FormatError
-from megafs.wire import CHUNK_ID_RE, MAX_CONTENT_BYTES, MAX_META_BYTES, NODE_ID_RE, b64d
+from megafs.wire import (
+    CHUNK_ID_RE,
+    MAX_CONTENT_BYTES,
+    MAX_META_BYTES,
+    NODE_ID_RE,
+    RECOVERY_CODE_RE,
+    RECOVERY_CODES,
+    SESSION_ID_RE,
+    TOTP_SECRET_BYTES,
+    b64d,
+)
 
 __all__ = [
     "Account",
     "RemoteNode",
     "Session",
+    "SessionInfo",
     "parse_account",
+    "parse_count",
     "parse_health",
+    "parse_keyblob",
     "parse_missing",
     "parse_node",
     "parse_nodes",
     "parse_prelogin",
+    "parse_recovery_codes",
     "parse_session",
+    "parse_sessions",
     "parse_size",
+    "parse_totp_secret",
     "parse_version",
 ]
 
@@ -38,6 +54,13 @@ _MAX_INT = 2**63 - 1
 #: there (no CR/LF a hostile server could use to inject headers).
 _TOKEN_RE = re.compile(r"[A-Za-z0-9_.~+/=-]{16,512}")
 _KDF_INTS = ("memory_kib", "iterations", "lanes")
+#: Server text that ends up on a terminal: no control characters (escape
+#: sequences), bounded.
+_PRINTABLE_RE = re.compile(r"[^\x00-\x1f\x7f-\x9f]{1,200}")
+#: Far above any keyblob format; only bounds what is read.
+_KEYBLOB_MAX_BYTES = 4096
+#: A TOTP secret as base32 without padding.
+_TOTP_SECRET_RE = re.compile(rf"[A-Z2-7]{{{-(-TOTP_SECRET_BYTES * 8 // 5)}}}")
 
 
 @dataclass(frozen=True)
@@ -55,6 +78,19 @@ class Session:
     token: str
     expires: int
     account: Account
+
+
+@dataclass(frozen=True)
+class SessionInfo:
+    """One of the account's sessions, as ``GET /sessions`` lists it; times
+    are Unix seconds; ``current`` marks the session that asked."""
+
+    id: str
+    device: str
+    created: int
+    last_seen: int
+    expires: int
+    current: bool
 
 
 @dataclass(frozen=True)
@@ -107,6 +143,18 @@ class _Fields:
         value = self._get(key)
         if not isinstance(value, str):
             raise self._fail(key, "is not a string")
+        return value
+
+    def matching(self, key: str, pattern: re.Pattern[str], what: str) -> str:
+        value = self._get(key)
+        if not isinstance(value, str) or not pattern.fullmatch(value):
+            raise self._fail(key, f"is not {what}")
+        return value
+
+    def boolean(self, key: str) -> bool:
+        value = self._get(key)
+        if not isinstance(value, bool):
+            raise self._fail(key, "is not true or false")
         return value
 
     def true(self, key: str) -> None:
@@ -231,3 +279,41 @@ def parse_missing(value: Any, asked: set[str]) -> set[bytes]:
                for item in items):
         raise _bad("missing.missing", "contains an id that was not asked about")
     return {bytes.fromhex(item) for item in items}
+
+
+def parse_totp_secret(value: Any) -> str:
+    return _Fields(value, "2fa").matching("secret", _TOTP_SECRET_RE, "a TOTP secret")
+
+
+def parse_recovery_codes(value: Any) -> list[str]:
+    items = _Fields(value, "2fa").items("recovery_codes")
+    if len(items) != RECOVERY_CODES or not all(
+            isinstance(item, str) and RECOVERY_CODE_RE.fullmatch(item) for item in items):
+        raise _bad("2fa.recovery_codes", f"is not a list of {RECOVERY_CODES} recovery codes")
+    return items
+
+
+def parse_sessions(value: Any) -> list[SessionInfo]:
+    """The account's sessions; exactly one is the current one."""
+    sessions = []
+    for i, item in enumerate(_Fields(value, "sessions").items("sessions")):
+        fields = _Fields(item, f"sessions[{i}]")
+        sessions.append(SessionInfo(
+            id=fields.matching("id", SESSION_ID_RE, "a session id"),
+            device=fields.matching("device", _PRINTABLE_RE, "printable text"),
+            created=fields.integer("created"),
+            last_seen=fields.integer("last_seen"),
+            expires=fields.integer("expires"),
+            current=fields.boolean("current"),
+        ))
+    if sum(session.current for session in sessions) != 1:
+        raise _bad("sessions", "does not mark exactly one session as current")
+    return sessions
+
+
+def parse_count(value: Any, key: str) -> int:
+    return _Fields(value, "answer").integer(key)
+
+
+def parse_keyblob(value: Any) -> bytes:
+    return _Fields(value, "recovery").blob("keyblob", max_bytes=_KEYBLOB_MAX_BYTES)

@@ -1,4 +1,4 @@
-"""``python -m megafs.server --data DIR --listen HOST:PORT [--quota BYTES]``:
+"""``python -m megafs.server --data DIR --listen HOST:PORT [--quota BYTES] [...]``:
 the server without the rest of the command line (``megafs server`` runs
 the same :func:`run_server`)."""
 
@@ -9,7 +9,12 @@ import logging
 import sys
 from pathlib import Path
 
-from megafs.server.run import DEFAULT_QUOTA, run_server
+from megafs.server.run import (
+    DEFAULT_QUOTA,
+    add_security_arguments,
+    run_server,
+    security_options,
+)
 
 
 def _quota(text: str) -> int:
@@ -29,10 +34,12 @@ def main(argv: list[str] | None = None) -> int:
                              "127.0.0.1:8377)")
     parser.add_argument("--quota", metavar="BYTES", type=_quota, default=DEFAULT_QUOTA,
                         help=f"storage quota of new accounts (default {DEFAULT_QUOTA})")
+    add_security_arguments(parser)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    return run_server(args.data, args.listen, default_quota=args.quota)
+    return run_server(args.data, args.listen, default_quota=args.quota,
+                      **security_options(args))
 
 
 if __name__ == "__main__":

@@ -11,6 +11,7 @@ with a bare 500.
 from __future__ import annotations
 
 import logging
+import re
 import time
 from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
@@ -26,11 +27,19 @@ from starlette.routing import Route, request_response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from megafs import __version__
-from megafs.errors import AuthFailed, InvalidRequest, MegafsError, NotFound
+from megafs.errors import AuthFailed, InvalidRequest, MegafsError, NotFound, RateLimited
 from megafs.server import validate as v
-from megafs.server.auth import AUTH_SECRET_BYTES, Auth, NewSession, check_kdf
+from megafs.server.auth import (
+    AUTH_SECRET_BYTES,
+    DEFAULT_LIMITS,
+    Auth,
+    Caller,
+    LoginLimits,
+    NewSession,
+    check_kdf,
+)
 from megafs.server.chunks import ChunkStore
-from megafs.server.metadata import AccountRow, MetadataStore, NodeRow, NodeWrite
+from megafs.server.metadata import AccountRow, MetadataStore, NodeRow, NodeWrite, SessionRow
 from megafs.server.openapi import openapi_document
 from megafs.wire import (
     API_PREFIX,
@@ -40,6 +49,7 @@ from megafs.wire import (
     MAX_JSON_BYTES,
     MAX_META_BYTES,
     MAX_MISSING_IDS,
+    SESSION_ID_RE,
     b64e,
 )
 
@@ -53,10 +63,14 @@ _DRAIN_MAX = MAX_JSON_BYTES
 _DRAIN_SECONDS = 10.0
 
 
-def create_app(meta: MetadataStore, chunks: ChunkStore, *, default_quota: int) -> Starlette:
+def create_app(
+    meta: MetadataStore, chunks: ChunkStore, *, default_quota: int,
+    limits: LoginLimits = DEFAULT_LIMITS,
+) -> Starlette:
     """The megafs API over the given stores; new accounts get ``default_quota``
-    bytes. The stores stay owned by the caller (the app never closes them)."""
-    api = _Api(meta, chunks, default_quota)
+    bytes; failed logins are throttled by ``limits``. The stores stay owned
+    by the caller (the app never closes them)."""
+    api = _Api(meta, chunks, default_quota, limits)
     p = API_PREFIX
     routes = [
         Route(path, _Resource(handlers)) for path, handlers in {
@@ -66,6 +80,17 @@ def create_app(meta: MetadataStore, chunks: ChunkStore, *, default_quota: int) -
             f"{p}/login": {"POST": api.login},
             f"{p}/logout": {"POST": api.logout},
             f"{p}/account": {"GET": api.account},
+            f"{p}/2fa/setup": {"POST": api.totp_setup},
+            f"{p}/2fa/enable": {"POST": api.totp_enable},
+            f"{p}/2fa/disable": {"POST": api.totp_disable},
+            f"{p}/sessions": {"GET": api.sessions},
+            # Before sessions/{id}, which would take "revoke-others" for a (bad) id.
+            f"{p}/sessions/revoke-others": {"POST": api.revoke_other_sessions},
+            f"{p}/sessions/{{id}}": {"DELETE": api.revoke_session},
+            f"{p}/password": {"POST": api.change_password},
+            f"{p}/recovery": {"PUT": api.set_recovery_key},
+            f"{p}/recovery/start": {"POST": api.recovery_start},
+            f"{p}/recovery/finish": {"POST": api.recovery_finish},
             f"{p}/nodes/{{id}}": {"GET": api.get_node, "PUT": api.put_node,
                                   "DELETE": api.delete_node},
             f"{p}/nodes/{{id}}/children": {"GET": api.list_children},
@@ -85,17 +110,21 @@ def create_app(meta: MetadataStore, chunks: ChunkStore, *, default_quota: int) -
 
 
 class _Api:
-    def __init__(self, meta: MetadataStore, chunks: ChunkStore, default_quota: int) -> None:
+    def __init__(self, meta: MetadataStore, chunks: ChunkStore, default_quota: int,
+                 limits: LoginLimits) -> None:
         self._meta = meta
         self._chunks = chunks
-        self._auth = Auth(meta)
+        self._auth = Auth(meta, limits=limits)
         if not 0 <= default_quota <= v.MAX_INT:
             raise ValueError(f"the default quota must be 0..{v.MAX_INT} bytes")
         self._quota = default_quota
         self._openapi = openapi_document()
 
-    async def _account_id(self, request: Request) -> int:
+    async def _caller(self, request: Request) -> Caller:
         return await self._auth.authenticate(request.headers.get("authorization"))
+
+    async def _account_id(self, request: Request) -> int:
+        return (await self._caller(request)).account_id
 
     # -- unauthenticated -------------------------------------------------------------
 
@@ -113,27 +142,65 @@ class _Api:
         body = v.exact_fields(
             await v.read_json(request),
             ("email", "kdf", "auth_secret", "keyblob", "root", "device"), "body",
+            optional=("long_lived",),
         )
         root = v.exact_fields(body["root"], ("id", "meta"), "root")
         session = await self._auth.signup(
             v.email(body["email"]),
             check_kdf(body["kdf"]),
             _auth_secret(body["auth_secret"]),
-            v.blob(body["keyblob"], "keyblob", min_bytes=1, max_bytes=v.KEYBLOB_MAX_BYTES),
+            _keyblob(body["keyblob"]),
             v.node_id(root["id"], "root.id"),
             v.blob(root["meta"], "root.meta", max_bytes=MAX_META_BYTES),
             v.text(body["device"], "device", max_chars=v.DEVICE_MAX_CHARS),
             quota=self._quota,
+            long_lived=v.boolean(body["long_lived"], "long_lived"),
         )
         return JSONResponse(_session_json(session), status_code=201)
 
     async def login(self, request: Request) -> Response:
         body = v.exact_fields(await v.read_json(request), ("email", "auth_secret", "device"),
-                              "body")
+                              "body", optional=("code", "long_lived"))
         session = await self._auth.login(
             v.email(body["email"]),
             _auth_secret(body["auth_secret"]),
             v.text(body["device"], "device", max_chars=v.DEVICE_MAX_CHARS),
+            code=v.optional_text(body["code"], "code", max_chars=v.CODE_MAX_CHARS),
+            long_lived=v.boolean(body["long_lived"], "long_lived"),
+            client=_client(request),
+        )
+        return JSONResponse(_session_json(session))
+
+    async def totp_disable(self, request: Request) -> Response:
+        body = v.exact_fields(await v.read_json(request), ("email", "auth_secret", "code"),
+                              "body")
+        await self._auth.disable_totp(
+            v.email(body["email"]), _auth_secret(body["auth_secret"]),
+            v.text(body["code"], "code", max_chars=v.CODE_MAX_CHARS), _client(request))
+        return Response(status_code=204)
+
+    async def recovery_start(self, request: Request) -> Response:
+        body = v.exact_fields(await v.read_json(request), ("email", "recovery_auth"), "body")
+        keyblob = await self._auth.recovery_keyblob(
+            v.email(body["email"]), _auth_secret(body["recovery_auth"], "recovery_auth"),
+            _client(request))
+        return JSONResponse({"keyblob": b64e(keyblob)})
+
+    async def recovery_finish(self, request: Request) -> Response:
+        body = v.exact_fields(
+            await v.read_json(request),
+            ("email", "recovery_auth", "kdf", "auth_secret", "keyblob", "device"), "body",
+            optional=("code", "long_lived"))
+        session = await self._auth.recover(
+            v.email(body["email"]),
+            _auth_secret(body["recovery_auth"], "recovery_auth"),
+            check_kdf(body["kdf"]),
+            _auth_secret(body["auth_secret"]),
+            _keyblob(body["keyblob"]),
+            v.text(body["device"], "device", max_chars=v.DEVICE_MAX_CHARS),
+            code=v.optional_text(body["code"], "code", max_chars=v.CODE_MAX_CHARS),
+            long_lived=v.boolean(body["long_lived"], "long_lived"),
+            client=_client(request),
         )
         return JSONResponse(_session_json(session))
 
@@ -146,6 +213,54 @@ class _Api:
     async def account(self, request: Request) -> Response:
         account = await self._meta.account(await self._account_id(request))
         return JSONResponse(_account_json(account))
+
+    async def totp_setup(self, request: Request) -> Response:
+        caller = await self._caller(request)
+        return JSONResponse({"secret": await self._auth.begin_totp(caller)})
+
+    async def totp_enable(self, request: Request) -> Response:
+        caller = await self._caller(request)
+        body = v.exact_fields(await v.read_json(request), ("code",), "body")
+        codes = await self._auth.enable_totp(
+            caller, v.text(body["code"], "code", max_chars=v.CODE_MAX_CHARS), _client(request))
+        return JSONResponse({"recovery_codes": codes})
+
+    async def sessions(self, request: Request) -> Response:
+        caller = await self._caller(request)
+        rows = await self._auth.sessions(caller)
+        return JSONResponse({"sessions": [_session_info_json(row, caller) for row in rows]})
+
+    async def revoke_other_sessions(self, request: Request) -> Response:
+        caller = await self._caller(request)
+        return JSONResponse({"revoked": await self._auth.revoke_other_sessions(caller)})
+
+    async def revoke_session(self, request: Request) -> Response:
+        caller = await self._caller(request)
+        session_id = request.path_params["id"]
+        if not SESSION_ID_RE.fullmatch(session_id):
+            raise InvalidRequest("the session id in the path must be 16 lowercase hex digits")
+        await self._auth.revoke_session(caller, session_id)
+        return Response(status_code=204)
+
+    async def change_password(self, request: Request) -> Response:
+        caller = await self._caller(request)
+        body = v.exact_fields(await v.read_json(request),
+                              ("old_auth_secret", "kdf", "auth_secret", "keyblob"), "body")
+        await self._auth.change_password(
+            caller, _auth_secret(body["old_auth_secret"], "old_auth_secret"),
+            check_kdf(body["kdf"]), _auth_secret(body["auth_secret"]),
+            _keyblob(body["keyblob"]), _client(request))
+        return Response(status_code=204)
+
+    async def set_recovery_key(self, request: Request) -> Response:
+        caller = await self._caller(request)
+        body = v.exact_fields(await v.read_json(request),
+                              ("auth_secret", "recovery_auth", "keyblob"), "body")
+        await self._auth.set_recovery_key(
+            caller, _auth_secret(body["auth_secret"]),
+            _auth_secret(body["recovery_auth"], "recovery_auth"), _keyblob(body["keyblob"]),
+            _client(request))
+        return Response(status_code=204)
 
     async def get_node(self, request: Request) -> Response:
         account_id = await self._account_id(request)
@@ -241,8 +356,18 @@ def _path_chunk_id(request: Request) -> str:
     return v.chunk_id(request.path_params["id"], "the chunk id in the path")
 
 
-def _auth_secret(value: Any) -> bytes:
-    return v.blob(value, "auth_secret", min_bytes=AUTH_SECRET_BYTES, max_bytes=AUTH_SECRET_BYTES)
+def _auth_secret(value: Any, what: str = "auth_secret") -> bytes:
+    return v.blob(value, what, min_bytes=AUTH_SECRET_BYTES, max_bytes=AUTH_SECRET_BYTES)
+
+
+def _keyblob(value: Any) -> bytes:
+    return v.blob(value, "keyblob", min_bytes=1, max_bytes=v.KEYBLOB_MAX_BYTES)
+
+
+def _client(request: Request) -> str:
+    """The client's address (the proxy's X-Forwarded-For entry when the
+    server runs with ``behind_proxy``), which failed logins count against."""
+    return request.client.host if request.client else "unknown"
 
 
 def _account_json(account: AccountRow) -> dict[str, Any]:
@@ -261,6 +386,12 @@ def _session_json(session: NewSession) -> dict[str, Any]:
             "account": _account_json(session.account)}
 
 
+def _session_info_json(row: SessionRow, caller: Caller) -> dict[str, Any]:
+    return {"id": row.id, "device": row.device, "created": row.created,
+            "last_seen": row.last_seen, "expires": row.expires,
+            "current": row.id == caller.session_id}
+
+
 def _node_json(node: NodeRow) -> dict[str, Any]:
     return {
         "id": node.id,
@@ -274,7 +405,11 @@ def _node_json(node: NodeRow) -> dict[str, Any]:
 
 async def _megafs_error(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, MegafsError)
-    headers = {"WWW-Authenticate": "Bearer"} if isinstance(exc, AuthFailed) else None
+    headers = None
+    if isinstance(exc, AuthFailed):
+        headers = {"WWW-Authenticate": "Bearer"}
+    elif isinstance(exc, RateLimited):
+        headers = {"Retry-After": str(exc.retry_after)}
     return JSONResponse({"error": exc.code, "detail": exc.detail}, status_code=exc.http_status,
                         headers=headers)
 
@@ -285,6 +420,16 @@ async def _http_error(request: Request, exc: Exception) -> Response:
     code = NotFound.code if exc.status_code == 404 else InvalidRequest.code
     return JSONResponse({"error": code, "detail": exc.detail}, status_code=exc.status_code,
                         headers=exc.headers)
+
+
+_UNLOGGABLE_RE = re.compile(r"[\x00-\x20\x7f-\x9f]")
+_LOGGED_PATH_CHARS = 200
+
+
+def _loggable(path: str) -> str:
+    """A client-chosen path fit for one log line: no control characters or
+    spaces (no forged lines or fields), bounded."""
+    return _UNLOGGABLE_RE.sub("?", path[:_LOGGED_PATH_CHARS])
 
 
 Handler = Callable[[Request], Awaitable[Response]]
@@ -311,8 +456,9 @@ class _Resource:
 class _Boundary:
     """The outermost layer of every request:
 
-    - one INFO line per request (method, path, status, time), never headers
-      or bodies (tokens, auth secrets);
+    - one INFO line per request, as ``key=value`` pairs (method, path,
+      status, milliseconds, client address), never headers, query strings
+      or bodies (tokens, auth secrets, codes, emails);
     - the last resort for unexpected exceptions: logged with their
       traceback, answered with a 500 that reveals nothing;
     - a request body the app left unread (it answered early: 401, 413, a bad
@@ -369,5 +515,7 @@ class _Boundary:
                 await JSONResponse({"error": MegafsError.code, "detail": "internal server error"},
                                    status_code=500)(scope, receive_and_note, send_and_note)
         finally:
-            log.info("%s %s %s %.0f ms", scope["method"], scope["path"], status or "-",
-                     (trio.current_time() - started) * 1000)
+            client = scope.get("client") or ("-",)
+            log.info("request method=%s path=%s status=%s ms=%.0f client=%s", scope["method"],
+                     _loggable(scope["path"]), status or "-",
+                     (trio.current_time() - started) * 1000, client[0])

@@ -1,4 +1,5 @@
-"""Garbage collection: chunks no node uses any more, and expired sessions.
+"""Garbage collection: chunks no node uses any more, expired sessions and
+stale failed-login counts.
 
 A chunk is uploaded before the node that uses it is committed, and a
 replaced or deleted node may leave chunks behind. A chunk that no node
@@ -11,6 +12,7 @@ from __future__ import annotations
 
 import logging
 
+from megafs.server.auth import DEFAULT_LIMITS
 from megafs.server.chunks import ChunkStore
 from megafs.server.metadata import MetadataStore
 from megafs.wire import CHUNK_GRACE_SECONDS
@@ -42,6 +44,8 @@ async def collect_garbage(meta: MetadataStore, chunks: ChunkStore, *, now: float
         if len(candidates) < _BATCH:
             break
     sessions = await meta.purge_sessions(now=int(now))
+    # A count this old would start from zero at the next failure anyway.
+    await meta.purge_throttle(before=int(now) - DEFAULT_LIMITS.forget_seconds)
     if removed or sessions:
         log.info("garbage collection: %d chunks and %d expired sessions deleted",
                  removed, sessions)

@@ -41,14 +41,18 @@ __all__ = [
     "MissingReference",
     "NodeRow",
     "NodeWrite",
+    "RecoveryRow",
     "SQLiteMetadataStore",
+    "SessionRow",
+    "TotpRow",
 ]
 
 T = TypeVar("T")
 
 #: Bumped when the schema below changes incompatibly; a store refuses a
-#: database written by a newer server instead of misreading it.
-SCHEMA_VERSION = 1
+#: database written by a newer server instead of misreading it, and brings
+#: an older one up to date with ``_MIGRATIONS``.
+SCHEMA_VERSION = 2
 
 #: A session's ``last_seen`` is rewritten at most this often, so an active
 #: client does not turn every read into a database write.
@@ -99,6 +103,40 @@ class NodeRow:
 
 
 @dataclass(frozen=True)
+class SessionRow:
+    """A live session. ``id`` is its public name (listings, revocation);
+    the token itself is never stored."""
+
+    id: str
+    account_id: int
+    device: str
+    created: int
+    last_seen: int
+    expires: int
+
+
+@dataclass(frozen=True)
+class TotpRow:
+    """An account's TOTP state: ``enabled`` False while a secret waits for
+    its first code; ``last_step`` is the newest time step a code was
+    accepted for (codes of that step or older are refused)."""
+
+    secret: bytes
+    enabled: bool
+    last_step: int
+
+
+@dataclass(frozen=True)
+class RecoveryRow:
+    """What a recovery key unlocks, found by email in one query (so an
+    unknown email costs the same work as a known one)."""
+
+    account_id: int
+    auth_hash: bytes
+    keyblob: bytes
+
+
+@dataclass(frozen=True)
 class NodeWrite:
     """A validated ``PUT /nodes/{id}`` body."""
 
@@ -144,22 +182,109 @@ class MetadataStore(ABC):
         """Raises NotFound if the account does not exist."""
 
     @abstractmethod
-    async def add_session(
-        self, token_hash: bytes, account_id: int, device: str, *, now: int, expires: int
-    ) -> None: ...
+    async def set_password(
+        self, account_id: int, kdf: dict[str, Any], auth_hash: bytes, keyblob: bytes, *,
+        keep_session: str | None,
+    ) -> int:
+        """Replace the password's parameters, auth hash and keyblob, and end
+        every session but ``keep_session``, together; returns how many
+        sessions ended."""
 
     @abstractmethod
-    async def session_account(self, token_hash: bytes, *, now: int) -> int | None:
-        """The account of a live session (refreshing its ``last_seen``), or
+    async def add_session(
+        self, token_hash: bytes, session_id: str, account_id: int, device: str, *, now: int,
+        idle_seconds: int,
+    ) -> int:
+        """Open a session that expires ``idle_seconds`` after its last use;
+        returns its expiry."""
+
+    @abstractmethod
+    async def session(self, token_hash: bytes, *, now: int) -> SessionRow | None:
+        """A live session (its ``last_seen`` and expiry pushed forward), or
         None if there is no such session or it has expired."""
+
+    @abstractmethod
+    async def list_sessions(self, account_id: int, *, now: int) -> list[SessionRow]:
+        """The account's live sessions, in the order they were opened."""
 
     @abstractmethod
     async def delete_session(self, token_hash: bytes) -> bool:
         """Returns whether the session existed."""
 
     @abstractmethod
+    async def revoke_session(self, account_id: int, session_id: str) -> bool:
+        """End one of the account's sessions by id; returns whether it existed."""
+
+    @abstractmethod
+    async def revoke_other_sessions(self, account_id: int, keep_session: str) -> int:
+        """End every session of the account but one; returns how many."""
+
+    @abstractmethod
     async def purge_sessions(self, *, now: int) -> int:
         """Delete expired sessions; returns how many."""
+
+    # -- second factor and recovery ---------------------------------------------
+
+    @abstractmethod
+    async def totp(self, account_id: int) -> TotpRow | None: ...
+
+    @abstractmethod
+    async def begin_totp(self, account_id: int, secret: bytes) -> None:
+        """Store a new secret waiting for its first code (replacing any
+        earlier waiting one). Raises AlreadyExists if 2FA is on."""
+
+    @abstractmethod
+    async def enable_totp(
+        self, account_id: int, secret: bytes, step: int, code_hashes: Sequence[bytes]
+    ) -> bool:
+        """Turn 2FA on if ``secret`` is still the one waiting (the first
+        code was checked against it), with ``step`` as used, replacing the
+        recovery codes; returns whether it did."""
+
+    @abstractmethod
+    async def use_totp_step(self, account_id: int, step: int) -> bool:
+        """Mark ``step`` as used if it is newer than the last one used;
+        returns whether it was (False: a replayed or older code)."""
+
+    @abstractmethod
+    async def use_recovery_code(self, account_id: int, code_hash: bytes) -> bool:
+        """Spend a recovery code; returns whether it was there to spend."""
+
+    @abstractmethod
+    async def disable_totp(self, account_id: int) -> None:
+        """Forget the TOTP secret and the recovery codes."""
+
+    @abstractmethod
+    async def set_recovery_key(
+        self, account_id: int, auth_hash: bytes, keyblob: bytes, *, now: int
+    ) -> None:
+        """Store (or replace) the master key's wrap under a recovery key."""
+
+    @abstractmethod
+    async def recovery_by_email(self, email: str) -> RecoveryRow | None: ...
+
+    # -- failed attempts ------------------------------------------------------------
+
+    @abstractmethod
+    async def throttle_wait(self, keys: Sequence[str], *, now: int) -> int:
+        """Seconds until none of ``keys`` is locked out (0: none is)."""
+
+    @abstractmethod
+    async def throttle_failure(
+        self, key: str, *, now: int, forget_after: int, lock_seconds: Callable[[int], int]
+    ) -> None:
+        """Count a failed attempt for ``key`` (counting from zero again if
+        the last one is over ``forget_after`` seconds old) and lock it out
+        for ``lock_seconds(failures)`` seconds."""
+
+    @abstractmethod
+    async def throttle_clear(self, key: str) -> None:
+        """Forget the failed attempts of ``key`` (after a success)."""
+
+    @abstractmethod
+    async def purge_throttle(self, *, before: int) -> int:
+        """Forget keys whose last failure is older than ``before`` and that
+        are not locked out; returns how many."""
 
     # -- nodes --------------------------------------------------------------------
 
@@ -255,9 +380,52 @@ CREATE TABLE IF NOT EXISTS sessions (
     device     TEXT NOT NULL,       -- label the client gave at login
     created    INTEGER NOT NULL,
     last_seen  INTEGER NOT NULL,    -- last use, to within LAST_SEEN_RESOLUTION seconds
-    expires    INTEGER NOT NULL     -- the token is refused from this time on
+    expires    INTEGER NOT NULL,    -- the token is refused from this time on; pushed to
+                                    -- last_seen + idle_seconds on use
+    id           TEXT NOT NULL,     -- 16 random hex digits: the session's public name
+    idle_seconds INTEGER NOT NULL   -- how long the session lives unused
 );
 CREATE INDEX IF NOT EXISTS sessions_expires ON sessions(expires);
+CREATE UNIQUE INDEX IF NOT EXISTS sessions_id ON sessions(id);
+CREATE INDEX IF NOT EXISTS sessions_account ON sessions(account_id);
+
+-- Two-factor authentication (TOTP, RFC 6238). The server must hold the
+-- secret to check codes: TOTP guards against a stolen password, not against
+-- the server.
+CREATE TABLE IF NOT EXISTS totp (
+    account_id INTEGER PRIMARY KEY REFERENCES accounts(id),
+    secret     BLOB NOT NULL,       -- the authenticator app's key (random bytes)
+    enabled    INTEGER NOT NULL,    -- 0: waiting for a first code; 1: required at login
+    last_step  INTEGER NOT NULL     -- newest time step (Unix seconds // 30) a code was
+                                    -- accepted for; that step and older are refused
+);
+
+-- Single-use codes that stand in for a TOTP code; a spent code is deleted.
+CREATE TABLE IF NOT EXISTS recovery_codes (
+    account_id INTEGER NOT NULL REFERENCES accounts(id),
+    code_hash  BLOB NOT NULL,       -- SHA-256 of the code (80 random bits)
+    PRIMARY KEY (account_id, code_hash)
+);
+
+-- The master key's second wrap, under a key derived from a recovery key
+-- only the user holds.
+CREATE TABLE IF NOT EXISTS recovery_keys (
+    account_id INTEGER PRIMARY KEY REFERENCES accounts(id),
+    auth_hash  BLOB NOT NULL,       -- SHA-256 of the recovery auth secret (another HKDF
+                                    -- output of the recovery key): proves the key
+    keyblob    BLOB NOT NULL,       -- sealed by the client (opaque)
+    created    INTEGER NOT NULL
+);
+
+-- Failed logins (and code or password proofs) per account and per client
+-- address, shared by every server process on this database.
+CREATE TABLE IF NOT EXISTS throttle (
+    key          TEXT PRIMARY KEY,  -- 'account:' + keyed hash of the email (no email is
+                                    -- stored, known or not), or 'address:' + address
+    failures     INTEGER NOT NULL,  -- failed attempts in a row
+    last_failure INTEGER NOT NULL,  -- Unix seconds
+    locked_until INTEGER NOT NULL   -- attempts are refused (429) until then
+);
 
 -- Files and folders. The server never learns which is which, nor any name.
 CREATE TABLE IF NOT EXISTS nodes (
@@ -299,7 +467,18 @@ CREATE TABLE IF NOT EXISTS node_chunks (
 CREATE INDEX IF NOT EXISTS node_chunks_chunk ON node_chunks(account_id, chunk_id);
 """
 
+#: From one schema version to the next, run before ``_SCHEMA`` (whose
+#: ``IF NOT EXISTS`` statements then add what is new).
+_MIGRATIONS = {
+    2: """
+    ALTER TABLE sessions ADD COLUMN id TEXT NOT NULL DEFAULT '';
+    ALTER TABLE sessions ADD COLUMN idle_seconds INTEGER NOT NULL DEFAULT 2592000;
+    UPDATE sessions SET id = lower(hex(randomblob(8)));
+    """,
+}
+
 _NODE_BYTES = "length(meta) + coalesce(length(content), 0)"
+_SESSION_COLUMNS = "id, account_id, device, created, last_seen, expires"
 _ACCOUNT_COLUMNS = "id, email, kdf, auth_hash, keyblob, root_id, quota, used"
 
 
@@ -338,27 +517,41 @@ class SQLiteMetadataStore(MetadataStore):
             self._db.execute("PRAGMA foreign_keys=ON")
             # Another process (an offline maintenance run) may hold the lock briefly.
             self._db.execute("PRAGMA busy_timeout=10000")
-            self._db.executescript(f"BEGIN IMMEDIATE;{_SCHEMA}COMMIT;")
+            version = self._stored_version()
+            migrations = "".join(_MIGRATIONS[v] for v in range(version + 1, SCHEMA_VERSION + 1)
+                                 if version)
+            self._db.executescript(f"BEGIN IMMEDIATE;{migrations}{_SCHEMA}COMMIT;")
             self._secret = self._init_config()
         except BaseException:
             self._db.close()
             raise
         self._limiter = trio.CapacityLimiter(1)
 
+    def _stored_version(self) -> int:
+        """The schema version of the database (0: a new one). Raises
+        DatabaseError for one written by a newer server."""
+        if not self._db.execute("SELECT 1 FROM sqlite_master WHERE type = 'table'"
+                                " AND name = 'server_config'").fetchone():
+            return 0
+        row = self._db.execute(
+            "SELECT value FROM server_config WHERE key = 'schema_version'").fetchone()
+        version = int(row[0]) if row else 0
+        if version > SCHEMA_VERSION:
+            raise sqlite3.DatabaseError(
+                f"the database has schema version {version}; this server knows "
+                f"{SCHEMA_VERSION} at most")
+        return version
+
     def _init_config(self) -> bytes:
         with self._transaction() as db:
             config = dict(db.execute("SELECT key, value FROM server_config").fetchall())
-            version = int(config.get("schema_version", SCHEMA_VERSION))
-            if version > SCHEMA_VERSION:
-                raise sqlite3.DatabaseError(
-                    f"the database has schema version {version}; this server knows "
-                    f"{SCHEMA_VERSION} at most")
             if "secret" not in config:
                 config["secret"] = secrets.token_hex(32)
-                db.executemany(
-                    "INSERT INTO server_config (key, value) VALUES (?, ?)",
-                    [("secret", config["secret"]), ("schema_version", str(SCHEMA_VERSION))],
-                )
+                db.execute("INSERT INTO server_config (key, value) VALUES ('secret', ?)",
+                           (config["secret"],))
+            db.execute("INSERT INTO server_config (key, value) VALUES ('schema_version', ?)"
+                       " ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+                       (str(SCHEMA_VERSION),))
         return bytes.fromhex(config["secret"])
 
     @contextmanager
@@ -433,37 +626,179 @@ class SQLiteMetadataStore(MetadataStore):
             raise NotFound("no such account")
         return _account_row(row)
 
-    async def add_session(
-        self, token_hash: bytes, account_id: int, device: str, *, now: int, expires: int
-    ) -> None:
-        await self._run(lambda db: db.execute(
-            "INSERT INTO sessions (token_hash, account_id, device, created, last_seen, expires)"
-            " VALUES (?, ?, ?, ?, ?, ?)",
-            (token_hash, account_id, device, now, now, expires),
-        ))
+    async def set_password(
+        self, account_id: int, kdf: dict[str, Any], auth_hash: bytes, keyblob: bytes, *,
+        keep_session: str | None,
+    ) -> int:
+        def change(db: sqlite3.Connection) -> int:
+            if not db.execute("UPDATE accounts SET kdf = ?, auth_hash = ?, keyblob = ?"
+                              " WHERE id = ?",
+                              (json.dumps(kdf), auth_hash, keyblob, account_id)).rowcount:
+                raise NotFound("no such account")
+            return int(db.execute(
+                "DELETE FROM sessions WHERE account_id = ? AND id IS NOT ?",
+                (account_id, keep_session)).rowcount)
 
-    async def session_account(self, token_hash: bytes, *, now: int) -> int | None:
-        def lookup(db: sqlite3.Connection) -> int | None:
+        return await self._run(change)
+
+    async def add_session(
+        self, token_hash: bytes, session_id: str, account_id: int, device: str, *, now: int,
+        idle_seconds: int,
+    ) -> int:
+        expires = now + idle_seconds
+        await self._run(lambda db: db.execute(
+            "INSERT INTO sessions (token_hash, account_id, device, created, last_seen, expires,"
+            " id, idle_seconds) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+            (token_hash, account_id, device, now, now, expires, session_id, idle_seconds),
+        ))
+        return expires
+
+    async def session(self, token_hash: bytes, *, now: int) -> SessionRow | None:
+        def lookup(db: sqlite3.Connection) -> SessionRow | None:
             row = db.execute(
-                "SELECT account_id, last_seen FROM sessions WHERE token_hash = ? AND expires > ?",
+                f"SELECT {_SESSION_COLUMNS} FROM sessions WHERE token_hash = ? AND expires > ?",
                 (token_hash, now),
             ).fetchone()
             if row is None:
                 return None
-            if now - row[1] >= LAST_SEEN_RESOLUTION:
-                db.execute("UPDATE sessions SET last_seen = ? WHERE token_hash = ?",
-                           (now, token_hash))
-            return int(row[0])
+            if now - row[4] >= LAST_SEEN_RESOLUTION:
+                row = db.execute(
+                    "UPDATE sessions SET last_seen = ?, expires = ? + idle_seconds"
+                    f" WHERE token_hash = ? RETURNING {_SESSION_COLUMNS}",
+                    (now, now, token_hash)).fetchone()
+            return SessionRow(*row)
 
         return await self._run(lookup)
+
+    async def list_sessions(self, account_id: int, *, now: int) -> list[SessionRow]:
+        return await self._run(lambda db: [SessionRow(*row) for row in db.execute(
+            f"SELECT {_SESSION_COLUMNS} FROM sessions WHERE account_id = ? AND expires > ?"
+            " ORDER BY created, rowid", (account_id, now))])
 
     async def delete_session(self, token_hash: bytes) -> bool:
         return await self._run(lambda db: db.execute(
             "DELETE FROM sessions WHERE token_hash = ?", (token_hash,)).rowcount > 0)
 
+    async def revoke_session(self, account_id: int, session_id: str) -> bool:
+        return await self._run(lambda db: db.execute(
+            "DELETE FROM sessions WHERE account_id = ? AND id = ?",
+            (account_id, session_id)).rowcount > 0)
+
+    async def revoke_other_sessions(self, account_id: int, keep_session: str) -> int:
+        return await self._run(lambda db: int(db.execute(
+            "DELETE FROM sessions WHERE account_id = ? AND id != ?",
+            (account_id, keep_session)).rowcount))
+
     async def purge_sessions(self, *, now: int) -> int:
         return await self._run(lambda db: db.execute(
             "DELETE FROM sessions WHERE expires <= ?", (now,)).rowcount)
+
+    # -- second factor and recovery ---------------------------------------------
+
+    async def totp(self, account_id: int) -> TotpRow | None:
+        def get(db: sqlite3.Connection) -> TotpRow | None:
+            row = db.execute("SELECT secret, enabled, last_step FROM totp WHERE account_id = ?",
+                             (account_id,)).fetchone()
+            return None if row is None else TotpRow(bytes(row[0]), bool(row[1]), row[2])
+
+        return await self._run(get)
+
+    async def begin_totp(self, account_id: int, secret: bytes) -> None:
+        def begin(db: sqlite3.Connection) -> None:
+            if db.execute("SELECT 1 FROM totp WHERE account_id = ? AND enabled = 1",
+                          (account_id,)).fetchone():
+                raise AlreadyExists("two-factor authentication is already on")
+            db.execute("INSERT INTO totp (account_id, secret, enabled, last_step)"
+                       " VALUES (?, ?, 0, 0) ON CONFLICT (account_id) DO UPDATE"
+                       " SET secret = excluded.secret, last_step = 0", (account_id, secret))
+
+        await self._run(begin)
+
+    async def enable_totp(
+        self, account_id: int, secret: bytes, step: int, code_hashes: Sequence[bytes]
+    ) -> bool:
+        def enable(db: sqlite3.Connection) -> bool:
+            if not db.execute("UPDATE totp SET enabled = 1, last_step = ? WHERE account_id = ?"
+                              " AND enabled = 0 AND secret = ?",
+                              (step, account_id, secret)).rowcount:
+                return False
+            db.execute("DELETE FROM recovery_codes WHERE account_id = ?", (account_id,))
+            db.executemany("INSERT INTO recovery_codes (account_id, code_hash) VALUES (?, ?)",
+                           ((account_id, code_hash) for code_hash in code_hashes))
+            return True
+
+        return await self._run(enable)
+
+    async def use_totp_step(self, account_id: int, step: int) -> bool:
+        return await self._run(lambda db: db.execute(
+            "UPDATE totp SET last_step = ? WHERE account_id = ? AND enabled = 1"
+            " AND last_step < ?", (step, account_id, step)).rowcount > 0)
+
+    async def use_recovery_code(self, account_id: int, code_hash: bytes) -> bool:
+        return await self._run(lambda db: db.execute(
+            "DELETE FROM recovery_codes WHERE account_id = ? AND code_hash = ?",
+            (account_id, code_hash)).rowcount > 0)
+
+    async def disable_totp(self, account_id: int) -> None:
+        def disable(db: sqlite3.Connection) -> None:
+            db.execute("DELETE FROM totp WHERE account_id = ?", (account_id,))
+            db.execute("DELETE FROM recovery_codes WHERE account_id = ?", (account_id,))
+
+        await self._run(disable)
+
+    async def set_recovery_key(
+        self, account_id: int, auth_hash: bytes, keyblob: bytes, *, now: int
+    ) -> None:
+        await self._run(lambda db: db.execute(
+            "INSERT INTO recovery_keys (account_id, auth_hash, keyblob, created)"
+            " VALUES (?, ?, ?, ?) ON CONFLICT (account_id) DO UPDATE"
+            " SET auth_hash = excluded.auth_hash, keyblob = excluded.keyblob,"
+            " created = excluded.created", (account_id, auth_hash, keyblob, now)))
+
+    async def recovery_by_email(self, email: str) -> RecoveryRow | None:
+        def find(db: sqlite3.Connection) -> RecoveryRow | None:
+            row = db.execute(
+                "SELECT r.account_id, r.auth_hash, r.keyblob FROM accounts a"
+                " JOIN recovery_keys r ON r.account_id = a.id WHERE a.email = ?", (email,),
+            ).fetchone()
+            return None if row is None else RecoveryRow(row[0], bytes(row[1]), bytes(row[2]))
+
+        return await self._run(find)
+
+    # -- failed attempts ------------------------------------------------------------
+
+    async def throttle_wait(self, keys: Sequence[str], *, now: int) -> int:
+        def wait(db: sqlite3.Connection) -> int:
+            row = db.execute(
+                f"SELECT max(locked_until) FROM throttle WHERE key IN"
+                f" ({', '.join('?' * len(keys))})", tuple(keys)).fetchone()
+            return max(0, (row[0] or 0) - now)
+
+        return await self._run(wait)
+
+    async def throttle_failure(
+        self, key: str, *, now: int, forget_after: int, lock_seconds: Callable[[int], int]
+    ) -> None:
+        def fail(db: sqlite3.Connection) -> None:
+            row = db.execute("SELECT failures, last_failure FROM throttle WHERE key = ?",
+                             (key,)).fetchone()
+            failures = 1 if row is None or now - row[1] > forget_after else row[0] + 1
+            db.execute(
+                "INSERT INTO throttle (key, failures, last_failure, locked_until)"
+                " VALUES (?, ?, ?, ?) ON CONFLICT (key) DO UPDATE SET"
+                " failures = excluded.failures, last_failure = excluded.last_failure,"
+                " locked_until = excluded.locked_until",
+                (key, failures, now, now + lock_seconds(failures)))
+
+        await self._run(fail)
+
+    async def throttle_clear(self, key: str) -> None:
+        await self._run(lambda db: db.execute("DELETE FROM throttle WHERE key = ?", (key,)))
+
+    async def purge_throttle(self, *, before: int) -> int:
+        return await self._run(lambda db: int(db.execute(
+            "DELETE FROM throttle WHERE last_failure < ? AND locked_until < ?",
+            (before, before)).rowcount))
 
     # -- nodes --------------------------------------------------------------------
 

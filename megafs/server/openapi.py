@@ -19,7 +19,10 @@ from megafs.errors import (
     MegafsError,
     NotEmpty,
     NotFound,
+    PermissionDenied,
     QuotaExceeded,
+    RateLimited,
+    SecondFactorRequired,
     TooLarge,
     VersionConflict,
 )
@@ -35,6 +38,10 @@ from megafs.wire import (
     MAX_META_BYTES,
     MAX_MISSING_IDS,
     NODE_ID_RE,
+    RECOVERY_CODE_RE,
+    RECOVERY_CODES,
+    SESSION_ID_RE,
+    TOTP_SECRET_BYTES,
 )
 
 __all__ = ["openapi_document"]
@@ -89,13 +96,22 @@ _DEVICE = {"type": "string", "maxLength": v.DEVICE_MAX_CHARS, "pattern": v.TEXT_
            "description": "a label for the session, e.g. the host name"}
 _AUTH_SECRET = _b64(AUTH_SECRET_BYTES, AUTH_SECRET_BYTES,
                     "proof of the password, derived by the client (Argon2id + HKDF)")
+_RECOVERY_AUTH = _b64(AUTH_SECRET_BYTES, AUTH_SECRET_BYTES,
+                      "proof of the recovery key, derived by the client (HKDF)")
+_KEYBLOB = _b64(1, v.KEYBLOB_MAX_BYTES, "the master key sealed by the client")
+_CODE = {"type": "string", "maxLength": v.CODE_MAX_CHARS, "pattern": v.TEXT_PATTERN,
+         "description": "a TOTP code or a recovery code"}
+_LONG_LIVED = {"type": "boolean",
+               "description": "a session for a remembered device or a mount: it expires "
+                              "only after a long time unused"}
 
 _SCHEMAS: dict[str, Any] = {
     "Error": _object({
         "error": {"type": "string", "enum": sorted({
             MegafsError.code, NotFound.code, AlreadyExists.code, NotEmpty.code,
             VersionConflict.code, AuthFailed.code, InvalidRequest.code, TooLarge.code,
-            QuotaExceeded.code,
+            QuotaExceeded.code, SecondFactorRequired.code, RateLimited.code,
+            PermissionDenied.code,
         })},
         "detail": {"type": "string"},
     }),
@@ -107,7 +123,7 @@ _SCHEMAS: dict[str, Any] = {
     "Account": _object({
         "email": {"type": "string"},
         "kdf": _ref("Kdf"),
-        "keyblob": _b64(1, v.KEYBLOB_MAX_BYTES, "the master key sealed by the client"),
+        "keyblob": _KEYBLOB,
         "root_id": _NODE_ID,
         "quota": _int(),
         "used": _int(),
@@ -117,6 +133,14 @@ _SCHEMAS: dict[str, Any] = {
                   "description": "bearer token for the Authorization header"},
         "expires": {"type": "integer", "description": "Unix seconds"},
         "account": _ref("Account"),
+    }),
+    "SessionInfo": _object({
+        "id": {"type": "string", "pattern": SESSION_ID_RE.pattern},
+        "device": _DEVICE,
+        "created": _int(),
+        "last_seen": _int(),
+        "expires": _int(),
+        "current": {"type": "boolean", "description": "the session that asked"},
     }),
     "Node": _object({
         "id": _NODE_ID,
@@ -141,13 +165,21 @@ def _body(schema: dict[str, Any], limit: int = MAX_JSON_BYTES) -> dict[str, Any]
 
 _ERROR_TEXT = {
     400: "malformed request, or refused by the protocol's rules",
-    401: "missing, unknown or expired session, or wrong credentials",
-    404: "no such node or chunk in this account",
+    401: "missing, unknown or expired session, or wrong credentials (code "
+         "second_factor_required: right password, a two-factor code is needed)",
+    403: "wrong two-factor code or password proof",
+    404: "no such node, chunk or session in this account",
     409: "already exists, version conflict, folder not empty, or (code not_found) a "
          "referenced parent or chunk is not stored",
     413: "request body too large",
+    429: "too many failed attempts; see the Retry-After header",
     507: "quota exceeded",
 }
+
+
+def _optional(schema: dict[str, Any], **optional: Any) -> dict[str, Any]:
+    """``schema`` (an object) with further properties that may be left out."""
+    return {**schema, "properties": {**schema["properties"], **optional}}
 
 
 def _op(operation_id: str, summary: str, responses: dict[int, dict[str, Any]], *,
@@ -194,17 +226,72 @@ def openapi_document() -> dict[str, Any]:
     signup = _op(
         "signup", "create an account and its root folder; a repeated identical signup logs in",
         {201: {"description": "created and logged in", **_json(_ref("Session"))}},
-        errors=(400, 409, 413, 507), auth=False, body=_body(_object({
+        errors=(400, 409, 413, 507), auth=False, body=_body(_optional(_object({
             "email": _EMAIL, "kdf": _ref("Kdf"), "auth_secret": _AUTH_SECRET,
-            "keyblob": _b64(1, v.KEYBLOB_MAX_BYTES, "the master key sealed by the client"),
+            "keyblob": _KEYBLOB,
             "root": _object({"id": _NODE_ID,
                              "meta": _b64(0, MAX_META_BYTES, "sealed root record")}),
             "device": _DEVICE,
-        })))
+        }), long_lived=_LONG_LIVED)))
     login = _op(
-        "login", "open a session", {200: {"description": "logged in", **_json(_ref("Session"))}},
-        errors=(400, 401, 413), auth=False,
-        body=_body(_object({"email": _EMAIL, "auth_secret": _AUTH_SECRET, "device": _DEVICE})))
+        "login", "open a session (with a two-factor code if the account has 2FA)",
+        {200: {"description": "logged in", **_json(_ref("Session"))}},
+        errors=(400, 401, 413, 429), auth=False,
+        body=_body(_optional(_object({
+            "email": _EMAIL, "auth_secret": _AUTH_SECRET, "device": _DEVICE}),
+            code={**_CODE, "nullable": True}, long_lived=_LONG_LIVED)))
+    totp_setup = _op(
+        "totpSetup", "a new TOTP secret, waiting for a first code (/2fa/enable)",
+        {200: {"description": "the secret", **_json(_object({"secret": {
+            "type": "string", "pattern": f"^[A-Z2-7]{{{-(-TOTP_SECRET_BYTES * 8 // 5)}}}$",
+            "description": "base32, for the authenticator app"}}))}},
+        errors=(409,))
+    totp_enable = _op(
+        "totpEnable", "turn two-factor authentication on with a first code",
+        {200: {"description": "on; the single-use recovery codes (shown once)",
+               **_json(_object({"recovery_codes": {
+                   "type": "array", "minItems": RECOVERY_CODES, "maxItems": RECOVERY_CODES,
+                   "items": {"type": "string", "pattern": RECOVERY_CODE_RE.pattern}}}))}},
+        errors=(400, 403, 404, 409, 413, 429), body=_body(_object({"code": _CODE})))
+    totp_disable = _op(
+        "totpDisable", "turn two-factor authentication off (password and a code)",
+        {204: {"description": "off"}}, errors=(400, 401, 404, 413, 429), auth=False,
+        body=_body(_object({"email": _EMAIL, "auth_secret": _AUTH_SECRET, "code": _CODE})))
+    sessions = _op(
+        "listSessions", "the account's sessions", {200: {
+            "description": "oldest first", **_json(_object({
+                "sessions": {"type": "array", "items": _ref("SessionInfo")}}))}}, errors=())
+    revoke_others = _op(
+        "revokeOtherSessions", "end every session of the account but this one",
+        {200: {"description": "how many ended", **_json(_object({"revoked": _int()}))}},
+        errors=())
+    revoke = _op(
+        "revokeSession", "end one of the account's sessions", {204: no_content},
+        errors=(400, 404), parameters=_id_param({"type": "string",
+                                                "pattern": SESSION_ID_RE.pattern}))
+    password = _op(
+        "changePassword",
+        "new password parameters, proof and keyblob; ends every other session",
+        {204: no_content}, errors=(400, 403, 413, 429), body=_body(_object({
+            "old_auth_secret": _AUTH_SECRET, "kdf": _ref("Kdf"), "auth_secret": _AUTH_SECRET,
+            "keyblob": _KEYBLOB})))
+    recovery = _op(
+        "setRecoveryKey", "store the master key's wrap under a recovery key",
+        {204: no_content}, errors=(400, 403, 413, 429), body=_body(_object({
+            "auth_secret": _AUTH_SECRET, "recovery_auth": _RECOVERY_AUTH,
+            "keyblob": _KEYBLOB})))
+    recovery_start = _op(
+        "recoveryStart", "the master key's wrap under the recovery key",
+        {200: {"description": "the wrap", **_json(_object({"keyblob": _KEYBLOB}))}},
+        errors=(400, 401, 413, 429), auth=False,
+        body=_body(_object({"email": _EMAIL, "recovery_auth": _RECOVERY_AUTH})))
+    recovery_finish = _op(
+        "recoveryFinish", "set a new password with the recovery key; ends every session",
+        {200: {"description": "logged in", **_json(_ref("Session"))}},
+        errors=(400, 401, 413, 429), auth=False, body=_body(_optional(_object({
+            "email": _EMAIL, "recovery_auth": _RECOVERY_AUTH, "kdf": _ref("Kdf"),
+            "auth_secret": _AUTH_SECRET, "keyblob": _KEYBLOB, "device": _DEVICE}),
+            code={**_CODE, "nullable": True}, long_lived=_LONG_LIVED)))
     logout = _op("logout", "end this session", {204: no_content}, errors=())
     account = _op("getAccount", "this account", {200: {
         "description": "account", **_json(_ref("Account")),
@@ -263,6 +350,16 @@ def openapi_document() -> dict[str, Any]:
         f"{p}/login": {"post": login},
         f"{p}/logout": {"post": logout},
         f"{p}/account": {"get": account},
+        f"{p}/2fa/setup": {"post": totp_setup},
+        f"{p}/2fa/enable": {"post": totp_enable},
+        f"{p}/2fa/disable": {"post": totp_disable},
+        f"{p}/sessions": {"get": sessions},
+        f"{p}/sessions/revoke-others": {"post": revoke_others},
+        f"{p}/sessions/{{id}}": {"delete": revoke},
+        f"{p}/password": {"post": password},
+        f"{p}/recovery": {"put": recovery},
+        f"{p}/recovery/start": {"post": recovery_start},
+        f"{p}/recovery/finish": {"post": recovery_finish},
         f"{p}/nodes/{{id}}": {"get": get_node, "put": put_node, "delete": delete_node},
         f"{p}/nodes/{{id}}/children": {"get": list_children},
         f"{p}/chunks/missing": {"post": missing},

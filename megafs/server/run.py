@@ -5,10 +5,16 @@ Lifecycle of :func:`serve`: lock the data directory, open the stores, bind,
 announce (``task_status`` and ``server.json``), serve until SIGTERM or
 SIGINT, then let requests in flight finish (up to ``GRACEFUL_SECONDS``),
 stop the collector, close the stores and remove ``server.json``.
+
+Transport: plain HTTP by default (for loopback, or behind a reverse proxy
+that terminates TLS: docs/deploy.md), HTTPS with ``tls``. A client that
+stops sending (or reading) is dropped after ``READ_TIMEOUT`` seconds, an
+idle kept-alive connection after ``KEEP_ALIVE_SECONDS``.
 """
 
 from __future__ import annotations
 
+import argparse
 import fcntl
 import json
 import logging
@@ -16,21 +22,24 @@ import os
 import signal
 import socket
 import sqlite3
+import ssl
 import sys
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
-from typing import cast
+from typing import Any, cast
 
 import hypercorn.trio
 import trio
 from hypercorn.config import Config
-from hypercorn.typing import Framework
-from starlette.applications import Starlette
+from hypercorn.middleware import ProxyFixMiddleware
+from hypercorn.typing import ASGIFramework, Framework
 
 from megafs.server.app import create_app
+from megafs.server.auth import DEFAULT_LIMITS, LoginLimits
 from megafs.server.chunks import ChunkStore, LocalChunkStore
 from megafs.server.gc import collect_garbage
 from megafs.server.metadata import MetadataStore, SQLiteMetadataStore
@@ -39,9 +48,14 @@ __all__ = [
     "DEFAULT_QUOTA",
     "GC_INTERVAL",
     "GRACEFUL_SECONDS",
+    "KEEP_ALIVE_SECONDS",
+    "READ_TIMEOUT",
     "ServerStartError",
+    "TlsFiles",
+    "add_security_arguments",
     "parse_listen",
     "run_server",
+    "security_options",
     "serve",
 ]
 
@@ -52,6 +66,21 @@ GC_INTERVAL = 600.0
 #: How long requests in flight may take to finish after SIGTERM.
 GRACEFUL_SECONDS = 10.0
 DEFAULT_QUOTA = 50 * 2**30
+#: Seconds a connection may go without sending a byte of a request it
+#: started (a slow-loris client holds nothing longer than this).
+READ_TIMEOUT = 60
+#: Seconds an idle kept-alive connection stays open: longer than httpx
+#: keeps one in its pool (5 s), so the client, not the server, closes it
+#: and never sends a request on a connection the server is closing.
+KEEP_ALIVE_SECONDS = 20
+
+
+@dataclass(frozen=True)
+class TlsFiles:
+    """A PEM certificate (chain) and its private key: serve HTTPS."""
+
+    cert: Path
+    key: Path
 
 
 class ServerStartError(Exception):
@@ -65,11 +94,16 @@ async def serve(
     port: int,
     *,
     default_quota: int = DEFAULT_QUOTA,
+    limits: LoginLimits = DEFAULT_LIMITS,
+    tls: TlsFiles | None = None,
+    behind_proxy: bool = False,
     task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Serve the API on ``host:port`` (0: any free port) with the data in
     ``data_dir``, until SIGTERM or SIGINT; ``task_status.started`` receives
-    the port once connections are accepted.
+    the port once connections are accepted. ``behind_proxy``: take the
+    client's address from the last ``X-Forwarded-For`` entry (the one the
+    reverse proxy added), for throttling and logs.
 
     Must run in the main thread (it handles signals). Raises
     ServerStartError before anything is served if it cannot start.
@@ -77,18 +111,24 @@ async def serve(
     """
     with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
         async with _open_stores(data_dir) as (meta, chunks):
-            app = create_app(meta, chunks, default_quota=default_quota)
+            # Starlette's and Hypercorn's ASGI type declarations differ in form only.
+            app = cast(ASGIFramework, create_app(meta, chunks, default_quota=default_quota,
+                                                 limits=limits))
+            if behind_proxy:
+                app = ProxyFixMiddleware(app, mode="legacy", trusted_hops=1)
+            config = _hypercorn_config(tls)
             listener = _bind(host, port)
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(_collect_garbage_forever, meta, chunks)
-                await _serve_http(app, listener, signals, data_dir / "server.json",
+                await _serve_http(app, config, listener, signals, data_dir / "server.json",
                                   task_status=task_status)
                 nursery.cancel_scope.cancel()
     log.info("stopped")
 
 
 async def _serve_http(
-    app: Starlette,
+    app: ASGIFramework,
+    config: Config,
     listener: socket.socket,
     signals: AsyncIterator[int],
     info: Path,
@@ -98,12 +138,15 @@ async def _serve_http(
     """Serve until a signal, then shut down gracefully. ``info`` (the
     server.json others find the server by) exists exactly while serving."""
     host, port = listener.getsockname()[:2]
-    url = f"http://{f'[{host}]' if ':' in host else host}:{port}"
+    scheme = "https" if config.ssl_enabled else "http"
+    url = f"{scheme}://{f'[{host}]' if ':' in host else host}:{port}"
+    # Hypercorn adopts the bound socket by descriptor; detach() hands the
+    # descriptor over so it is closed once, by Hypercorn.
+    config.bind = [f"fd://{listener.detach()}"]
     try:
         async with trio.open_nursery() as nursery:
             await nursery.start(partial(
-                # Starlette's and Hypercorn's ASGI type declarations differ in form only.
-                hypercorn.trio.serve, cast(Framework, app), _hypercorn_config(listener),
+                hypercorn.trio.serve, cast(Framework, app), config,
                 shutdown_trigger=partial(_next_signal, signals),
             ))
             await trio.to_thread.run_sync(
@@ -171,14 +214,23 @@ def _bind(host: str, port: int) -> socket.socket:
     return sock
 
 
-def _hypercorn_config(listener: socket.socket) -> Config:
+def _hypercorn_config(tls: TlsFiles | None) -> Config:
+    """Hypercorn's settings; with ``tls``, its certificate and key are
+    loaded here so an unusable one stops the start with a clear message."""
     config = Config()
-    # Hypercorn adopts the bound socket by descriptor; detach() hands the
-    # descriptor over so it is closed once, by Hypercorn.
-    config.bind = [f"fd://{listener.detach()}"]
     config.accesslog = None  # the app logs one line per request itself
     config.errorlog = logging.getLogger("hypercorn.error")
     config.graceful_timeout = GRACEFUL_SECONDS
+    config.read_timeout = READ_TIMEOUT
+    config.keep_alive_timeout = KEEP_ALIVE_SECONDS
+    if tls is not None:
+        config.certfile, config.keyfile = str(tls.cert), str(tls.key)
+        try:
+            config.create_ssl_context()
+        except (OSError, ssl.SSLError) as exc:
+            reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else exc
+            raise ServerStartError(f"cannot use the TLS certificate {tls.cert} and key "
+                                   f"{tls.key}: {reason}") from exc
     return config
 
 
@@ -208,18 +260,63 @@ def parse_listen(listen: str) -> tuple[str, int]:
     return host, int(port)
 
 
-def run_server(data_dir: Path, listen: str, *, default_quota: int) -> int:
+def run_server(
+    data_dir: Path, listen: str, *, default_quota: int, limits: LoginLimits = DEFAULT_LIMITS,
+    tls_cert: Path | None = None, tls_key: Path | None = None, behind_proxy: bool = False,
+) -> int:
     """Run the server in the foreground until SIGTERM or SIGINT; returns an
     exit code: 0 after a clean stop; 1 if it cannot start and 2 for a
-    malformed ``listen``, each with one line on stderr."""
+    malformed ``listen`` or only one of ``tls_cert`` and ``tls_key``, each
+    with one line on stderr."""
     try:
         host, port = parse_listen(listen)
+        if (tls_cert is None) != (tls_key is None):
+            raise ValueError("--tls-cert and --tls-key go together")
     except ValueError as exc:
         print(f"megafs: {exc}", file=sys.stderr)
         return 2
+    tls = TlsFiles(tls_cert, tls_key) if tls_cert and tls_key else None
     try:
-        trio.run(partial(serve, data_dir, host, port, default_quota=default_quota))
+        trio.run(partial(serve, data_dir, host, port, default_quota=default_quota,
+                         limits=limits, tls=tls, behind_proxy=behind_proxy))
     except ServerStartError as exc:
         print(f"megafs: {exc}", file=sys.stderr)
         return 1
     return 0
+
+
+def add_security_arguments(parser: argparse.ArgumentParser) -> None:
+    """The transport and login-throttling options, shared by ``megafs
+    server`` and ``python -m megafs.server``; :func:`security_options`
+    turns them into :func:`run_server` arguments."""
+    parser.add_argument("--tls-cert", metavar="PEM", type=Path,
+                        help="serve HTTPS with this certificate (chain); needs --tls-key")
+    parser.add_argument("--tls-key", metavar="PEM", type=Path,
+                        help="the certificate's private key")
+    parser.add_argument("--behind-proxy", action="store_true",
+                        help="a reverse proxy forwards the requests: take the client's address "
+                             "from the last X-Forwarded-For entry")
+    parser.add_argument("--failed-logins-per-account", metavar="N", type=_count,
+                        default=DEFAULT_LIMITS.account_free,
+                        help="failed logins in a row an email may have before it is locked "
+                             f"out for a while (default {DEFAULT_LIMITS.account_free})")
+    parser.add_argument("--failed-logins-per-address", metavar="N", type=_count,
+                        default=DEFAULT_LIMITS.address_free,
+                        help="the same for a client address (default "
+                             f"{DEFAULT_LIMITS.address_free})")
+
+
+def security_options(args: argparse.Namespace) -> dict[str, Any]:
+    return {
+        "tls_cert": args.tls_cert,
+        "tls_key": args.tls_key,
+        "behind_proxy": args.behind_proxy,
+        "limits": LoginLimits(account_free=args.failed_logins_per_account,
+                              address_free=args.failed_logins_per_address),
+    }
+
+
+def _count(text: str) -> int:
+    if not text.isascii() or not text.isdigit():
+        raise argparse.ArgumentTypeError(f"not a count: {text!r}")
+    return int(text)

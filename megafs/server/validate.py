@@ -23,6 +23,7 @@ from megafs.errors import InvalidRequest, TooLarge
 from megafs.wire import CHUNK_ID_RE, MAX_JSON_BYTES, NODE_ID_RE, b64d
 
 __all__ = [
+    "CODE_MAX_CHARS",
     "COMMIT_ID_BYTES",
     "DEVICE_MAX_CHARS",
     "EMAIL_MAX_CHARS",
@@ -31,11 +32,13 @@ __all__ = [
     "MAX_INT",
     "TEXT_PATTERN",
     "blob",
+    "boolean",
     "chunk_id",
     "email",
     "exact_fields",
     "integer",
     "node_id",
+    "optional_text",
     "read_body",
     "read_json",
     "text",
@@ -43,6 +46,8 @@ __all__ = [
 
 EMAIL_MAX_CHARS = 254
 DEVICE_MAX_CHARS = 200
+#: A TOTP or recovery code as typed (with spaces or dashes).
+CODE_MAX_CHARS = 64
 #: A keyblob is a sealed 48-byte value; this leaves room for other formats.
 KEYBLOB_MAX_BYTES = 4096
 COMMIT_ID_BYTES = (8, 64)
@@ -99,20 +104,23 @@ async def read_json(request: Request) -> dict[str, Any]:
     return value
 
 
-def exact_fields(obj: Any, names: Collection[str], what: str) -> dict[str, Any]:
-    """``obj`` as an object with exactly the fields ``names``."""
+def exact_fields(
+    obj: Any, names: Collection[str], what: str, *, optional: Collection[str] = ()
+) -> dict[str, Any]:
+    """``obj`` as an object with exactly the fields ``names``, plus any of
+    ``optional`` (which then read as None when absent)."""
     if not isinstance(obj, dict):
         raise InvalidRequest(f"{what} must be an object")
-    if obj.keys() != set(names):
+    if not set(names) <= obj.keys() <= {*names, *optional}:
         missing = sorted(set(names) - obj.keys())
-        extra = sorted(obj.keys() - set(names))
+        extra = sorted(obj.keys() - {*names, *optional})
         raise InvalidRequest(
             f"{what}: " + "; ".join(
                 f"{label} {', '.join(keys)}"
                 for label, keys in (("missing", missing), ("unknown", extra)) if keys
             )
         )
-    return obj
+    return {**dict.fromkeys(optional), **obj}
 
 
 def node_id(value: Any, what: str) -> str:
@@ -154,6 +162,19 @@ def text(value: Any, what: str, *, max_chars: int) -> str:
         value.encode("utf-8")
     except UnicodeEncodeError:
         raise InvalidRequest(f"{what} is not valid Unicode text") from None
+    return value
+
+
+def optional_text(value: Any, what: str, *, max_chars: int) -> str | None:
+    return None if value is None else text(value, what, max_chars=max_chars)
+
+
+def boolean(value: Any, what: str) -> bool:
+    """An optional flag: absent (None) is False."""
+    if value is None:
+        return False
+    if not isinstance(value, bool):
+        raise InvalidRequest(f"{what} must be true or false")
     return value
 
 

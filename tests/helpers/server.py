@@ -14,7 +14,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from types import TracebackType
 
@@ -26,13 +26,16 @@ REPO = Path(__file__).resolve().parents[2]
 class ServerProcess:
     """One server on one data directory.
 
-    ``url`` and ``port`` are known after the first :meth:`start`.
+    ``url`` and ``port`` are known after the first :meth:`start`; ``args``
+    are further server options (TLS, login limits).
     """
 
     def __init__(self, data_dir: Path, *, quota: int | None = None,
-                 log_path: Path | None = None, host: str = "127.0.0.1") -> None:
+                 log_path: Path | None = None, host: str = "127.0.0.1",
+                 args: Sequence[str] = ()) -> None:
         self.data_dir = data_dir
         self.quota = quota
+        self.args = list(args)
         self.host = host
         self.log_path = log_path or data_dir.with_name(data_dir.name + ".log")
         self.port = 0
@@ -53,6 +56,7 @@ class ServerProcess:
                 "--listen", f"{self.host}:{self.port}"]
         if self.quota is not None:
             args += ["--quota", str(self.quota)]
+        args += self.args
         with open(self.log_path, "ab") as log:
             self.proc = subprocess.Popen(args, stdin=subprocess.DEVNULL, stdout=log, stderr=log,
                                          cwd=REPO)
@@ -115,10 +119,11 @@ class ServerProcess:
 
 
 @contextlib.contextmanager
-def running_server(data_dir: Path, *, quota: int | None = None) -> Iterator[ServerProcess]:
+def running_server(data_dir: Path, *, quota: int | None = None,
+                   args: Sequence[str] = ()) -> Iterator[ServerProcess]:
     """A started server, stopped (or killed) at the end whatever happens:
     the body of a pytest fixture."""
     data_dir.mkdir(parents=True, exist_ok=True)
-    with ServerProcess(data_dir, quota=quota) as server:
+    with ServerProcess(data_dir, quota=quota, args=args) as server:
         yield server
 

@@ -14,11 +14,17 @@ from megafs.wire import API_PREFIX
 from tests.helpers.server import ServerProcess, running_server
 from tests.integration.users import User, new_user
 
+#: Every test client comes from 127.0.0.1: the shared server must not lock
+#: that address out for the failed logins many tests make on purpose (the
+#: limits themselves are tested on servers of their own).
+SHARED_SERVER_ARGS = ("--failed-logins-per-address", "1000000")
+
 
 @pytest.fixture(scope="session")
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
     """One server shared by the tests that do not stop it."""
-    with running_server(tmp_path_factory.mktemp("shared") / "data") as srv:
+    with running_server(tmp_path_factory.mktemp("shared") / "data",
+                        args=SHARED_SERVER_ARGS) as srv:
         yield srv
 
 

@@ -185,12 +185,19 @@ async def test_openapi_describes_every_route(server: ServerProcess) -> None:
         ("DELETE", f"{p}/nodes/{{id}}"), ("GET", f"{p}/nodes/{{id}}/children"),
         ("POST", f"{p}/chunks/missing"), ("PUT", f"{p}/chunks/{{id}}"),
         ("GET", f"{p}/chunks/{{id}}"),
+        ("POST", f"{p}/2fa/setup"), ("POST", f"{p}/2fa/enable"), ("POST", f"{p}/2fa/disable"),
+        ("GET", f"{p}/sessions"), ("POST", f"{p}/sessions/revoke-others"),
+        ("DELETE", f"{p}/sessions/{{id}}"), ("POST", f"{p}/password"),
+        ("PUT", f"{p}/recovery"), ("POST", f"{p}/recovery/start"),
+        ("POST", f"{p}/recovery/finish"),
     }
     for path, item in doc["paths"].items():
         for method, op in item.items():
             assert op["responses"], (method, path)
             assert ("security" in op) == (path not in {
-                f"{p}/health", f"{p}/prelogin", f"{p}/signup", f"{p}/login"}), (method, path)
+                f"{p}/health", f"{p}/prelogin", f"{p}/signup", f"{p}/login",
+                f"{p}/2fa/disable", f"{p}/recovery/start", f"{p}/recovery/finish",
+            }), (method, path)
     refs = {ref.rsplit("/", 1)[1] for ref in _refs(doc)}
     assert refs <= doc["components"]["schemas"].keys()
 

@@ -1,17 +1,24 @@
 """Fake accounts for the integration tests: everything the client would
-derive or seal is random bytes (the server never interprets it)."""
+derive or seal is random bytes (the server never interprets it); and TOTP
+codes computed as an authenticator app would."""
 
 from __future__ import annotations
 
+import base64
 import os
+import time
 import uuid
 from dataclasses import dataclass
 from typing import Any
 
-from megafs.remote import RemoteClient, Session
-from megafs.wire import b64e
+import trio
+from cryptography.hazmat.primitives.hashes import SHA1
+from cryptography.hazmat.primitives.twofactor.totp import TOTP
 
-__all__ = ["Creds", "User", "new_user"]
+from megafs.remote import RemoteClient, Session
+from megafs.wire import TOTP_DIGITS, TOTP_STEP, b64e
+
+__all__ = ["Creds", "User", "clear_of_step_edge", "enable_totp", "new_user", "totp_code"]
 
 
 @dataclass
@@ -66,3 +73,29 @@ async def new_user(url: str, **client_options: Any) -> User:
     creds = Creds.random()
     client = RemoteClient(url, **client_options)
     return User(creds, await creds.signup(client), client)
+
+
+def totp_code(secret: str, at: float) -> str:
+    """The TOTP code an authenticator app shows at Unix time ``at`` for the
+    base32 ``secret`` the server handed out."""
+    key = base64.b32decode(secret + "=" * (-len(secret) % 8))
+    return TOTP(key, TOTP_DIGITS, SHA1(), TOTP_STEP).generate(at).decode("ascii")
+
+
+async def clear_of_step_edge(margin: float = 5.0) -> float:
+    """Wait, if need be, until the current TOTP step has at least ``margin``
+    seconds left, so the server is still in the step a test computed its
+    codes for; returns the time to compute them at."""
+    left = TOTP_STEP - time.time() % TOTP_STEP
+    if left < margin:
+        await trio.sleep(left + 0.1)
+    return time.time()
+
+
+async def enable_totp(client: RemoteClient) -> tuple[str, list[str]]:
+    """Turn 2FA on for the client's account, as the CLI does; returns the
+    secret and the recovery codes. Uses the code of the step before the
+    current one, so the current and next steps stay unused."""
+    secret = await client.totp_setup()
+    now = await clear_of_step_edge()
+    return secret, await client.totp_enable(totp_code(secret, now - TOTP_STEP))
