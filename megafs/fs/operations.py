@@ -158,7 +158,7 @@ class Operations(pyfuse3.Operations):
             raise _fail(errno.ENOTDIR)
         inode = (await self._tree.children(parent)).get(name)
         if inode is None:
-            raise _fail(errno.ENOENT)
+            raise _fail(errno.ENAMETOOLONG if len(name) > 255 else errno.ENOENT)
         return inode
 
     async def _absent(self, parent: Inode, name: bytes) -> dict[bytes, Inode]:
@@ -505,6 +505,8 @@ class Operations(pyfuse3.Operations):
         content = await self._tree.content(node)
         if flags & os.O_TRUNC and flags & (os.O_WRONLY | os.O_RDWR):
             await content.truncate(0)
+            now = time.time_ns()
+            node.record = node.record.evolve(mtime_ns=now, ctime_ns=now)
         return self._open_handle(node, flags)
 
     def _handle(self, fh: int) -> _Handle:
