@@ -132,3 +132,26 @@ def test_rename_flags_and_odd_names(drive: Drive) -> None:
     assert (m / "one").read_text() == "2" and (m / "two").read_text() == "1"
     assert os.listdir(m / "d1") == ["sub"] and os.listdir(m / "d1" / "sub") == []
     drive.umount()
+
+
+def test_shared_writable_mmap_reaches_the_server(drive: Drive) -> None:
+    import mmap
+
+    drive.mount()
+    path = drive.mnt / "mapped.bin"
+    path.write_bytes(bytes(3 << 20))
+    with open(path, "r+b") as f, mmap.mmap(f.fileno(), 0) as mm:
+        mm[10:20] = b"0123456789"
+        mm[(2 << 20) + 5 : (2 << 20) + 10] = b"HELLO"
+        mm.flush()  # msync
+    fd = os.open(path, os.O_RDWR)
+    with mmap.mmap(fd, 0) as mm:  # a map closed without msync
+        mm[-3:] = b"end"
+    os.close(fd)
+    remount_cold(drive)
+    data = path.read_bytes()
+    assert data[10:20] == b"0123456789"
+    assert data[(2 << 20) + 5 : (2 << 20) + 10] == b"HELLO"
+    assert data[-3:] == b"end"
+    assert len(data) == 3 << 20
+    drive.umount()
