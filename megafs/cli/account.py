@@ -60,7 +60,13 @@ class Unlocked:
 
 
 async def signup(
-    remote: RemoteClient, email: str, password: bytes, device: str, *, uid: int, gid: int,
+    remote: RemoteClient,
+    email: str,
+    password: bytes,
+    device: str,
+    *,
+    uid: int,
+    gid: int,
     long_lived: bool = False,
 ) -> Unlocked:
     params = new_kdf_params()
@@ -109,8 +115,13 @@ async def with_second_factor(
 
 
 async def login(
-    remote: RemoteClient, email: str, password: bytes, device: str, *,
-    code: CodeSource | None = None, long_lived: bool = False,
+    remote: RemoteClient,
+    email: str,
+    password: bytes,
+    device: str,
+    *,
+    code: CodeSource | None = None,
+    long_lived: bool = False,
 ) -> Unlocked:
     """Log in with the password (and a code from ``code`` if the account
     has 2FA). A wrong password is AuthFailed, whether the server or the
@@ -118,8 +129,8 @@ async def login(
     params = KdfParams.from_json(await remote.prelogin(email))
     pw = await trio.to_thread.run_sync(derive_password_keys, password, params)
     session = await with_second_factor(
-        lambda c: remote.login(email, pw.auth_secret, device, code=c, long_lived=long_lived),
-        code)
+        lambda c: remote.login(email, pw.auth_secret, device, code=c, long_lived=long_lived), code
+    )
     return Unlocked(open_keyblob(pw.kek, session.account), session.token)
 
 
@@ -145,18 +156,23 @@ async def login_remembered(
     try:
         if creds.session is None:
             assert creds.auth_secret is not None
-            account = (await remote.login(email, creds.auth_secret, device,
-                                          long_lived=True)).account
+            account = (
+                await remote.login(email, creds.auth_secret, device, long_lived=True)
+            ).account
             creds = Credentials(creds.master_key, creds.root_id, session=remote.token)
         else:
             remote.token = creds.session
             account = await remote.account()
     except SecondFactorRequired:
-        raise AuthFailed("the remembered login predates two-factor authentication: run "
-                         "`megafs login URL EMAIL --remember` again") from None
+        raise AuthFailed(
+            "the remembered login predates two-factor authentication: run "
+            "`megafs login URL EMAIL --remember` again"
+        ) from None
     except AuthFailed:
-        raise AuthFailed("the remembered login was revoked or has expired: run "
-                         "`megafs login URL EMAIL --remember` again") from None
+        raise AuthFailed(
+            "the remembered login was revoked or has expired: run "
+            "`megafs login URL EMAIL --remember` again"
+        ) from None
     if account.root_id != keys.root_id:
         raise IntegrityError("the server names another root folder than the account key")
     assert remote.token is not None

@@ -23,8 +23,10 @@ from typing import Any, NoReturn
 import trio
 
 from megafs import __version__
+from megafs.cli.account import Unlocked
 from megafs.cli.config import AccountConfig, Credentials, Paths, default_device
 from megafs.errors import AuthFailed, MegafsError, RateLimited, RemoteError
+from megafs.remote import RemoteClient
 
 __all__ = ["main"]
 
@@ -96,8 +98,6 @@ def read_password(password_file: str | None, *, confirm: bool = False) -> bytes:
 
 def cmd_signup(args: argparse.Namespace, paths: Paths) -> int:
     from megafs.cli.account import signup
-    from megafs.cli.security import forget_remembered, remember
-    from megafs.remote import RemoteClient
 
     password = read_password(args.password_file, confirm=True)
     if len(password) < 8:
@@ -107,31 +107,40 @@ def cmd_signup(args: argparse.Namespace, paths: Paths) -> int:
     async def run() -> None:
         async with RemoteClient(args.url, insecure=args.insecure) as remote:
             unlocked = await signup(
-                remote, args.email, password, device, uid=os.getuid(), gid=os.getgid(),
+                remote,
+                args.email,
+                password,
+                device,
+                uid=os.getuid(),
+                gid=os.getgid(),
                 long_lived=args.remember,
             )
-            await forget_remembered(paths, AccountConfig.load(paths), insecure=args.insecure)
-            account = AccountConfig(server=args.url, email=args.email, device=device)
-            account.save(paths)
-            if args.remember:
-                print(f"account keys remembered in {remember(paths, account, unlocked)}")
-            else:
-                await remote.logout()
+            await _record_account(args, paths, device, remote, unlocked)
 
     trio.run(run)
     print(f"account {args.email} created on {args.url}")
     return EXIT_OK
 
 
+async def _record_account(
+    args: argparse.Namespace, paths: Paths, device: str, remote: RemoteClient, unlocked: Unlocked
+) -> None:
+    """After signup or login: this account replaces any other in the config
+    dir; with --remember its key and session stay, else the session ends."""
+    from megafs.cli.security import forget_remembered, remember
+
+    await forget_remembered(paths, AccountConfig.load(paths), insecure=args.insecure)
+    account = AccountConfig(server=args.url, email=args.email, device=device)
+    account.save(paths)
+    if args.remember:
+        print(f"account keys remembered in {remember(paths, account, unlocked)}")
+    else:
+        await remote.logout()
+
+
 def cmd_login(args: argparse.Namespace, paths: Paths) -> int:
     from megafs.cli.account import login
-    from megafs.cli.security import (
-        code_source,
-        forget_remembered,
-        login_with_recovery_key,
-        remember,
-    )
-    from megafs.remote import RemoteClient
+    from megafs.cli.security import code_source, login_with_recovery_key
 
     if args.recovery_key or args.recovery_key_file:
         return login_with_recovery_key(args, paths)
@@ -140,15 +149,15 @@ def cmd_login(args: argparse.Namespace, paths: Paths) -> int:
 
     async def run() -> None:
         async with RemoteClient(args.url, insecure=args.insecure) as remote:
-            unlocked = await login(remote, args.email, password, device,
-                                   code=code_source(args.totp_code), long_lived=args.remember)
-            await forget_remembered(paths, AccountConfig.load(paths), insecure=args.insecure)
-            account = AccountConfig(server=args.url, email=args.email, device=device)
-            account.save(paths)
-            if args.remember:
-                print(f"account keys remembered in {remember(paths, account, unlocked)}")
-            else:
-                await remote.logout()
+            unlocked = await login(
+                remote,
+                args.email,
+                password,
+                device,
+                code=code_source(args.totp_code),
+                long_lived=args.remember,
+            )
+            await _record_account(args, paths, device, remote, unlocked)
 
     trio.run(run)
     print(f"logged in as {args.email} on {args.url}")
@@ -267,7 +276,6 @@ class _MountJob:
         from megafs.cli.account import login, login_remembered
         from megafs.cli.security import code_source
         from megafs.fs import run_mount
-        from megafs.remote import RemoteClient
 
         async with RemoteClient(self.account.server, insecure=self.insecure) as remote:
             if self.creds is not None:
@@ -279,8 +287,12 @@ class _MountJob:
             else:
                 assert self.password is not None
                 unlocked = await login(
-                    remote, self.account.email, self.password, self.account.device,
-                    code=code_source(self.totp_code), long_lived=True,
+                    remote,
+                    self.account.email,
+                    self.password,
+                    self.account.device,
+                    code=code_source(self.totp_code),
+                    long_lived=True,
                 )
             self.password = None
 
@@ -500,8 +512,9 @@ def _alive(pid: int) -> bool:
 def cmd_server(args: argparse.Namespace, paths: Paths) -> int:
     from megafs.server.run import run_server, security_options
 
-    return run_server(Path(args.data), args.listen, default_quota=args.quota,
-                      **security_options(args))
+    return run_server(
+        Path(args.data), args.listen, default_quota=args.quota, **security_options(args)
+    )
 
 
 def cmd_quickstart(args: argparse.Namespace, paths: Paths) -> int:

@@ -106,7 +106,12 @@ def quickstart(args: argparse.Namespace, paths: Paths) -> int:
         async def create():  # type: ignore[no-untyped-def]
             async with RemoteClient(url) as remote:
                 return await signup(
-                    remote, email, password, device, uid=os.getuid(), gid=os.getgid(),
+                    remote,
+                    email,
+                    password,
+                    device,
+                    uid=os.getuid(),
+                    gid=os.getgid(),
                     long_lived=True,
                 )
 

@@ -93,8 +93,11 @@ def code_source(option: str | None) -> CodeSource:
         if option:
             return option
         if not sys.stdin.isatty():
-            raise CliError("this account uses two-factor authentication: give --totp-code CODE "
-                           "(a code from the app, or a recovery code)", EXIT_AUTH)
+            raise CliError(
+                "this account uses two-factor authentication: give --totp-code CODE "
+                "(a code from the app, or a recovery code)",
+                EXIT_AUTH,
+            )
         typed = _ask("Two-factor code (or a recovery code): ").strip()
         if not typed:
             raise CliError("no code given", EXIT_AUTH)
@@ -113,13 +116,12 @@ def _ask(prompt: str, *, echo: bool = False) -> str:
 
 def remember(paths: Paths, account: AccountConfig, unlocked: Unlocked) -> str:
     """Keep the unlocked key and the (long-lived) session; returns where."""
-    return Credentials(unlocked.keys.master_key, unlocked.keys.root_id,
-                       session=unlocked.session).save(paths, account)
+    return Credentials(
+        unlocked.keys.master_key, unlocked.keys.root_id, session=unlocked.session
+    ).save(paths, account)
 
 
-async def forget_remembered(
-    paths: Paths, account: AccountConfig | None, *, insecure: bool
-) -> None:
+async def forget_remembered(paths: Paths, account: AccountConfig | None, *, insecure: bool) -> None:
     """Forget the remembered key and end its session on the server, if the
     server answers at once (best effort: an unreachable server must not
     keep a user from logging out; the session then expires unused)."""
@@ -131,8 +133,9 @@ async def forget_remembered(
     if account is None or creds is None or creds.session is None:
         return
     with contextlib.suppress(MegafsError), trio.move_on_after(10):
-        async with RemoteClient(account.server, creds.session, timeout=5, retries=0,
-                                insecure=insecure) as remote:
+        async with RemoteClient(
+            account.server, creds.session, timeout=5, retries=0, insecure=insecure
+        ) as remote:
             await remote.logout()
 
 
@@ -168,8 +171,9 @@ async def _open_session(
             return
         if password is None:
             password = read_password(args.password_file)
-        unlocked = await login(remote, account.email, password, account.device,
-                               code=code_source(args.totp_code))
+        unlocked = await login(
+            remote, account.email, password, account.device, code=code_source(args.totp_code)
+        )
         try:
             yield _Session(remote, account, unlocked)
         finally:
@@ -181,8 +185,9 @@ async def _password_keys(remote: RemoteClient, password: bytes) -> tuple[bytes, 
     """The auth secret of ``password`` and the keys its KEK opens, with the
     parameters the account has now (AuthFailed if it is not the password)."""
     account = await remote.account()
-    pw = await trio.to_thread.run_sync(derive_password_keys, password,
-                                       KdfParams.from_json(account.kdf))
+    pw = await trio.to_thread.run_sync(
+        derive_password_keys, password, KdfParams.from_json(account.kdf)
+    )
     assert remote.token is not None
     return pw.auth_secret, Unlocked(open_keyblob(pw.kek, account), remote.token)
 
@@ -222,14 +227,18 @@ def cmd_2fa_enable(args: argparse.Namespace, paths: Paths) -> int:
                 secret = await s.remote.totp_setup()
                 _show_secret(secret, s.account)
                 if not sys.stdin.isatty():
-                    print("\nTwo-factor authentication is not on yet: confirm with "
-                          "`megafs 2fa enable --code CODE` (a code from the app).")
+                    print(
+                        "\nTwo-factor authentication is not on yet: confirm with "
+                        "`megafs 2fa enable --code CODE` (a code from the app)."
+                    )
                     return
                 code = _ask("Code from the app: ", echo=True).strip()
             codes = await s.remote.totp_enable(code)
-        print("Two-factor authentication is on: logins now need a code from the app.\n"
-              "Recovery codes (each works once instead of a code; keep them somewhere safe, "
-              "they are not shown again):")
+        print(
+            "Two-factor authentication is on: logins now need a code from the app.\n"
+            "Recovery codes (each works once instead of a code; keep them somewhere safe, "
+            "they are not shown again):"
+        )
         for recovery_code in codes:
             print(f"  {recovery_code}")
 
@@ -243,8 +252,10 @@ def _show_secret(secret: str, account: AccountConfig) -> None:
     key = base64.b32decode(secret + "=" * (-len(secret) % 8))
     issuer = f"megafs {urlsplit(account.server).hostname}"
     uri = TOTP(key, TOTP_DIGITS, SHA1(), TOTP_STEP).get_provisioning_uri(account.email, issuer)
-    print("Add this account to your authenticator app: scan the QR code, or enter the key "
-          f"{secret}\n{uri}\n")
+    print(
+        "Add this account to your authenticator app: scan the QR code, or enter the key "
+        f"{secret}\n{uri}\n"
+    )
     try:
         import qrcode
     except ImportError:
@@ -303,8 +314,10 @@ def _print_sessions(sessions: list[SessionInfo]) -> None:
     print(f"  {'ID':16}  {'CREATED':16}  {'LAST SEEN':16}  {'EXPIRES':16}  DEVICE")
     for session in sessions:
         mark = "*" if session.current else " "
-        print(f"{mark} {session.id:16}  {_when(session.created):16}  "
-              f"{_when(session.last_seen):16}  {_when(session.expires):16}  {session.device}")
+        print(
+            f"{mark} {session.id:16}  {_when(session.created):16}  "
+            f"{_when(session.last_seen):16}  {_when(session.expires):16}  {session.device}"
+        )
     print("(* marks the session this command used: this machine's remembered one, if any)")
 
 
@@ -327,8 +340,10 @@ def cmd_passwd(args: argparse.Namespace, paths: Paths) -> int:
             await s.remote.change_password(old_auth, params.to_json(), pw.auth_secret, keyblob)
 
     trio.run(run)
-    print("password changed; every other session (other devices, mounts) has ended: log in "
-          "there again")
+    print(
+        "password changed; every other session (other devices, mounts) has ended: log in "
+        "there again"
+    )
     return EXIT_OK
 
 
@@ -339,8 +354,9 @@ class _RecoveryKeys:
 
     @classmethod
     def derive(cls, recovery_key: bytes) -> _RecoveryKeys:
-        return cls(hkdf(recovery_key, _RECOVERY_KEK_LABEL),
-                   hkdf(recovery_key, _RECOVERY_AUTH_LABEL))
+        return cls(
+            hkdf(recovery_key, _RECOVERY_KEK_LABEL), hkdf(recovery_key, _RECOVERY_AUTH_LABEL)
+        )
 
 
 def cmd_recovery_key(args: argparse.Namespace, paths: Paths) -> int:
@@ -352,22 +368,23 @@ def cmd_recovery_key(args: argparse.Namespace, paths: Paths) -> int:
     async def run() -> None:
         async with _open_session(paths, args, password) as s:
             auth_secret, unlocked = await _password_keys(s.remote, password)
-            keyblob = wrap_master_key(derived.kek, unlocked.keys.master_key,
-                                      unlocked.keys.root_id)
+            keyblob = wrap_master_key(derived.kek, unlocked.keys.master_key, unlocked.keys.root_id)
             await s.remote.set_recovery_key(auth_secret, derived.auth, keyblob)
 
     trio.run(run)
-    print("Your recovery key (shown only now; any earlier one no longer works):\n\n"
-          f"  {format_recovery_key(recovery_key)}\n\n"
-          "With it, `megafs login URL EMAIL --recovery-key` sets a new password if you forget "
-          "yours. Keep it offline (on paper). Without the password and this key your files "
-          "cannot be recovered by anyone.")
+    print(
+        "Your recovery key (shown only now; any earlier one no longer works):\n\n"
+        f"  {format_recovery_key(recovery_key)}\n\n"
+        "With it, `megafs login URL EMAIL --recovery-key` sets a new password if you forget "
+        "yours. Keep it offline (on paper). Without the password and this key your files "
+        "cannot be recovered by anyone."
+    )
     return EXIT_OK
 
 
 def format_recovery_key(key: bytes) -> str:
     text = base64.b32encode(key).decode("ascii").rstrip("=")
-    return "-".join(text[i:i + 4] for i in range(0, len(text), 4))
+    return "-".join(text[i : i + 4] for i in range(0, len(text), 4))
 
 
 def parse_recovery_key(text: str) -> bytes:
@@ -408,16 +425,23 @@ def login_with_recovery_key(args: argparse.Namespace, paths: Paths) -> int:
             try:
                 master_key, root_id = unwrap_master_key(derived.kek, wrapped)
             except IntegrityError:
-                raise AuthFailed("the account's key does not open with this recovery key") \
-                    from None
+                raise AuthFailed("the account's key does not open with this recovery key") from None
             params = new_kdf_params()
             pw = await trio.to_thread.run_sync(derive_password_keys, new, params)
             keyblob = wrap_master_key(pw.kek, master_key, root_id)
             session = await with_second_factor(
                 lambda c: remote.recovery_finish(
-                    args.email, derived.auth, params.to_json(), pw.auth_secret, keyblob, device,
-                    code=c, long_lived=args.remember),
-                code_source(args.totp_code))
+                    args.email,
+                    derived.auth,
+                    params.to_json(),
+                    pw.auth_secret,
+                    keyblob,
+                    device,
+                    code=c,
+                    long_lived=args.remember,
+                ),
+                code_source(args.totp_code),
+            )
             if session.account.root_id != root_id:
                 raise IntegrityError("the server names another root folder than the account key")
             await forget_remembered(paths, AccountConfig.load(paths), insecure=args.insecure)
