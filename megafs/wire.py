@@ -32,7 +32,11 @@ Routes (all under ``API_PREFIX``)::
     POST   /recovery/finish {email, recovery_auth, kdf, auth_secret, keyblob, device,
                              [code], [long_lived]}  -> Session
     GET    /nodes/{id}                 -> Node (with content)
-    GET    /nodes/{id}/children        -> {"nodes": [Node]}  (content only when small)
+    GET    /nodes/{id}/children?after=ID&limit=N
+                                       -> {"nodes": [Node], "next": ID | null}
+                                          (by id, after ``after``; content only
+                                          when small; ``next`` names the last
+                                          node when more may follow)
     PUT    /nodes/{id} {parent, expect_version, meta, content, chunks, commit_id}
                                        -> {"version": int}
     DELETE /nodes/{id}?expect_version=N  -> 204
@@ -90,6 +94,7 @@ __all__ = [
     "CHUNK_GRACE_SECONDS",
     "CHUNK_ID_RE",
     "INLINE_CONTENT_MAX",
+    "LIST_PAGE_MAX",
     "LONG_SESSION_IDLE_SECONDS",
     "MAX_CHUNK_BYTES",
     "MAX_CONTENT_BYTES",
@@ -124,6 +129,8 @@ MAX_JSON_BYTES = 48 * 1024 * 1024
 #: Listings carry a node's content when it is at most this many bytes, which
 #: saves small files a round trip on open.
 INLINE_CONTENT_MAX = 4096
+#: Children per listing page (the default and the most a client may ask).
+LIST_PAGE_MAX = 1000
 MAX_MISSING_IDS = 10_000
 CHUNK_GRACE_SECONDS = 3600
 

@@ -49,7 +49,7 @@ from megafs.remote.responses import (
     parse_keyblob,
     parse_missing,
     parse_node,
-    parse_nodes,
+    parse_page,
     parse_prelogin,
     parse_recovery_codes,
     parse_session,
@@ -120,12 +120,14 @@ class RemoteClient:
         except httpx.InvalidURL as exc:
             raise InvalidRequest(f"not a server address: {base_url!r}") from exc
         if url.scheme not in ("http", "https") or not url.host or url.query or url.fragment:
-            raise InvalidRequest(f"not a server address: {base_url!r} (expected "
-                                 "https://host[:port])")
+            raise InvalidRequest(
+                f"not a server address: {base_url!r} (expected https://host[:port])"
+            )
         if url.scheme == "http" and not insecure and not _is_loopback(url.host):
             raise InvalidRequest(
                 f"refusing plain http:// to {url.host}: anyone on the way could read the "
-                "session token; use https://, or allow it explicitly (--insecure)")
+                "session token; use https://, or allow it explicitly (--insecure)"
+            )
         self.token = token
         self._base = f"{str(url).rstrip('/')}{API_PREFIX}"
         self._retries = retries
@@ -135,8 +137,9 @@ class RemoteClient:
             try:
                 verify = ssl.create_default_context(cafile=verify)
             except (OSError, ssl.SSLError) as exc:
-                raise InvalidRequest(f"cannot use {verify} as trusted certificates: "
-                                     f"{_reason(exc)}") from exc
+                raise InvalidRequest(
+                    f"cannot use {verify} as trusted certificates: {_reason(exc)}"
+                ) from exc
         self._http = httpx.AsyncClient(
             verify=verify,
             timeout=timeout,
@@ -148,7 +151,9 @@ class RemoteClient:
         return self
 
     async def __aexit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None,
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
         await self.aclose()
@@ -165,34 +170,53 @@ class RemoteClient:
 
     async def prelogin(self, email: str) -> dict[str, Any]:
         """The account's KDF parameters (as JSON; ``crypto`` checks them)."""
-        return parse_prelogin(
-            await self._json("POST", "/prelogin", {"email": email}, auth=False))
+        return parse_prelogin(await self._json("POST", "/prelogin", {"email": email}, auth=False))
 
     async def signup(
-        self, email: str, kdf: dict[str, Any], auth_secret: bytes, keyblob: bytes,
-        root_id: bytes, root_meta: bytes, device: str, *, long_lived: bool = False,
+        self,
+        email: str,
+        kdf: dict[str, Any],
+        auth_secret: bytes,
+        keyblob: bytes,
+        root_id: bytes,
+        root_meta: bytes,
+        device: str,
+        *,
+        long_lived: bool = False,
     ) -> Session:
         """Create the account with its root folder, and log in."""
         body = {
-            "email": email, "kdf": kdf, "auth_secret": b64e(auth_secret),
-            "keyblob": b64e(keyblob), "root": {"id": _node_hex(root_id), "meta": b64e(root_meta)},
-            "device": device, "long_lived": long_lived,
+            "email": email,
+            "kdf": kdf,
+            "auth_secret": b64e(auth_secret),
+            "keyblob": b64e(keyblob),
+            "root": {"id": _node_hex(root_id), "meta": b64e(root_meta)},
+            "device": device,
+            "long_lived": long_lived,
         }
-        return self._logged_in(parse_session(
-            await self._json("POST", "/signup", body, auth=False)))
+        return self._logged_in(parse_session(await self._json("POST", "/signup", body, auth=False)))
 
     async def login(
-        self, email: str, auth_secret: bytes, device: str, *, code: str | None = None,
+        self,
+        email: str,
+        auth_secret: bytes,
+        device: str,
+        *,
+        code: str | None = None,
         long_lived: bool = False,
     ) -> Session:
         """Open a session. ``code``: a TOTP or recovery code, for an account
         with two-factor authentication (without one it is
         SecondFactorRequired). ``long_lived``: a session for a remembered
         device or a mount, which lives while it is used."""
-        body = {"email": email, "auth_secret": b64e(auth_secret), "device": device,
-                "code": code, "long_lived": long_lived}
-        return self._logged_in(parse_session(
-            await self._json("POST", "/login", body, auth=False)))
+        body = {
+            "email": email,
+            "auth_secret": b64e(auth_secret),
+            "device": device,
+            "code": code,
+            "long_lived": long_lived,
+        }
+        return self._logged_in(parse_session(await self._json("POST", "/login", body, auth=False)))
 
     def _logged_in(self, session: Session) -> Session:
         self.token = session.token
@@ -242,15 +266,22 @@ class RemoteClient:
     ) -> None:
         """Replace the password's proof and the keyblob; the server ends
         every other session."""
-        body = {"old_auth_secret": b64e(old_auth_secret), "kdf": kdf,
-                "auth_secret": b64e(auth_secret), "keyblob": b64e(keyblob)}
+        body = {
+            "old_auth_secret": b64e(old_auth_secret),
+            "kdf": kdf,
+            "auth_secret": b64e(auth_secret),
+            "keyblob": b64e(keyblob),
+        }
         await self._call_json("POST", "/password", body)
 
     async def set_recovery_key(
         self, auth_secret: bytes, recovery_auth: bytes, keyblob: bytes
     ) -> None:
-        body = {"auth_secret": b64e(auth_secret), "recovery_auth": b64e(recovery_auth),
-                "keyblob": b64e(keyblob)}
+        body = {
+            "auth_secret": b64e(auth_secret),
+            "recovery_auth": b64e(recovery_auth),
+            "keyblob": b64e(keyblob),
+        }
         await self._call_json("PUT", "/recovery", body)
 
     async def recovery_start(self, email: str, recovery_auth: bytes) -> bytes:
@@ -259,15 +290,31 @@ class RemoteClient:
         return parse_keyblob(await self._json("POST", "/recovery/start", body, auth=False))
 
     async def recovery_finish(
-        self, email: str, recovery_auth: bytes, kdf: dict[str, Any], auth_secret: bytes,
-        keyblob: bytes, device: str, *, code: str | None = None, long_lived: bool = False,
+        self,
+        email: str,
+        recovery_auth: bytes,
+        kdf: dict[str, Any],
+        auth_secret: bytes,
+        keyblob: bytes,
+        device: str,
+        *,
+        code: str | None = None,
+        long_lived: bool = False,
     ) -> Session:
         """Set a new password with the recovery key, and log in."""
-        body = {"email": email, "recovery_auth": b64e(recovery_auth), "kdf": kdf,
-                "auth_secret": b64e(auth_secret), "keyblob": b64e(keyblob), "device": device,
-                "code": code, "long_lived": long_lived}
-        return self._logged_in(parse_session(
-            await self._json("POST", "/recovery/finish", body, auth=False)))
+        body = {
+            "email": email,
+            "recovery_auth": b64e(recovery_auth),
+            "kdf": kdf,
+            "auth_secret": b64e(auth_secret),
+            "keyblob": b64e(keyblob),
+            "device": device,
+            "code": code,
+            "long_lived": long_lived,
+        }
+        return self._logged_in(
+            parse_session(await self._json("POST", "/recovery/finish", body, auth=False))
+        )
 
     # -- nodes ----------------------------------------------------------------------
 
@@ -278,9 +325,20 @@ class RemoteClient:
         return node
 
     async def list_children(self, node_id: bytes) -> list[RemoteNode]:
-        """The children; large content is left out (``content`` None)."""
-        return parse_nodes(
-            await self._json("GET", f"/nodes/{_node_hex(node_id)}/children"), node_id)
+        """All the children, fetched a page at a time; large content is left
+        out (``content`` None)."""
+        nodes: list[RemoteNode] = []
+        after = ""
+        while True:
+            query = f"?after={after}" if after else ""
+            page, after = parse_page(
+                await self._json("GET", f"/nodes/{_node_hex(node_id)}/children{query}"),
+                node_id,
+                after=after,
+            )
+            nodes.extend(page)
+            if not after:
+                return nodes
 
     async def put_node(
         self,
@@ -308,11 +366,13 @@ class RemoteClient:
         }
         large = len(content or b"") + CHUNK_ID_BYTES * len(chunks) > _INLINE_JSON_BYTES
         return parse_version(
-            await self._json("PUT", f"/nodes/{_node_hex(node_id)}", body, large=large))
+            await self._json("PUT", f"/nodes/{_node_hex(node_id)}", body, large=large)
+        )
 
     async def delete_node(self, node_id: bytes, *, expect_version: int) -> None:
-        await self._call("DELETE", f"/nodes/{_node_hex(node_id)}",
-                         query={"expect_version": str(expect_version)})
+        await self._call(
+            "DELETE", f"/nodes/{_node_hex(node_id)}", query={"expect_version": str(expect_version)}
+        )
 
     # -- chunks ---------------------------------------------------------------------
 
@@ -321,7 +381,7 @@ class RemoteClient:
         for a grace period, for a commit that uses them)."""
         missing: set[bytes] = set()
         for start in range(0, len(ids), MAX_MISSING_IDS):
-            batch = [_chunk_hex(chunk_id) for chunk_id in ids[start:start + MAX_MISSING_IDS]]
+            batch = [_chunk_hex(chunk_id) for chunk_id in ids[start : start + MAX_MISSING_IDS]]
             answer = await self._json("POST", "/chunks/missing", {"ids": batch})
             missing |= parse_missing(answer, set(batch))
         return missing
@@ -337,8 +397,14 @@ class RemoteClient:
     # -- transport ------------------------------------------------------------------
 
     async def _json(
-        self, method: str, path: str, body: Any = None, *, raw: bytes | None = None,
-        auth: bool = True, large: bool = False,
+        self,
+        method: str,
+        path: str,
+        body: Any = None,
+        *,
+        raw: bytes | None = None,
+        auth: bool = True,
+        large: bool = False,
     ) -> Any:
         """Send ``body`` as JSON (or ``raw`` bytes) and parse the JSON answer.
         ``large``: the body is big enough to encode in a worker thread."""
@@ -350,18 +416,24 @@ class RemoteClient:
         try:
             return await _off_loop(json.loads, answer, large=len(answer) > _INLINE_JSON_BYTES)
         except (ValueError, RecursionError):
-            raise FormatError(f"malformed server response to {method} {path}: not JSON") \
-                from None
+            raise FormatError(f"malformed server response to {method} {path}: not JSON") from None
 
     async def _call_json(self, method: str, path: str, body: Any, *, auth: bool = True) -> None:
         """Send ``body`` as JSON to a route that answers without a body."""
-        await self._call(method, path, raw=_encode_json(body),
-                         content_type="application/json", auth=auth)
+        await self._call(
+            method, path, raw=_encode_json(body), content_type="application/json", auth=auth
+        )
 
     async def _call(
-        self, method: str, path: str, *, raw: bytes | None = None,
-        content_type: str = "application/octet-stream", query: dict[str, str] | None = None,
-        auth: bool = True, cap: int = MAX_JSON_BYTES,
+        self,
+        method: str,
+        path: str,
+        *,
+        raw: bytes | None = None,
+        content_type: str = "application/octet-stream",
+        query: dict[str, str] | None = None,
+        auth: bool = True,
+        cap: int = MAX_JSON_BYTES,
     ) -> bytes:
         """One request, retried while it fails transiently; returns the body
         of a 2xx answer or raises."""
@@ -376,14 +448,20 @@ class RemoteClient:
         return await retrying(attempt, retries=self._retries, what=f"{method} {path}")
 
     async def _attempt(
-        self, method: str, path: str, headers: dict[str, str], raw: bytes | None,
-        query: dict[str, str] | None, cap: int,
+        self,
+        method: str,
+        path: str,
+        headers: dict[str, str],
+        raw: bytes | None,
+        query: dict[str, str] | None,
+        cap: int,
     ) -> bytes:
         started = trio.current_time()
         what = f"{method} {path}"
         try:
-            async with self._http.stream(method, self._base + path, headers=headers,
-                                         content=raw, params=query) as response:
+            async with self._http.stream(
+                method, self._base + path, headers=headers, content=raw, params=query
+            ) as response:
                 status = response.status_code
                 if 200 <= status < 300:
                     body = await _read(response, cap, what)
@@ -424,8 +502,9 @@ def _error_for(status: int, body: bytes, what: str) -> MegafsError | Transient:
     except (ValueError, RecursionError):
         value = None
     if isinstance(value, dict):
-        code, detail = (item if isinstance(item := value.get(key), str) else ""
-                        for key in ("error", "detail"))
+        code, detail = (
+            item if isinstance(item := value.get(key), str) else "" for key in ("error", "detail")
+        )
     detail = _UNPRINTABLE_RE.sub(" ", detail)[:_DETAIL_MAX_CHARS].strip() or f"HTTP {status}"
     if status in _TRANSIENT_STATUSES:
         cls = RemoteTimeout if status == 504 else RemoteError

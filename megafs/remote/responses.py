@@ -17,6 +17,7 @@ from typing import Any
 from megafs.errors import FormatError
 from megafs.wire import (
     CHUNK_ID_RE,
+    LIST_PAGE_MAX,
     MAX_CONTENT_BYTES,
     MAX_META_BYTES,
     NODE_ID_RE,
@@ -38,7 +39,7 @@ __all__ = [
     "parse_keyblob",
     "parse_missing",
     "parse_node",
-    "parse_nodes",
+    "parse_page",
     "parse_prelogin",
     "parse_recovery_codes",
     "parse_session",
@@ -252,16 +253,27 @@ def parse_node(value: Any, *, listed: bool = False, what: str = "node") -> Remot
     return node
 
 
-def parse_nodes(value: Any, parent: bytes) -> list[RemoteNode]:
-    """A listing of ``parent``'s children: each must name it as parent, once."""
-    items = _Fields(value, "listing").items("nodes")
-    nodes = [parse_node(item, listed=True, what=f"listing.nodes[{i}]")
-             for i, item in enumerate(items)]
+def parse_page(value: Any, parent: bytes, *, after: str) -> tuple[list[RemoteNode], str]:
+    """One page of ``parent``'s children and the ``after`` of the next page
+    ("" on the last). Each node must name ``parent``, ids must rise strictly
+    from ``after`` (so pages cannot repeat or loop), and ``next`` must be the
+    page's last id."""
+    fields = _Fields(value, "listing")
+    items = fields.items("nodes")
+    if len(items) > LIST_PAGE_MAX:
+        raise _bad("listing.nodes", "is longer than a page")
+    nodes = [
+        parse_node(item, listed=True, what=f"listing.nodes[{i}]") for i, item in enumerate(items)
+    ]
     if any(node.parent != parent for node in nodes):
         raise _bad("listing.nodes", "contains a node of another folder")
-    if len({node.id for node in nodes}) != len(nodes):
-        raise _bad("listing.nodes", "contains a node twice")
-    return nodes
+    ids = [node.id.hex() for node in nodes]
+    if any(b <= a for a, b in zip([after, *ids], ids, strict=False)):
+        raise _bad("listing.nodes", "is not in rising id order after the cursor")
+    more = value.get("next") if isinstance(value, dict) else None
+    if more is not None and (not nodes or more != ids[-1]):
+        raise _bad("listing.next", "does not name the page's last node")
+    return nodes, more or ""
 
 
 def parse_version(value: Any) -> int:
@@ -275,8 +287,9 @@ def parse_size(value: Any) -> int:
 def parse_missing(value: Any, asked: set[str]) -> set[bytes]:
     """The missing chunk ids; each must be one that was asked about."""
     items = _Fields(value, "missing").items("missing")
-    if not all(isinstance(item, str) and CHUNK_ID_RE.fullmatch(item) and item in asked
-               for item in items):
+    if not all(
+        isinstance(item, str) and CHUNK_ID_RE.fullmatch(item) and item in asked for item in items
+    ):
         raise _bad("missing.missing", "contains an id that was not asked about")
     return {bytes.fromhex(item) for item in items}
 
@@ -288,7 +301,8 @@ def parse_totp_secret(value: Any) -> str:
 def parse_recovery_codes(value: Any) -> list[str]:
     items = _Fields(value, "2fa").items("recovery_codes")
     if len(items) != RECOVERY_CODES or not all(
-            isinstance(item, str) and RECOVERY_CODE_RE.fullmatch(item) for item in items):
+        isinstance(item, str) and RECOVERY_CODE_RE.fullmatch(item) for item in items
+    ):
         raise _bad("2fa.recovery_codes", f"is not a list of {RECOVERY_CODES} recovery codes")
     return items
 
@@ -298,14 +312,16 @@ def parse_sessions(value: Any) -> list[SessionInfo]:
     sessions = []
     for i, item in enumerate(_Fields(value, "sessions").items("sessions")):
         fields = _Fields(item, f"sessions[{i}]")
-        sessions.append(SessionInfo(
-            id=fields.matching("id", SESSION_ID_RE, "a session id"),
-            device=fields.matching("device", _PRINTABLE_RE, "printable text"),
-            created=fields.integer("created"),
-            last_seen=fields.integer("last_seen"),
-            expires=fields.integer("expires"),
-            current=fields.boolean("current"),
-        ))
+        sessions.append(
+            SessionInfo(
+                id=fields.matching("id", SESSION_ID_RE, "a session id"),
+                device=fields.matching("device", _PRINTABLE_RE, "printable text"),
+                created=fields.integer("created"),
+                last_seen=fields.integer("last_seen"),
+                expires=fields.integer("expires"),
+                current=fields.boolean("current"),
+            )
+        )
     if sum(session.current for session in sessions) != 1:
         raise _bad("sessions", "does not mark exactly one session as current")
     return sessions

@@ -68,7 +68,13 @@ async def retrying(
                 raise failure.error from failure.__cause__
             retry += 1
             delay = backoff.delay(retry)
-            log.log(logging.DEBUG if retry == 1 else logging.INFO,
-                    "%s failed (%s); retry %d of %d in %.1f s",
-                    what, failure.error.detail, retry, retries, delay)
+            log.log(
+                logging.DEBUG if retry == 1 else logging.INFO,
+                "%s failed (%s); retry %d of %d in %.1f s",
+                what,
+                failure.error.detail,
+                retry,
+                retries,
+                delay,
+            )
             await trio.sleep(delay)

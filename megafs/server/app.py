@@ -44,11 +44,13 @@ from megafs.server.openapi import openapi_document
 from megafs.wire import (
     API_PREFIX,
     INLINE_CONTENT_MAX,
+    LIST_PAGE_MAX,
     MAX_CHUNK_BYTES,
     MAX_CONTENT_BYTES,
     MAX_JSON_BYTES,
     MAX_META_BYTES,
     MAX_MISSING_IDS,
+    NODE_ID_RE,
     SESSION_ID_RE,
     b64e,
 )
@@ -64,7 +66,10 @@ _DRAIN_SECONDS = 10.0
 
 
 def create_app(
-    meta: MetadataStore, chunks: ChunkStore, *, default_quota: int,
+    meta: MetadataStore,
+    chunks: ChunkStore,
+    *,
+    default_quota: int,
     limits: LoginLimits = DEFAULT_LIMITS,
 ) -> Starlette:
     """The megafs API over the given stores; new accounts get ``default_quota``
@@ -73,7 +78,8 @@ def create_app(
     api = _Api(meta, chunks, default_quota, limits)
     p = API_PREFIX
     routes = [
-        Route(path, _Resource(handlers)) for path, handlers in {
+        Route(path, _Resource(handlers))
+        for path, handlers in {
             f"{p}/health": {"GET": api.health},
             f"{p}/prelogin": {"POST": api.prelogin},
             f"{p}/signup": {"POST": api.signup},
@@ -91,8 +97,11 @@ def create_app(
             f"{p}/recovery": {"PUT": api.set_recovery_key},
             f"{p}/recovery/start": {"POST": api.recovery_start},
             f"{p}/recovery/finish": {"POST": api.recovery_finish},
-            f"{p}/nodes/{{id}}": {"GET": api.get_node, "PUT": api.put_node,
-                                  "DELETE": api.delete_node},
+            f"{p}/nodes/{{id}}": {
+                "GET": api.get_node,
+                "PUT": api.put_node,
+                "DELETE": api.delete_node,
+            },
             f"{p}/nodes/{{id}}/children": {"GET": api.list_children},
             # Before chunks/{id}, which would take "missing" for a (bad) chunk id.
             f"{p}/chunks/missing": {"POST": api.missing_chunks},
@@ -110,8 +119,9 @@ def create_app(
 
 
 class _Api:
-    def __init__(self, meta: MetadataStore, chunks: ChunkStore, default_quota: int,
-                 limits: LoginLimits) -> None:
+    def __init__(
+        self, meta: MetadataStore, chunks: ChunkStore, default_quota: int, limits: LoginLimits
+    ) -> None:
         self._meta = meta
         self._chunks = chunks
         self._auth = Auth(meta, limits=limits)
@@ -141,7 +151,8 @@ class _Api:
     async def signup(self, request: Request) -> Response:
         body = v.exact_fields(
             await v.read_json(request),
-            ("email", "kdf", "auth_secret", "keyblob", "root", "device"), "body",
+            ("email", "kdf", "auth_secret", "keyblob", "root", "device"),
+            "body",
             optional=("long_lived",),
         )
         root = v.exact_fields(body["root"], ("id", "meta"), "root")
@@ -159,8 +170,12 @@ class _Api:
         return JSONResponse(_session_json(session), status_code=201)
 
     async def login(self, request: Request) -> Response:
-        body = v.exact_fields(await v.read_json(request), ("email", "auth_secret", "device"),
-                              "body", optional=("code", "long_lived"))
+        body = v.exact_fields(
+            await v.read_json(request),
+            ("email", "auth_secret", "device"),
+            "body",
+            optional=("code", "long_lived"),
+        )
         session = await self._auth.login(
             v.email(body["email"]),
             _auth_secret(body["auth_secret"]),
@@ -172,25 +187,31 @@ class _Api:
         return JSONResponse(_session_json(session))
 
     async def totp_disable(self, request: Request) -> Response:
-        body = v.exact_fields(await v.read_json(request), ("email", "auth_secret", "code"),
-                              "body")
+        body = v.exact_fields(await v.read_json(request), ("email", "auth_secret", "code"), "body")
         await self._auth.disable_totp(
-            v.email(body["email"]), _auth_secret(body["auth_secret"]),
-            v.text(body["code"], "code", max_chars=v.CODE_MAX_CHARS), _client(request))
+            v.email(body["email"]),
+            _auth_secret(body["auth_secret"]),
+            v.text(body["code"], "code", max_chars=v.CODE_MAX_CHARS),
+            _client(request),
+        )
         return Response(status_code=204)
 
     async def recovery_start(self, request: Request) -> Response:
         body = v.exact_fields(await v.read_json(request), ("email", "recovery_auth"), "body")
         keyblob = await self._auth.recovery_keyblob(
-            v.email(body["email"]), _auth_secret(body["recovery_auth"], "recovery_auth"),
-            _client(request))
+            v.email(body["email"]),
+            _auth_secret(body["recovery_auth"], "recovery_auth"),
+            _client(request),
+        )
         return JSONResponse({"keyblob": b64e(keyblob)})
 
     async def recovery_finish(self, request: Request) -> Response:
         body = v.exact_fields(
             await v.read_json(request),
-            ("email", "recovery_auth", "kdf", "auth_secret", "keyblob", "device"), "body",
-            optional=("code", "long_lived"))
+            ("email", "recovery_auth", "kdf", "auth_secret", "keyblob", "device"),
+            "body",
+            optional=("code", "long_lived"),
+        )
         session = await self._auth.recover(
             v.email(body["email"]),
             _auth_secret(body["recovery_auth"], "recovery_auth"),
@@ -222,7 +243,8 @@ class _Api:
         caller = await self._caller(request)
         body = v.exact_fields(await v.read_json(request), ("code",), "body")
         codes = await self._auth.enable_totp(
-            caller, v.text(body["code"], "code", max_chars=v.CODE_MAX_CHARS), _client(request))
+            caller, v.text(body["code"], "code", max_chars=v.CODE_MAX_CHARS), _client(request)
+        )
         return JSONResponse({"recovery_codes": codes})
 
     async def sessions(self, request: Request) -> Response:
@@ -244,22 +266,31 @@ class _Api:
 
     async def change_password(self, request: Request) -> Response:
         caller = await self._caller(request)
-        body = v.exact_fields(await v.read_json(request),
-                              ("old_auth_secret", "kdf", "auth_secret", "keyblob"), "body")
+        body = v.exact_fields(
+            await v.read_json(request), ("old_auth_secret", "kdf", "auth_secret", "keyblob"), "body"
+        )
         await self._auth.change_password(
-            caller, _auth_secret(body["old_auth_secret"], "old_auth_secret"),
-            check_kdf(body["kdf"]), _auth_secret(body["auth_secret"]),
-            _keyblob(body["keyblob"]), _client(request))
+            caller,
+            _auth_secret(body["old_auth_secret"], "old_auth_secret"),
+            check_kdf(body["kdf"]),
+            _auth_secret(body["auth_secret"]),
+            _keyblob(body["keyblob"]),
+            _client(request),
+        )
         return Response(status_code=204)
 
     async def set_recovery_key(self, request: Request) -> Response:
         caller = await self._caller(request)
-        body = v.exact_fields(await v.read_json(request),
-                              ("auth_secret", "recovery_auth", "keyblob"), "body")
+        body = v.exact_fields(
+            await v.read_json(request), ("auth_secret", "recovery_auth", "keyblob"), "body"
+        )
         await self._auth.set_recovery_key(
-            caller, _auth_secret(body["auth_secret"]),
-            _auth_secret(body["recovery_auth"], "recovery_auth"), _keyblob(body["keyblob"]),
-            _client(request))
+            caller,
+            _auth_secret(body["auth_secret"]),
+            _auth_secret(body["recovery_auth"], "recovery_auth"),
+            _keyblob(body["keyblob"]),
+            _client(request),
+        )
         return Response(status_code=204)
 
     async def get_node(self, request: Request) -> Response:
@@ -271,11 +302,24 @@ class _Api:
 
     async def list_children(self, request: Request) -> Response:
         account_id = await self._account_id(request)
-        nodes = await self._meta.list_children(account_id, _path_node_id(request),
-                                               inline_max=INLINE_CONTENT_MAX)
+        after = request.query_params.get("after", "")
+        if after and not NODE_ID_RE.fullmatch(after):
+            raise InvalidRequest("the query parameter after must be a node id")
+        raw = request.query_params.get("limit", str(LIST_PAGE_MAX))
+        if not raw.isascii() or not raw.isdigit() or len(raw) > 6:
+            raise InvalidRequest("the query parameter limit must be a number")
+        limit = v.integer(int(raw), "limit", low=1, high=LIST_PAGE_MAX)
+        nodes = await self._meta.list_children(
+            account_id,
+            _path_node_id(request),
+            inline_max=INLINE_CONTENT_MAX,
+            after=after,
+            limit=limit,
+        )
         if nodes is None:
             raise NotFound("no such node")
-        return JSONResponse({"nodes": [_node_json(node) for node in nodes]})
+        more = nodes[-1].id if len(nodes) == limit else None
+        return JSONResponse({"nodes": [_node_json(node) for node in nodes], "next": more})
 
     async def put_node(self, request: Request) -> Response:
         account_id = await self._account_id(request)
@@ -288,7 +332,8 @@ class _Api:
             parent=None if body["parent"] is None else v.node_id(body["parent"], "parent"),
             expect_version=v.integer(body["expect_version"], "expect_version"),
             meta=v.blob(body["meta"], "meta", max_bytes=MAX_META_BYTES),
-            content=None if body["content"] is None
+            content=None
+            if body["content"] is None
             else v.blob(body["content"], "content", max_bytes=MAX_CONTENT_BYTES),
             chunks=frozenset(v.chunk_id(item, "chunks[]") for item in body["chunks"]),
             commit_id=v.blob(body["commit_id"], "commit_id", min_bytes=low, max_bytes=high),
@@ -323,8 +368,9 @@ class _Api:
         if not data:
             raise InvalidRequest("a chunk cannot be empty")
         async with self._chunks.locked(account_id, chunk_id):
-            stored = (await self._meta.has_chunk(account_id, chunk_id)
-                      and await self._chunks.exists(account_id, chunk_id))
+            stored = await self._meta.has_chunk(account_id, chunk_id) and await self._chunks.exists(
+                account_id, chunk_id
+            )
             if not stored:
                 await self._chunks.put(account_id, chunk_id, data)
             try:
@@ -382,14 +428,22 @@ def _account_json(account: AccountRow) -> dict[str, Any]:
 
 
 def _session_json(session: NewSession) -> dict[str, Any]:
-    return {"token": session.token, "expires": session.expires,
-            "account": _account_json(session.account)}
+    return {
+        "token": session.token,
+        "expires": session.expires,
+        "account": _account_json(session.account),
+    }
 
 
 def _session_info_json(row: SessionRow, caller: Caller) -> dict[str, Any]:
-    return {"id": row.id, "device": row.device, "created": row.created,
-            "last_seen": row.last_seen, "expires": row.expires,
-            "current": row.id == caller.session_id}
+    return {
+        "id": row.id,
+        "device": row.device,
+        "created": row.created,
+        "last_seen": row.last_seen,
+        "expires": row.expires,
+        "current": row.id == caller.session_id,
+    }
 
 
 def _node_json(node: NodeRow) -> dict[str, Any]:
@@ -410,16 +464,18 @@ async def _megafs_error(request: Request, exc: Exception) -> Response:
         headers = {"WWW-Authenticate": "Bearer"}
     elif isinstance(exc, RateLimited):
         headers = {"Retry-After": str(exc.retry_after)}
-    return JSONResponse({"error": exc.code, "detail": exc.detail}, status_code=exc.http_status,
-                        headers=headers)
+    return JSONResponse(
+        {"error": exc.code, "detail": exc.detail}, status_code=exc.http_status, headers=headers
+    )
 
 
 async def _http_error(request: Request, exc: Exception) -> Response:
     """Starlette's own errors (no such route, wrong method) in our format."""
     assert isinstance(exc, HTTPException)
     code = NotFound.code if exc.status_code == 404 else InvalidRequest.code
-    return JSONResponse({"error": code, "detail": exc.detail}, status_code=exc.status_code,
-                        headers=exc.headers)
+    return JSONResponse(
+        {"error": code, "detail": exc.detail}, status_code=exc.status_code, headers=exc.headers
+    )
 
 
 _UNLOGGABLE_RE = re.compile(r"[\x00-\x20\x7f-\x9f]")
@@ -494,10 +550,16 @@ class _Boundary:
             if message["type"] == "http.response.start":
                 status = message["status"]
                 if not body_done and not drainable:
-                    message = {**message, "headers": [*message.get("headers", ()),
-                                                      (b"connection", b"close")]}
-            elif (message["type"] == "http.response.body" and not message.get("more_body")
-                  and not body_done and drainable):
+                    message = {
+                        **message,
+                        "headers": [*message.get("headers", ()), (b"connection", b"close")],
+                    }
+            elif (
+                message["type"] == "http.response.body"
+                and not message.get("more_body")
+                and not body_done
+                and drainable
+            ):
                 # The client gets the whole answer now; the response ends (and
                 # Hypercorn may reuse the connection) once the body is read.
                 await send({**message, "more_body": True})
@@ -512,10 +574,16 @@ class _Boundary:
         except Exception:
             log.exception("unexpected error in %s %s", scope["method"], scope["path"])
             if status is None:
-                await JSONResponse({"error": MegafsError.code, "detail": "internal server error"},
-                                   status_code=500)(scope, receive_and_note, send_and_note)
+                await JSONResponse(
+                    {"error": MegafsError.code, "detail": "internal server error"}, status_code=500
+                )(scope, receive_and_note, send_and_note)
         finally:
             client = scope.get("client") or ("-",)
-            log.info("request method=%s path=%s status=%s ms=%.0f client=%s", scope["method"],
-                     _loggable(scope["path"]), status or "-",
-                     (trio.current_time() - started) * 1000, client[0])
+            log.info(
+                "request method=%s path=%s status=%s ms=%.0f client=%s",
+                scope["method"],
+                _loggable(scope["path"]),
+                status or "-",
+                (trio.current_time() - started) * 1000,
+                client[0],
+            )

@@ -106,8 +106,9 @@ def check_kdf(value: Any) -> dict[str, Any]:
     """Validate KDF parameters (signup, password change); returns them in
     canonical form. Raises InvalidRequest."""
     if not isinstance(value, dict) or set(value) != {"alg", "salt", *KDF_LIMITS}:
-        raise InvalidRequest("kdf must have exactly the fields alg, memory_kib, iterations, "
-                             "lanes and salt")
+        raise InvalidRequest(
+            "kdf must have exactly the fields alg, memory_kib, iterations, lanes and salt"
+        )
     if value["alg"] != "argon2id":
         raise InvalidRequest("kdf.alg must be 'argon2id'")
     for name, (low, high) in KDF_LIMITS.items():
@@ -120,8 +121,7 @@ def check_kdf(value: Any) -> dict[str, Any]:
     low, high = KDF_SALT_BYTES
     if not low <= len(salt) <= high:
         raise InvalidRequest(f"kdf.salt must be {low}..{high} bytes")
-    return {"alg": "argon2id", **{name: value[name] for name in KDF_LIMITS},
-            "salt": value["salt"]}
+    return {"alg": "argon2id", **{name: value[name] for name in KDF_LIMITS}, "salt": value["salt"]}
 
 
 def _hash(secret: bytes) -> bytes:
@@ -200,8 +200,17 @@ class Auth:
         return {**_FAKE_KDF, "salt": b64e(salt)}
 
     async def signup(
-        self, email: str, kdf: dict[str, Any], auth_secret: bytes, keyblob: bytes,
-        root_id: str, root_meta: bytes, device: str, *, quota: int, long_lived: bool = False,
+        self,
+        email: str,
+        kdf: dict[str, Any],
+        auth_secret: bytes,
+        keyblob: bytes,
+        root_id: str,
+        root_meta: bytes,
+        device: str,
+        *,
+        quota: int,
+        long_lived: bool = False,
     ) -> NewSession:
         """Create the account with its root node, and open a session.
 
@@ -211,20 +220,28 @@ class Auth:
         auth_hash = _hash(auth_secret)
         try:
             account = await self._meta.create_account(
-                email, kdf, auth_hash, keyblob, root_id, root_meta, quota=quota, now=_now())
+                email, kdf, auth_hash, keyblob, root_id, root_meta, quota=quota, now=_now()
+            )
         except AlreadyExists:
             existing = await self._meta.account_by_email(email)
             if existing is None or not (
                 hmac.compare_digest(existing.auth_hash, auth_hash)
-                and existing.keyblob == keyblob and existing.root_id == root_id
+                and existing.keyblob == keyblob
+                and existing.root_id == root_id
             ):
                 raise
             account = existing
         return await self._open_session(account, device, long_lived=long_lived)
 
     async def login(
-        self, email: str, auth_secret: bytes, device: str, *, code: str | None,
-        long_lived: bool, client: str,
+        self,
+        email: str,
+        auth_secret: bytes,
+        device: str,
+        *,
+        code: str | None,
+        long_lived: bool,
+        client: str,
     ) -> NewSession:
         """Raises AuthFailed, the same way for an unknown email and a wrong
         secret; SecondFactorRequired for a right password without a needed
@@ -249,8 +266,9 @@ class Auth:
         if totp is None or not totp.enabled:
             return
         if code is None:
-            raise SecondFactorRequired("this account uses two-factor authentication: "
-                                       "a code is needed")
+            raise SecondFactorRequired(
+                "this account uses two-factor authentication: a code is needed"
+            )
         normalized = _normalize_code(code)
         if _RECOVERY_CODE_RE.fullmatch(normalized):
             accepted = await self._meta.use_recovery_code(account_id, _hash(normalized.encode()))
@@ -266,8 +284,13 @@ class Auth:
         token = secrets.token_urlsafe(_TOKEN_BYTES)
         idle = LONG_SESSION_IDLE_SECONDS if long_lived else SESSION_IDLE_SECONDS
         expires = await self._meta.add_session(
-            _token_hash(token), secrets.token_hex(_SESSION_ID_BYTES), account.id, device,
-            now=_now(), idle_seconds=idle)
+            _token_hash(token),
+            secrets.token_hex(_SESSION_ID_BYTES),
+            account.id,
+            device,
+            now=_now(),
+            idle_seconds=idle,
+        )
         return NewSession(token, expires, account)
 
     @asynccontextmanager
@@ -281,18 +304,22 @@ class Auth:
         address_key = _address_key(client)
         wait = await self._meta.throttle_wait([account_key, address_key], now=_now())
         if wait:
-            raise RateLimited(f"too many failed attempts; try again in {wait} s",
-                              retry_after=wait)
+            raise RateLimited(f"too many failed attempts; try again in {wait} s", retry_after=wait)
         try:
             yield
         except (AuthFailed, PermissionDenied) as exc:
             if not isinstance(exc, SecondFactorRequired):
                 now = _now()
-                for key, free in ((account_key, limits.account_free),
-                                  (address_key, limits.address_free)):
+                for key, free in (
+                    (account_key, limits.account_free),
+                    (address_key, limits.address_free),
+                ):
                     await self._meta.throttle_failure(
-                        key, now=now, forget_after=limits.forget_seconds,
-                        lock_seconds=partial(limits.lock_seconds, free=free))
+                        key,
+                        now=now,
+                        forget_after=limits.forget_seconds,
+                        lock_seconds=partial(limits.lock_seconds, free=free),
+                    )
             raise
         await self._meta.throttle_clear(account_key)
 
@@ -300,8 +327,7 @@ class Auth:
         """The email's throttle key: a keyed hash, so the table names no
         email, and an unknown one is counted like a known one."""
         key = await self._meta.server_secret()
-        return "account:" + hmac.digest(key, _THROTTLE_LABEL + email.encode(), "sha256")[
-            :16].hex()
+        return "account:" + hmac.digest(key, _THROTTLE_LABEL + email.encode(), "sha256")[:16].hex()
 
     # -- sessions ---------------------------------------------------------------------
 
@@ -374,8 +400,13 @@ class Auth:
     # -- password and recovery --------------------------------------------------------
 
     async def change_password(
-        self, caller: Caller, old_auth_secret: bytes, kdf: dict[str, Any], auth_secret: bytes,
-        keyblob: bytes, client: str,
+        self,
+        caller: Caller,
+        old_auth_secret: bytes,
+        kdf: dict[str, Any],
+        auth_secret: bytes,
+        keyblob: bytes,
+        client: str,
     ) -> None:
         """Replace the password (its parameters, auth hash and keyblob) and
         end every other session, atomically. The current password must be
@@ -384,11 +415,16 @@ class Auth:
         async with self._throttled(account.email, client):
             if not hmac.compare_digest(account.auth_hash, _hash(old_auth_secret)):
                 raise PermissionDenied("the current password is wrong")
-        await self._meta.set_password(caller.account_id, kdf, _hash(auth_secret), keyblob,
-                                      keep_session=caller.session_id)
+        await self._meta.set_password(
+            caller.account_id, kdf, _hash(auth_secret), keyblob, keep_session=caller.session_id
+        )
 
     async def set_recovery_key(
-        self, caller: Caller, auth_secret: bytes, recovery_auth: bytes, keyblob: bytes,
+        self,
+        caller: Caller,
+        auth_secret: bytes,
+        recovery_auth: bytes,
+        keyblob: bytes,
         client: str,
     ) -> None:
         """Store the master key's wrap under a recovery key (replacing an
@@ -398,8 +434,9 @@ class Auth:
         async with self._throttled(account.email, client):
             if not hmac.compare_digest(account.auth_hash, _hash(auth_secret)):
                 raise PermissionDenied("the password is wrong")
-        await self._meta.set_recovery_key(caller.account_id, _hash(recovery_auth), keyblob,
-                                          now=_now())
+        await self._meta.set_recovery_key(
+            caller.account_id, _hash(recovery_auth), keyblob, now=_now()
+        )
 
     async def recovery_keyblob(self, email: str, recovery_auth: bytes, client: str) -> bytes:
         """The wrap under the recovery key, for whoever proves that key.
@@ -409,16 +446,26 @@ class Auth:
             return (await self._check_recovery(email, recovery_auth)).keyblob
 
     async def recover(
-        self, email: str, recovery_auth: bytes, kdf: dict[str, Any], auth_secret: bytes,
-        keyblob: bytes, device: str, *, code: str | None, long_lived: bool, client: str,
+        self,
+        email: str,
+        recovery_auth: bytes,
+        kdf: dict[str, Any],
+        auth_secret: bytes,
+        keyblob: bytes,
+        device: str,
+        *,
+        code: str | None,
+        long_lived: bool,
+        client: str,
     ) -> NewSession:
         """Set a new password with the recovery key (and the second factor,
         if the account has one), end every session, and open a new one."""
         async with self._throttled(email, client):
             row = await self._check_recovery(email, recovery_auth)
             await self._check_second_factor(row.account_id, code)
-        await self._meta.set_password(row.account_id, kdf, _hash(auth_secret), keyblob,
-                                      keep_session=None)
+        await self._meta.set_password(
+            row.account_id, kdf, _hash(auth_secret), keyblob, keep_session=None
+        )
         account = await self._meta.account(row.account_id)
         return await self._open_session(account, device, long_lived=long_lived)
 
@@ -452,7 +499,7 @@ def _normalize_code(code: str) -> str:
 
 def _new_recovery_code() -> str:
     text = base64.b32encode(secrets.token_bytes(_RECOVERY_CODE_BYTES)).decode("ascii").lower()
-    return "-".join(text[i:i + 4] for i in range(0, len(text), 4))
+    return "-".join(text[i : i + 4] for i in range(0, len(text), 4))
 
 
 def _address_key(client: str) -> str:

@@ -47,6 +47,5 @@ async def collect_garbage(meta: MetadataStore, chunks: ChunkStore, *, now: float
     # A count this old would start from zero at the next failure anyway.
     await meta.purge_throttle(before=int(now) - DEFAULT_LIMITS.forget_seconds)
     if removed or sessions:
-        log.info("garbage collection: %d chunks and %d expired sessions deleted",
-                 removed, sessions)
+        log.info("garbage collection: %d chunks and %d expired sessions deleted", removed, sessions)
     return removed

@@ -165,8 +165,16 @@ class MetadataStore(ABC):
 
     @abstractmethod
     async def create_account(
-        self, email: str, kdf: dict[str, Any], auth_hash: bytes, keyblob: bytes,
-        root_id: str, root_meta: bytes, *, quota: int, now: int,
+        self,
+        email: str,
+        kdf: dict[str, Any],
+        auth_hash: bytes,
+        keyblob: bytes,
+        root_id: str,
+        root_meta: bytes,
+        *,
+        quota: int,
+        now: int,
     ) -> AccountRow:
         """Create an account and its root node together.
 
@@ -183,7 +191,12 @@ class MetadataStore(ABC):
 
     @abstractmethod
     async def set_password(
-        self, account_id: int, kdf: dict[str, Any], auth_hash: bytes, keyblob: bytes, *,
+        self,
+        account_id: int,
+        kdf: dict[str, Any],
+        auth_hash: bytes,
+        keyblob: bytes,
+        *,
         keep_session: str | None,
     ) -> int:
         """Replace the password's parameters, auth hash and keyblob, and end
@@ -192,7 +205,13 @@ class MetadataStore(ABC):
 
     @abstractmethod
     async def add_session(
-        self, token_hash: bytes, session_id: str, account_id: int, device: str, *, now: int,
+        self,
+        token_hash: bytes,
+        session_id: str,
+        account_id: int,
+        device: str,
+        *,
+        now: int,
         idle_seconds: int,
     ) -> int:
         """Open a session that expires ``idle_seconds`` after its last use;
@@ -293,10 +312,11 @@ class MetadataStore(ABC):
 
     @abstractmethod
     async def list_children(
-        self, account_id: int, node_id: str, *, inline_max: int
+        self, account_id: int, node_id: str, *, inline_max: int, after: str = "", limit: int
     ) -> list[NodeRow] | None:
-        """The children of a node, ordered by id, with content only where it
-        is at most ``inline_max`` bytes; None if the node does not exist."""
+        """Up to ``limit`` children of a node with ids above ``after``, ordered
+        by id, with content only where it is at most ``inline_max`` bytes;
+        None if the node does not exist."""
 
     @abstractmethod
     async def put_node(self, account_id: int, node_id: str, write: NodeWrite, *, now: int) -> int:
@@ -488,13 +508,14 @@ def _node_bytes(meta: bytes, content: bytes | None) -> int:
 
 def _account_row(row: tuple[Any, ...]) -> AccountRow:
     id_, email, kdf, auth_hash, keyblob, root_id, quota, used = row
-    return AccountRow(id_, email, json.loads(kdf), bytes(auth_hash), bytes(keyblob), root_id,
-                      quota, used)
+    return AccountRow(
+        id_, email, json.loads(kdf), bytes(auth_hash), bytes(keyblob), root_id, quota, used
+    )
 
 
 def _batches(items: Sequence[str]) -> Iterator[Sequence[str]]:
     for start in range(0, len(items), _IN_BATCH):
-        yield items[start:start + _IN_BATCH]
+        yield items[start : start + _IN_BATCH]
 
 
 class SQLiteMetadataStore(MetadataStore):
@@ -518,8 +539,9 @@ class SQLiteMetadataStore(MetadataStore):
             # Another process (an offline maintenance run) may hold the lock briefly.
             self._db.execute("PRAGMA busy_timeout=10000")
             version = self._stored_version()
-            migrations = "".join(_MIGRATIONS[v] for v in range(version + 1, SCHEMA_VERSION + 1)
-                                 if version)
+            migrations = "".join(
+                _MIGRATIONS[v] for v in range(version + 1, SCHEMA_VERSION + 1) if version
+            )
             self._db.executescript(f"BEGIN IMMEDIATE;{migrations}{_SCHEMA}COMMIT;")
             self._secret = self._init_config()
         except BaseException:
@@ -530,16 +552,19 @@ class SQLiteMetadataStore(MetadataStore):
     def _stored_version(self) -> int:
         """The schema version of the database (0: a new one). Raises
         DatabaseError for one written by a newer server."""
-        if not self._db.execute("SELECT 1 FROM sqlite_master WHERE type = 'table'"
-                                " AND name = 'server_config'").fetchone():
+        if not self._db.execute(
+            "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'server_config'"
+        ).fetchone():
             return 0
         row = self._db.execute(
-            "SELECT value FROM server_config WHERE key = 'schema_version'").fetchone()
+            "SELECT value FROM server_config WHERE key = 'schema_version'"
+        ).fetchone()
         version = int(row[0]) if row else 0
         if version > SCHEMA_VERSION:
             raise sqlite3.DatabaseError(
                 f"the database has schema version {version}; this server knows "
-                f"{SCHEMA_VERSION} at most")
+                f"{SCHEMA_VERSION} at most"
+            )
         return version
 
     def _init_config(self) -> bytes:
@@ -547,11 +572,15 @@ class SQLiteMetadataStore(MetadataStore):
             config = dict(db.execute("SELECT key, value FROM server_config").fetchall())
             if "secret" not in config:
                 config["secret"] = secrets.token_hex(32)
-                db.execute("INSERT INTO server_config (key, value) VALUES ('secret', ?)",
-                           (config["secret"],))
-            db.execute("INSERT INTO server_config (key, value) VALUES ('schema_version', ?)"
-                       " ON CONFLICT (key) DO UPDATE SET value = excluded.value",
-                       (str(SCHEMA_VERSION),))
+                db.execute(
+                    "INSERT INTO server_config (key, value) VALUES ('secret', ?)",
+                    (config["secret"],),
+                )
+            db.execute(
+                "INSERT INTO server_config (key, value) VALUES ('schema_version', ?)"
+                " ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+                (str(SCHEMA_VERSION),),
+            )
         return bytes.fromhex(config["secret"])
 
     @contextmanager
@@ -581,8 +610,16 @@ class SQLiteMetadataStore(MetadataStore):
     # -- accounts and sessions ----------------------------------------------------
 
     async def create_account(
-        self, email: str, kdf: dict[str, Any], auth_hash: bytes, keyblob: bytes,
-        root_id: str, root_meta: bytes, *, quota: int, now: int,
+        self,
+        email: str,
+        kdf: dict[str, Any],
+        auth_hash: bytes,
+        keyblob: bytes,
+        root_id: str,
+        root_meta: bytes,
+        *,
+        quota: int,
+        now: int,
     ) -> AccountRow:
         used = _node_bytes(root_meta, None)
         if used > quota:
@@ -627,30 +664,47 @@ class SQLiteMetadataStore(MetadataStore):
         return _account_row(row)
 
     async def set_password(
-        self, account_id: int, kdf: dict[str, Any], auth_hash: bytes, keyblob: bytes, *,
+        self,
+        account_id: int,
+        kdf: dict[str, Any],
+        auth_hash: bytes,
+        keyblob: bytes,
+        *,
         keep_session: str | None,
     ) -> int:
         def change(db: sqlite3.Connection) -> int:
-            if not db.execute("UPDATE accounts SET kdf = ?, auth_hash = ?, keyblob = ?"
-                              " WHERE id = ?",
-                              (json.dumps(kdf), auth_hash, keyblob, account_id)).rowcount:
+            if not db.execute(
+                "UPDATE accounts SET kdf = ?, auth_hash = ?, keyblob = ? WHERE id = ?",
+                (json.dumps(kdf), auth_hash, keyblob, account_id),
+            ).rowcount:
                 raise NotFound("no such account")
-            return int(db.execute(
-                "DELETE FROM sessions WHERE account_id = ? AND id IS NOT ?",
-                (account_id, keep_session)).rowcount)
+            return int(
+                db.execute(
+                    "DELETE FROM sessions WHERE account_id = ? AND id IS NOT ?",
+                    (account_id, keep_session),
+                ).rowcount
+            )
 
         return await self._run(change)
 
     async def add_session(
-        self, token_hash: bytes, session_id: str, account_id: int, device: str, *, now: int,
+        self,
+        token_hash: bytes,
+        session_id: str,
+        account_id: int,
+        device: str,
+        *,
+        now: int,
         idle_seconds: int,
     ) -> int:
         expires = now + idle_seconds
-        await self._run(lambda db: db.execute(
-            "INSERT INTO sessions (token_hash, account_id, device, created, last_seen, expires,"
-            " id, idle_seconds) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-            (token_hash, account_id, device, now, now, expires, session_id, idle_seconds),
-        ))
+        await self._run(
+            lambda db: db.execute(
+                "INSERT INTO sessions (token_hash, account_id, device, created, last_seen, expires,"
+                " id, idle_seconds) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                (token_hash, account_id, device, now, now, expires, session_id, idle_seconds),
+            )
+        )
         return expires
 
     async def session(self, token_hash: bytes, *, now: int) -> SessionRow | None:
@@ -665,52 +719,79 @@ class SQLiteMetadataStore(MetadataStore):
                 row = db.execute(
                     "UPDATE sessions SET last_seen = ?, expires = ? + idle_seconds"
                     f" WHERE token_hash = ? RETURNING {_SESSION_COLUMNS}",
-                    (now, now, token_hash)).fetchone()
+                    (now, now, token_hash),
+                ).fetchone()
             return SessionRow(*row)
 
         return await self._run(lookup)
 
     async def list_sessions(self, account_id: int, *, now: int) -> list[SessionRow]:
-        return await self._run(lambda db: [SessionRow(*row) for row in db.execute(
-            f"SELECT {_SESSION_COLUMNS} FROM sessions WHERE account_id = ? AND expires > ?"
-            " ORDER BY created, rowid", (account_id, now))])
+        return await self._run(
+            lambda db: [
+                SessionRow(*row)
+                for row in db.execute(
+                    f"SELECT {_SESSION_COLUMNS} FROM sessions WHERE account_id = ? AND expires > ?"
+                    " ORDER BY created, rowid",
+                    (account_id, now),
+                )
+            ]
+        )
 
     async def delete_session(self, token_hash: bytes) -> bool:
-        return await self._run(lambda db: db.execute(
-            "DELETE FROM sessions WHERE token_hash = ?", (token_hash,)).rowcount > 0)
+        return await self._run(
+            lambda db: (
+                db.execute("DELETE FROM sessions WHERE token_hash = ?", (token_hash,)).rowcount > 0
+            )
+        )
 
     async def revoke_session(self, account_id: int, session_id: str) -> bool:
-        return await self._run(lambda db: db.execute(
-            "DELETE FROM sessions WHERE account_id = ? AND id = ?",
-            (account_id, session_id)).rowcount > 0)
+        return await self._run(
+            lambda db: (
+                db.execute(
+                    "DELETE FROM sessions WHERE account_id = ? AND id = ?", (account_id, session_id)
+                ).rowcount
+                > 0
+            )
+        )
 
     async def revoke_other_sessions(self, account_id: int, keep_session: str) -> int:
-        return await self._run(lambda db: int(db.execute(
-            "DELETE FROM sessions WHERE account_id = ? AND id != ?",
-            (account_id, keep_session)).rowcount))
+        return await self._run(
+            lambda db: int(
+                db.execute(
+                    "DELETE FROM sessions WHERE account_id = ? AND id != ?",
+                    (account_id, keep_session),
+                ).rowcount
+            )
+        )
 
     async def purge_sessions(self, *, now: int) -> int:
-        return await self._run(lambda db: db.execute(
-            "DELETE FROM sessions WHERE expires <= ?", (now,)).rowcount)
+        return await self._run(
+            lambda db: db.execute("DELETE FROM sessions WHERE expires <= ?", (now,)).rowcount
+        )
 
     # -- second factor and recovery ---------------------------------------------
 
     async def totp(self, account_id: int) -> TotpRow | None:
         def get(db: sqlite3.Connection) -> TotpRow | None:
-            row = db.execute("SELECT secret, enabled, last_step FROM totp WHERE account_id = ?",
-                             (account_id,)).fetchone()
+            row = db.execute(
+                "SELECT secret, enabled, last_step FROM totp WHERE account_id = ?", (account_id,)
+            ).fetchone()
             return None if row is None else TotpRow(bytes(row[0]), bool(row[1]), row[2])
 
         return await self._run(get)
 
     async def begin_totp(self, account_id: int, secret: bytes) -> None:
         def begin(db: sqlite3.Connection) -> None:
-            if db.execute("SELECT 1 FROM totp WHERE account_id = ? AND enabled = 1",
-                          (account_id,)).fetchone():
+            if db.execute(
+                "SELECT 1 FROM totp WHERE account_id = ? AND enabled = 1", (account_id,)
+            ).fetchone():
                 raise AlreadyExists("two-factor authentication is already on")
-            db.execute("INSERT INTO totp (account_id, secret, enabled, last_step)"
-                       " VALUES (?, ?, 0, 0) ON CONFLICT (account_id) DO UPDATE"
-                       " SET secret = excluded.secret, last_step = 0", (account_id, secret))
+            db.execute(
+                "INSERT INTO totp (account_id, secret, enabled, last_step)"
+                " VALUES (?, ?, 0, 0) ON CONFLICT (account_id) DO UPDATE"
+                " SET secret = excluded.secret, last_step = 0",
+                (account_id, secret),
+            )
 
         await self._run(begin)
 
@@ -718,26 +799,43 @@ class SQLiteMetadataStore(MetadataStore):
         self, account_id: int, secret: bytes, step: int, code_hashes: Sequence[bytes]
     ) -> bool:
         def enable(db: sqlite3.Connection) -> bool:
-            if not db.execute("UPDATE totp SET enabled = 1, last_step = ? WHERE account_id = ?"
-                              " AND enabled = 0 AND secret = ?",
-                              (step, account_id, secret)).rowcount:
+            if not db.execute(
+                "UPDATE totp SET enabled = 1, last_step = ? WHERE account_id = ?"
+                " AND enabled = 0 AND secret = ?",
+                (step, account_id, secret),
+            ).rowcount:
                 return False
             db.execute("DELETE FROM recovery_codes WHERE account_id = ?", (account_id,))
-            db.executemany("INSERT INTO recovery_codes (account_id, code_hash) VALUES (?, ?)",
-                           ((account_id, code_hash) for code_hash in code_hashes))
+            db.executemany(
+                "INSERT INTO recovery_codes (account_id, code_hash) VALUES (?, ?)",
+                ((account_id, code_hash) for code_hash in code_hashes),
+            )
             return True
 
         return await self._run(enable)
 
     async def use_totp_step(self, account_id: int, step: int) -> bool:
-        return await self._run(lambda db: db.execute(
-            "UPDATE totp SET last_step = ? WHERE account_id = ? AND enabled = 1"
-            " AND last_step < ?", (step, account_id, step)).rowcount > 0)
+        return await self._run(
+            lambda db: (
+                db.execute(
+                    "UPDATE totp SET last_step = ? WHERE account_id = ? AND enabled = 1"
+                    " AND last_step < ?",
+                    (step, account_id, step),
+                ).rowcount
+                > 0
+            )
+        )
 
     async def use_recovery_code(self, account_id: int, code_hash: bytes) -> bool:
-        return await self._run(lambda db: db.execute(
-            "DELETE FROM recovery_codes WHERE account_id = ? AND code_hash = ?",
-            (account_id, code_hash)).rowcount > 0)
+        return await self._run(
+            lambda db: (
+                db.execute(
+                    "DELETE FROM recovery_codes WHERE account_id = ? AND code_hash = ?",
+                    (account_id, code_hash),
+                ).rowcount
+                > 0
+            )
+        )
 
     async def disable_totp(self, account_id: int) -> None:
         def disable(db: sqlite3.Connection) -> None:
@@ -749,17 +847,22 @@ class SQLiteMetadataStore(MetadataStore):
     async def set_recovery_key(
         self, account_id: int, auth_hash: bytes, keyblob: bytes, *, now: int
     ) -> None:
-        await self._run(lambda db: db.execute(
-            "INSERT INTO recovery_keys (account_id, auth_hash, keyblob, created)"
-            " VALUES (?, ?, ?, ?) ON CONFLICT (account_id) DO UPDATE"
-            " SET auth_hash = excluded.auth_hash, keyblob = excluded.keyblob,"
-            " created = excluded.created", (account_id, auth_hash, keyblob, now)))
+        await self._run(
+            lambda db: db.execute(
+                "INSERT INTO recovery_keys (account_id, auth_hash, keyblob, created)"
+                " VALUES (?, ?, ?, ?) ON CONFLICT (account_id) DO UPDATE"
+                " SET auth_hash = excluded.auth_hash, keyblob = excluded.keyblob,"
+                " created = excluded.created",
+                (account_id, auth_hash, keyblob, now),
+            )
+        )
 
     async def recovery_by_email(self, email: str) -> RecoveryRow | None:
         def find(db: sqlite3.Connection) -> RecoveryRow | None:
             row = db.execute(
                 "SELECT r.account_id, r.auth_hash, r.keyblob FROM accounts a"
-                " JOIN recovery_keys r ON r.account_id = a.id WHERE a.email = ?", (email,),
+                " JOIN recovery_keys r ON r.account_id = a.id WHERE a.email = ?",
+                (email,),
             ).fetchone()
             return None if row is None else RecoveryRow(row[0], bytes(row[1]), bytes(row[2]))
 
@@ -771,7 +874,9 @@ class SQLiteMetadataStore(MetadataStore):
         def wait(db: sqlite3.Connection) -> int:
             row = db.execute(
                 f"SELECT max(locked_until) FROM throttle WHERE key IN"
-                f" ({', '.join('?' * len(keys))})", tuple(keys)).fetchone()
+                f" ({', '.join('?' * len(keys))})",
+                tuple(keys),
+            ).fetchone()
             return max(0, (row[0] or 0) - now)
 
         return await self._run(wait)
@@ -780,15 +885,17 @@ class SQLiteMetadataStore(MetadataStore):
         self, key: str, *, now: int, forget_after: int, lock_seconds: Callable[[int], int]
     ) -> None:
         def fail(db: sqlite3.Connection) -> None:
-            row = db.execute("SELECT failures, last_failure FROM throttle WHERE key = ?",
-                             (key,)).fetchone()
+            row = db.execute(
+                "SELECT failures, last_failure FROM throttle WHERE key = ?", (key,)
+            ).fetchone()
             failures = 1 if row is None or now - row[1] > forget_after else row[0] + 1
             db.execute(
                 "INSERT INTO throttle (key, failures, last_failure, locked_until)"
                 " VALUES (?, ?, ?, ?) ON CONFLICT (key) DO UPDATE SET"
                 " failures = excluded.failures, last_failure = excluded.last_failure,"
                 " locked_until = excluded.locked_until",
-                (key, failures, now, now + lock_seconds(failures)))
+                (key, failures, now, now + lock_seconds(failures)),
+            )
 
         await self._run(fail)
 
@@ -796,9 +903,14 @@ class SQLiteMetadataStore(MetadataStore):
         await self._run(lambda db: db.execute("DELETE FROM throttle WHERE key = ?", (key,)))
 
     async def purge_throttle(self, *, before: int) -> int:
-        return await self._run(lambda db: int(db.execute(
-            "DELETE FROM throttle WHERE last_failure < ? AND locked_until < ?",
-            (before, before)).rowcount))
+        return await self._run(
+            lambda db: int(
+                db.execute(
+                    "DELETE FROM throttle WHERE last_failure < ? AND locked_until < ?",
+                    (before, before),
+                ).rowcount
+            )
+        )
 
     # -- nodes --------------------------------------------------------------------
 
@@ -806,7 +918,8 @@ class SQLiteMetadataStore(MetadataStore):
         def get(db: sqlite3.Connection) -> NodeRow | None:
             row = db.execute(
                 "SELECT id, parent, version, meta, content FROM nodes"
-                " WHERE account_id = ? AND id = ?", (account_id, node_id),
+                " WHERE account_id = ? AND id = ?",
+                (account_id, node_id),
             ).fetchone()
             if row is None:
                 return None
@@ -817,7 +930,7 @@ class SQLiteMetadataStore(MetadataStore):
         return await self._run(get)
 
     async def list_children(
-        self, account_id: int, node_id: str, *, inline_max: int
+        self, account_id: int, node_id: str, *, inline_max: int, after: str = "", limit: int
     ) -> list[NodeRow] | None:
         def children(db: sqlite3.Connection) -> list[NodeRow] | None:
             if not self._node_exists(db, account_id, node_id):
@@ -826,12 +939,19 @@ class SQLiteMetadataStore(MetadataStore):
                 "SELECT id, parent, version, meta,"
                 " CASE WHEN length(content) <= ? THEN content END,"
                 " coalesce(length(content), 0)"
-                " FROM nodes WHERE account_id = ? AND parent = ? ORDER BY id",
-                (inline_max, account_id, node_id),
+                " FROM nodes WHERE account_id = ? AND parent = ? AND id > ?"
+                " ORDER BY id LIMIT ?",
+                (inline_max, account_id, node_id, after, limit),
             ).fetchall()
             return [
-                NodeRow(id_, parent, version, bytes(meta),
-                        None if content is None else bytes(content), size)
+                NodeRow(
+                    id_,
+                    parent,
+                    version,
+                    bytes(meta),
+                    None if content is None else bytes(content),
+                    size,
+                )
                 for id_, parent, version, meta, content, size in rows
             ]
 
@@ -839,8 +959,12 @@ class SQLiteMetadataStore(MetadataStore):
 
     @staticmethod
     def _node_exists(db: sqlite3.Connection, account_id: int, node_id: str) -> bool:
-        return db.execute("SELECT 1 FROM nodes WHERE account_id = ? AND id = ?",
-                          (account_id, node_id)).fetchone() is not None
+        return (
+            db.execute(
+                "SELECT 1 FROM nodes WHERE account_id = ? AND id = ?", (account_id, node_id)
+            ).fetchone()
+            is not None
+        )
 
     async def put_node(self, account_id: int, node_id: str, write: NodeWrite, *, now: int) -> int:
         return await self._run(lambda db: self._put_node(db, account_id, node_id, write, now))
@@ -849,8 +973,8 @@ class SQLiteMetadataStore(MetadataStore):
         self, db: sqlite3.Connection, account_id: int, node_id: str, w: NodeWrite, now: int
     ) -> int:
         current = db.execute(
-            f"SELECT version, commit_id, {_NODE_BYTES} FROM nodes"
-            " WHERE account_id = ? AND id = ?", (account_id, node_id),
+            f"SELECT version, commit_id, {_NODE_BYTES} FROM nodes WHERE account_id = ? AND id = ?",
+            (account_id, node_id),
         ).fetchone()
         if current is not None and bytes(current[1]) == w.commit_id:
             return int(current[0])  # a retry of the write that is already in
@@ -878,8 +1002,9 @@ class SQLiteMetadataStore(MetadataStore):
             " updated = excluded.updated",
             (account_id, node_id, w.parent, version, w.meta, w.content, w.commit_id, now),
         )
-        db.execute("DELETE FROM node_chunks WHERE account_id = ? AND node_id = ?",
-                   (account_id, node_id))
+        db.execute(
+            "DELETE FROM node_chunks WHERE account_id = ? AND node_id = ?", (account_id, node_id)
+        )
         db.executemany(
             "INSERT INTO node_chunks (account_id, node_id, chunk_id) VALUES (?, ?, ?)",
             ((account_id, node_id, chunk_id) for chunk_id in chunk_ids),
@@ -919,7 +1044,8 @@ class SQLiteMetadataStore(MetadataStore):
         for batch in _batches(chunk_ids):
             found = db.execute(
                 "SELECT count(*) FROM chunks WHERE account_id = ? AND id IN"
-                f" ({', '.join('?' * len(batch))})", (account_id, *batch),
+                f" ({', '.join('?' * len(batch))})",
+                (account_id, *batch),
             ).fetchone()[0]
             if found != len(batch):
                 raise MissingReference("the node references a chunk that is not stored")
@@ -936,8 +1062,10 @@ class SQLiteMetadataStore(MetadataStore):
                 raise InvalidRequest("the root folder cannot be deleted")
             if row[0] != expect_version:
                 raise VersionConflict(f"the node is at version {row[0]}")
-            if db.execute("SELECT 1 FROM nodes WHERE account_id = ? AND parent = ? LIMIT 1",
-                          (account_id, node_id)).fetchone():
+            if db.execute(
+                "SELECT 1 FROM nodes WHERE account_id = ? AND parent = ? LIMIT 1",
+                (account_id, node_id),
+            ).fetchone():
                 raise NotEmpty("the folder is not empty")
             db.execute("DELETE FROM nodes WHERE account_id = ? AND id = ?", (account_id, node_id))
             db.execute("UPDATE accounts SET used = used - ? WHERE id = ?", (row[1], account_id))
@@ -947,9 +1075,15 @@ class SQLiteMetadataStore(MetadataStore):
     # -- chunks -------------------------------------------------------------------
 
     async def has_chunk(self, account_id: int, chunk_id: str) -> bool:
-        return await self._run(lambda db: db.execute(
-            "SELECT 1 FROM chunks WHERE account_id = ? AND id = ?", (account_id, chunk_id),
-        ).fetchone() is not None)
+        return await self._run(
+            lambda db: (
+                db.execute(
+                    "SELECT 1 FROM chunks WHERE account_id = ? AND id = ?",
+                    (account_id, chunk_id),
+                ).fetchone()
+                is not None
+            )
+        )
 
     async def missing_chunks(
         self, account_id: int, chunk_ids: Sequence[str], *, now: int
@@ -957,40 +1091,55 @@ class SQLiteMetadataStore(MetadataStore):
         def missing(db: sqlite3.Connection) -> list[str]:
             present: set[str] = set()
             for batch in _batches(chunk_ids):
-                present.update(row[0] for row in db.execute(
-                    "UPDATE chunks SET touched = ? WHERE account_id = ? AND id IN"
-                    f" ({', '.join('?' * len(batch))}) RETURNING id", (now, account_id, *batch)))
+                present.update(
+                    row[0]
+                    for row in db.execute(
+                        "UPDATE chunks SET touched = ? WHERE account_id = ? AND id IN"
+                        f" ({', '.join('?' * len(batch))}) RETURNING id",
+                        (now, account_id, *batch),
+                    )
+                )
             return [chunk_id for chunk_id in chunk_ids if chunk_id not in present]
 
         return await self._run(missing)
 
     async def add_chunk(self, account_id: int, chunk_id: str, size: int, *, now: int) -> bool:
         def add(db: sqlite3.Connection) -> bool:
-            if db.execute("UPDATE chunks SET touched = ? WHERE account_id = ? AND id = ?",
-                          (now, account_id, chunk_id)).rowcount:
+            if db.execute(
+                "UPDATE chunks SET touched = ? WHERE account_id = ? AND id = ?",
+                (now, account_id, chunk_id),
+            ).rowcount:
                 return False
             account = self._account(db, account_id)
             if account.used + size > account.quota:
                 raise QuotaExceeded(f"the account's quota of {account.quota} bytes is full")
-            db.execute("INSERT INTO chunks (account_id, id, size, touched) VALUES (?, ?, ?, ?)",
-                       (account_id, chunk_id, size, now))
+            db.execute(
+                "INSERT INTO chunks (account_id, id, size, touched) VALUES (?, ?, ?, ?)",
+                (account_id, chunk_id, size, now),
+            )
             db.execute("UPDATE accounts SET used = used + ? WHERE id = ?", (size, account_id))
             return True
 
         return await self._run(add)
 
     async def garbage_chunks(self, *, cutoff: int, limit: int) -> list[tuple[int, str]]:
-        return await self._run(lambda db: [
-            (int(account_id), chunk_id) for account_id, chunk_id in db.execute(
-                f"SELECT account_id, id FROM chunks c WHERE touched < ? AND {_UNREFERENCED}"
-                " LIMIT ?", (cutoff, limit))
-        ])
+        return await self._run(
+            lambda db: [
+                (int(account_id), chunk_id)
+                for account_id, chunk_id in db.execute(
+                    f"SELECT account_id, id FROM chunks c WHERE touched < ? AND {_UNREFERENCED}"
+                    " LIMIT ?",
+                    (cutoff, limit),
+                )
+            ]
+        )
 
     async def forget_chunk(self, account_id: int, chunk_id: str, *, cutoff: int) -> bool:
         def forget(db: sqlite3.Connection) -> bool:
             row = db.execute(
                 "DELETE FROM chunks AS c WHERE account_id = ? AND id = ? AND touched < ?"
-                f" AND {_UNREFERENCED} RETURNING size", (account_id, chunk_id, cutoff),
+                f" AND {_UNREFERENCED} RETURNING size",
+                (account_id, chunk_id, cutoff),
             ).fetchone()
             if row is None:
                 return False

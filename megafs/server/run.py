@@ -112,16 +112,23 @@ async def serve(
     with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
         async with _open_stores(data_dir) as (meta, chunks):
             # Starlette's and Hypercorn's ASGI type declarations differ in form only.
-            app = cast(ASGIFramework, create_app(meta, chunks, default_quota=default_quota,
-                                                 limits=limits))
+            app = cast(
+                ASGIFramework, create_app(meta, chunks, default_quota=default_quota, limits=limits)
+            )
             if behind_proxy:
                 app = ProxyFixMiddleware(app, mode="legacy", trusted_hops=1)
             config = _hypercorn_config(tls)
             listener = _bind(host, port)
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(_collect_garbage_forever, meta, chunks)
-                await _serve_http(app, config, listener, signals, data_dir / "server.json",
-                                  task_status=task_status)
+                await _serve_http(
+                    app,
+                    config,
+                    listener,
+                    signals,
+                    data_dir / "server.json",
+                    task_status=task_status,
+                )
                 nursery.cancel_scope.cancel()
     log.info("stopped")
 
@@ -145,12 +152,17 @@ async def _serve_http(
     config.bind = [f"fd://{listener.detach()}"]
     try:
         async with trio.open_nursery() as nursery:
-            await nursery.start(partial(
-                hypercorn.trio.serve, cast(Framework, app), config,
-                shutdown_trigger=partial(_next_signal, signals),
-            ))
+            await nursery.start(
+                partial(
+                    hypercorn.trio.serve,
+                    cast(Framework, app),
+                    config,
+                    shutdown_trigger=partial(_next_signal, signals),
+                )
+            )
             await trio.to_thread.run_sync(
-                _write_atomically, info, json.dumps({"url": url, "pid": os.getpid()}))
+                _write_atomically, info, json.dumps({"url": url, "pid": os.getpid()})
+            )
             log.info("serving on %s", url)
             task_status.started(port)
     finally:
@@ -177,8 +189,7 @@ async def _open_stores(data_dir: Path) -> AsyncIterator[tuple[MetadataStore, Chu
             try:
                 fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
-                raise ServerStartError(
-                    f"another megafs server is using {data_dir}") from None
+                raise ServerStartError(f"another megafs server is using {data_dir}") from None
             return lock, SQLiteMetadataStore(data_dir / "meta.sqlite3"), LocalChunkStore(data_dir)
         except (OSError, sqlite3.Error) as exc:
             if lock is not None:
@@ -199,8 +210,9 @@ async def _open_stores(data_dir: Path) -> AsyncIterator[tuple[MetadataStore, Chu
 def _bind(host: str, port: int) -> socket.socket:
     """The listening address, bound here so a busy port is a clear error."""
     try:
-        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM,
-                                   flags=socket.AI_PASSIVE | socket.AI_NUMERICSERV)
+        infos = socket.getaddrinfo(
+            host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE | socket.AI_NUMERICSERV
+        )
         family, kind, proto, _, address = infos[0]
         sock = socket.socket(family, kind, proto)
     except OSError as exc:
@@ -229,8 +241,9 @@ def _hypercorn_config(tls: TlsFiles | None) -> Config:
             config.create_ssl_context()
         except (OSError, ssl.SSLError) as exc:
             reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else exc
-            raise ServerStartError(f"cannot use the TLS certificate {tls.cert} and key "
-                                   f"{tls.key}: {reason}") from exc
+            raise ServerStartError(
+                f"cannot use the TLS certificate {tls.cert} and key {tls.key}: {reason}"
+            ) from exc
     return config
 
 
@@ -261,8 +274,14 @@ def parse_listen(listen: str) -> tuple[str, int]:
 
 
 def run_server(
-    data_dir: Path, listen: str, *, default_quota: int, limits: LoginLimits = DEFAULT_LIMITS,
-    tls_cert: Path | None = None, tls_key: Path | None = None, behind_proxy: bool = False,
+    data_dir: Path,
+    listen: str,
+    *,
+    default_quota: int,
+    limits: LoginLimits = DEFAULT_LIMITS,
+    tls_cert: Path | None = None,
+    tls_key: Path | None = None,
+    behind_proxy: bool = False,
 ) -> int:
     """Run the server in the foreground until SIGTERM or SIGINT; returns an
     exit code: 0 after a clean stop; 1 if it cannot start and 2 for a
@@ -277,8 +296,18 @@ def run_server(
         return 2
     tls = TlsFiles(tls_cert, tls_key) if tls_cert and tls_key else None
     try:
-        trio.run(partial(serve, data_dir, host, port, default_quota=default_quota,
-                         limits=limits, tls=tls, behind_proxy=behind_proxy))
+        trio.run(
+            partial(
+                serve,
+                data_dir,
+                host,
+                port,
+                default_quota=default_quota,
+                limits=limits,
+                tls=tls,
+                behind_proxy=behind_proxy,
+            )
+        )
     except ServerStartError as exc:
         print(f"megafs: {exc}", file=sys.stderr)
         return 1
@@ -289,21 +318,34 @@ def add_security_arguments(parser: argparse.ArgumentParser) -> None:
     """The transport and login-throttling options, shared by ``megafs
     server`` and ``python -m megafs.server``; :func:`security_options`
     turns them into :func:`run_server` arguments."""
-    parser.add_argument("--tls-cert", metavar="PEM", type=Path,
-                        help="serve HTTPS with this certificate (chain); needs --tls-key")
-    parser.add_argument("--tls-key", metavar="PEM", type=Path,
-                        help="the certificate's private key")
-    parser.add_argument("--behind-proxy", action="store_true",
-                        help="a reverse proxy forwards the requests: take the client's address "
-                             "from the last X-Forwarded-For entry")
-    parser.add_argument("--failed-logins-per-account", metavar="N", type=_count,
-                        default=DEFAULT_LIMITS.account_free,
-                        help="failed logins in a row an email may have before it is locked "
-                             f"out for a while (default {DEFAULT_LIMITS.account_free})")
-    parser.add_argument("--failed-logins-per-address", metavar="N", type=_count,
-                        default=DEFAULT_LIMITS.address_free,
-                        help="the same for a client address (default "
-                             f"{DEFAULT_LIMITS.address_free})")
+    parser.add_argument(
+        "--tls-cert",
+        metavar="PEM",
+        type=Path,
+        help="serve HTTPS with this certificate (chain); needs --tls-key",
+    )
+    parser.add_argument("--tls-key", metavar="PEM", type=Path, help="the certificate's private key")
+    parser.add_argument(
+        "--behind-proxy",
+        action="store_true",
+        help="a reverse proxy forwards the requests: take the client's address "
+        "from the last X-Forwarded-For entry",
+    )
+    parser.add_argument(
+        "--failed-logins-per-account",
+        metavar="N",
+        type=_count,
+        default=DEFAULT_LIMITS.account_free,
+        help="failed logins in a row an email may have before it is locked "
+        f"out for a while (default {DEFAULT_LIMITS.account_free})",
+    )
+    parser.add_argument(
+        "--failed-logins-per-address",
+        metavar="N",
+        type=_count,
+        default=DEFAULT_LIMITS.address_free,
+        help=f"the same for a client address (default {DEFAULT_LIMITS.address_free})",
+    )
 
 
 def security_options(args: argparse.Namespace) -> dict[str, Any]:
@@ -311,8 +353,9 @@ def security_options(args: argparse.Namespace) -> dict[str, Any]:
         "tls_cert": args.tls_cert,
         "tls_key": args.tls_key,
         "behind_proxy": args.behind_proxy,
-        "limits": LoginLimits(account_free=args.failed_logins_per_account,
-                              address_free=args.failed_logins_per_address),
+        "limits": LoginLimits(
+            account_free=args.failed_logins_per_account, address_free=args.failed_logins_per_address
+        ),
     }
 
 

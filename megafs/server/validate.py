@@ -115,9 +115,11 @@ def exact_fields(
         missing = sorted(set(names) - obj.keys())
         extra = sorted(obj.keys() - {*names, *optional})
         raise InvalidRequest(
-            f"{what}: " + "; ".join(
+            f"{what}: "
+            + "; ".join(
                 f"{label} {', '.join(keys)}"
-                for label, keys in (("missing", missing), ("unknown", extra)) if keys
+                for label, keys in (("missing", missing), ("unknown", extra))
+                if keys
             )
         )
     return {**dict.fromkeys(optional), **obj}
@@ -156,8 +158,7 @@ def text(value: Any, what: str, *, max_chars: int) -> str:
     """A non-empty single-line string that UTF-8 can encode (JSON can carry
     lone surrogates, which no database column can)."""
     if not isinstance(value, str) or len(value) > max_chars or not _TEXT_RE.fullmatch(value):
-        raise InvalidRequest(f"{what} must be 1..{max_chars} characters without control "
-                             "characters")
+        raise InvalidRequest(f"{what} must be 1..{max_chars} characters without control characters")
     try:
         value.encode("utf-8")
     except UnicodeEncodeError:

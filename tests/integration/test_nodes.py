@@ -7,6 +7,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import pytest
+import trio
 
 from megafs.errors import (
     AlreadyExists,
@@ -25,12 +26,26 @@ def new_id() -> bytes:
     return os.urandom(16)
 
 
-async def put(user: User, node_id: bytes, *, parent: bytes | None, version: int = 0,
-              meta: bytes | None = None, content: bytes | None = None,
-              chunks: Sequence[bytes] = (), commit_id: bytes | None = None) -> int:
+async def put(
+    user: User,
+    node_id: bytes,
+    *,
+    parent: bytes | None,
+    version: int = 0,
+    meta: bytes | None = None,
+    content: bytes | None = None,
+    chunks: Sequence[bytes] = (),
+    commit_id: bytes | None = None,
+) -> int:
     return await user.client.put_node(
-        node_id, parent=parent, expect_version=version, meta=meta or os.urandom(50),
-        content=content, chunks=chunks, commit_id=commit_id or os.urandom(16))
+        node_id,
+        parent=parent,
+        expect_version=version,
+        meta=meta or os.urandom(50),
+        content=content,
+        chunks=chunks,
+        commit_id=commit_id or os.urandom(16),
+    )
 
 
 async def test_create_replace_and_conflicts(alice: User) -> None:
@@ -45,7 +60,13 @@ async def test_create_replace_and_conflicts(alice: User) -> None:
         await put(alice, new_id(), parent=alice.root, version=3)
     got = await alice.client.get_node(node)
     assert (got.id, got.parent, got.version, got.meta, got.content, got.content_size) == (
-        node, alice.root, 2, b"v2", b"c", 1)
+        node,
+        alice.root,
+        2,
+        b"v2",
+        b"c",
+        1,
+    )
 
 
 async def test_retried_commit_answers_the_version_it_made(alice: User) -> None:
@@ -113,8 +134,12 @@ async def test_listing_inlines_only_small_content(alice: User) -> None:
     folder = new_id()
     await put(alice, folder, parent=alice.root)
     small, large, empty, none = (os.urandom(16) for _ in range(4))
-    contents = {small: os.urandom(INLINE_CONTENT_MAX), large: os.urandom(INLINE_CONTENT_MAX + 1),
-                empty: b"", none: None}
+    contents = {
+        small: os.urandom(INLINE_CONTENT_MAX),
+        large: os.urandom(INLINE_CONTENT_MAX + 1),
+        empty: b"",
+        none: None,
+    }
     for node, content in contents.items():
         await put(alice, node, parent=folder, content=content)
     listed = {n.id: n for n in await alice.client.list_children(folder)}
@@ -172,3 +197,40 @@ async def _fill_quota(user: User) -> None:
     assert (await client.account()).used == used + 6001
     await client.delete_node(node, expect_version=2)
     assert (await client.account()).used == used + 6000  # the chunk waits for collection
+
+
+async def test_children_come_in_pages_that_the_client_joins(alice, raw) -> None:
+    """A folder larger than a page is listed whole by the client; the raw
+    pages are ordered by id, bounded, and chained by ``next``."""
+    from megafs.wire import LIST_PAGE_MAX
+
+    count = LIST_PAGE_MAX * 2 + 7
+    ids = [os.urandom(16) for _ in range(count)]
+    async with trio.open_nursery() as nursery:
+        limit = trio.CapacityLimiter(16)
+
+        async def put(node_id: bytes) -> None:
+            async with limit:
+                await alice.client.put_node(
+                    node_id,
+                    parent=alice.root,
+                    expect_version=0,
+                    meta=b"m" * 40,
+                    content=None,
+                    chunks=[],
+                    commit_id=os.urandom(16),
+                )
+
+        for node_id in ids:
+            nursery.start_soon(put, node_id)
+    listed = await alice.client.list_children(alice.root)
+    assert sorted(n.id for n in listed) == sorted(ids)
+    headers = {"Authorization": f"Bearer {alice.client.token}"}
+    path = f"/nodes/{alice.root.hex()}/children"
+    first = (await raw.get(path, headers=headers)).json()
+    assert len(first["nodes"]) == LIST_PAGE_MAX
+    assert first["next"] == first["nodes"][-1]["id"]
+    page = (await raw.get(f"{path}?after={first['next']}&limit=5", headers=headers)).json()
+    assert [n["id"] for n in page["nodes"]] == sorted(i.hex() for i in ids)[LIST_PAGE_MAX:][:5]
+    for bad in ("?limit=0", f"?limit={LIST_PAGE_MAX + 1}", "?after=xyz", "?limit=-1"):
+        assert (await raw.get(path + bad, headers=headers)).status_code == 400
