@@ -23,6 +23,9 @@ Schema (documented here, at its source)::
             meta BLOB, content BLOB   -- sealed record and manifest (put)
             chunks BLOB    -- concatenated 32-byte chunk ids (put)
             commit_id BLOB)  -- makes a retried commit idempotent
+    seen(node_id BLOB PK, rev INT)  -- newest record revision seen per node:
+                                    -- an older one from the server is a
+                                    -- rollback and is refused (rule 8)
     meta(key TEXT PK, value BLOB)  -- format version of this database
 
 All calls run in a worker thread behind a limiter of one: SQLite is blocking
@@ -49,6 +52,7 @@ _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value BLOB NOT NULL);
 CREATE TABLE IF NOT EXISTS chunks (
     id BLOB PRIMARY KEY, size INTEGER NOT NULL, dirty INTEGER NOT NULL, atime INTEGER NOT NULL);
+CREATE TABLE IF NOT EXISTS seen (node_id BLOB PRIMARY KEY, rev INTEGER NOT NULL);
 CREATE TABLE IF NOT EXISTS journal (
     node_id BLOB PRIMARY KEY, seq INTEGER NOT NULL, op TEXT NOT NULL, parent BLOB,
     base_version INTEGER NOT NULL, meta BLOB, content BLOB, chunks BLOB NOT NULL,
@@ -149,6 +153,24 @@ class LocalState:
         def q() -> None:
             self._conn().executemany(
                 "DELETE FROM chunks WHERE id = ? AND dirty = 0", [(i,) for i in chunk_ids]
+            )
+
+        await self._run(q)
+
+    # -- rollback detection ------------------------------------------------------
+
+    async def load_seen(self) -> dict[bytes, int]:
+        def q() -> dict[bytes, int]:
+            return {bytes(i): r for i, r in self._conn().execute("SELECT node_id, rev FROM seen")}
+
+        return await self._run(q)
+
+    async def save_seen(self, revisions: list[tuple[bytes, int]]) -> None:
+        def q() -> None:
+            self._conn().executemany(
+                "INSERT INTO seen VALUES (?, ?) ON CONFLICT(node_id) DO UPDATE SET "
+                "rev = MAX(rev, excluded.rev)",
+                revisions,
             )
 
         await self._run(q)

@@ -76,7 +76,7 @@ async def run_mount(
             journal = await uploader.load()
             if journal:
                 log.info("%d changes from an earlier run wait in the journal", len(journal))
-            tree = Tree(remote, uploader, chunks, keys)
+            tree = Tree(remote, uploader, chunks, keys, state)
             await tree.load_root()
             ops = Operations(tree, uploader, remote, fsync_timeout=fsync_timeout)
             await _serve(

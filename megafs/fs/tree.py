@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 
 import trio
 
-from megafs.cache import ChunkCache, FileContent, Uploader
+from megafs.cache import ChunkCache, FileContent, LocalState, Uploader
 from megafs.crypto import (
     CHUNK_SIZE,
     NO_PARENT,
@@ -99,8 +99,12 @@ class Tree:
         uploader: Uploader,
         chunks: ChunkCache,
         keys: AccountKeys,
+        state: LocalState,
     ) -> None:
         self._remote = remote
+        self._state = state
+        #: Newest record revision seen of every node (rule 8), persisted.
+        self._seen: dict[bytes, int] = {}
         self._uploader = uploader
         self._chunks = chunks
         self._keys = keys
@@ -112,7 +116,29 @@ class Tree:
 
     # -- loading ------------------------------------------------------------------
 
+    async def _check_revisions(self, records: dict[bytes, NodeRecord]) -> set[bytes]:
+        """Refuse records older than ones seen before (the server rolled the
+        node back); remember the newest of the rest. Returns refused ids."""
+        refused = {i for i, r in records.items() if r.rev < self._seen.get(i, 0)}
+        for node_id in refused:
+            log.error(
+                "node %s: the server sent revision %d after %d; refused (rollback)",
+                node_id.hex(),
+                records[node_id].rev,
+                self._seen[node_id],
+            )
+        fresh = [
+            (i, r.rev)
+            for i, r in records.items()
+            if i not in refused and r.rev > self._seen.get(i, -1)
+        ]
+        if fresh:
+            self._seen.update(fresh)
+            await self._state.save_seen(fresh)
+        return refused
+
     async def load_root(self) -> Inode:
+        self._seen = await self._state.load_seen()
         root_id = self._keys.root_id
         pending = self._uploader.pending(root_id)
         if pending is not None and pending.op == "put" and pending.meta is not None:
@@ -122,7 +148,7 @@ class Tree:
             self._uploader.note_version(root_id, node.version)
             meta = node.meta
         record = open_record(self._keys.root_folder_key, root_id, NO_PARENT, meta)
-        if record.kind != Kind.DIR:
+        if record.kind != Kind.DIR or await self._check_revisions({root_id: record}):
             raise IntegrityError()
         root = Inode(ino=ROOT_INODE, id=root_id, parent=None, record=record)
         self.inodes[ROOT_INODE] = root
@@ -173,6 +199,8 @@ class Tree:
                 continue
             self._uploader.note_version(node.id, node.version)
             found[node.id] = (record, node.content)
+        for node_id in await self._check_revisions({i: r for i, (r, _) in found.items()}):
+            del found[node_id]
         for entry in self._uploader.pending_children(folder.id):
             assert entry.meta is not None
             try:
@@ -434,6 +462,7 @@ class Tree:
             parent = inode.parent
             meta = seal_record(parent.record.key, inode.id, parent.id, record)
             inode.record = record
+            await self._check_revisions({inode.id: record})
             inode.seq = await self._uploader.put(
                 inode.id,
                 parent=parent.id,
