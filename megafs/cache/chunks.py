@@ -20,7 +20,6 @@ import contextlib
 import logging
 import os
 from collections import OrderedDict
-from collections.abc import Callable
 from pathlib import Path
 
 import cachetools
@@ -67,7 +66,6 @@ class ChunkCache:
         self._downloads: dict[bytes, trio.Event] = {}
         self._crypto = trio.CapacityLimiter(max(2, os.cpu_count() or 2))
         self._disk = trio.CapacityLimiter(4)
-        self._changed = trio.Event()
 
     async def load(self) -> None:
         """Read the chunk index left by an earlier run."""
@@ -274,6 +272,3 @@ def _unlink(path: Path) -> None:
 
 def _short(chunk_id: bytes) -> str:
     return chunk_id.hex()[:12]
-
-
-OnNewChunk = Callable[[bytes], None]

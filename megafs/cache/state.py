@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import os
 import sqlite3
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -136,7 +137,8 @@ class LocalState:
             self._conn().execute(
                 "INSERT INTO chunks VALUES (?, ?, ?, ?) ON CONFLICT(id) DO UPDATE SET "
                 "dirty = MAX(dirty, excluded.dirty), atime = excluded.atime",
-                (chunk_id, size, int(dirty), trio_free_time_ns()),
+                # Wall-clock time: the LRU order must survive restarts.
+                (chunk_id, size, int(dirty), time.time_ns()),
             )
 
         await self._run(q)
@@ -229,14 +231,6 @@ class LocalState:
             )
 
         await self._run(q)
-
-
-def trio_free_time_ns() -> int:
-    """Wall-clock time for LRU ordering only (persisted across restarts, so
-    trio's clock, which starts anew per run, cannot serve)."""
-    import time
-
-    return time.time_ns()
 
 
 def _entry_from_row(row: tuple[Any, ...]) -> JournalEntry:
