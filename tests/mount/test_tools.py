@@ -420,13 +420,20 @@ def test_tar_xattrs_round_trips(drive: Drive, tmp_path: Path) -> None:
 # -- 4. sqlite ---------------------------------------------------------------------
 
 SQLITE_WORKER = r"""
-import sqlite3, sys
+import sqlite3, sys, time
 db, worker, rows, batch = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
 con = sqlite3.connect(db, timeout=120, isolation_level=None)
 con.execute("PRAGMA busy_timeout = 120000")
 assert con.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
 seq = 0
 while seq < rows:
+    if seq == batch:
+        # After a first commit, wait until the other writer has committed too, so the
+        # two really write the same database at the same time, whatever the scheduling.
+        deadline = time.monotonic() + 120
+        while not con.execute("SELECT 1 FROM t WHERE worker != ? LIMIT 1", (worker,)).fetchall():
+            assert time.monotonic() < deadline, "the other writer never committed"
+            time.sleep(0.01)
     con.execute("BEGIN IMMEDIATE")
     for _ in range(min(batch, rows - seq)):
         con.execute("INSERT INTO t (worker, seq, payload) VALUES (?, ?, ?)",
