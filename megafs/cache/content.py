@@ -6,6 +6,10 @@ Memory stays bounded: once a file has more than ``MAX_DIRTY_CHUNKS`` dirty
 buffers, all but the one being written are sealed before the write returns,
 so a recorder appending for hours holds a few MiB, not the file.
 
+A file of at most ``INLINE_THRESHOLD`` bytes is not chunked: its manifest
+carries the bytes (docs/format.md section 9), and its content stays in
+memory as the buffer of its only chunk.
+
 A chunk that is all zeros is stored as a hole: it costs no upload and no
 storage, and reads as zeros. Every stored chunk holds exactly the bytes the
 manifest geometry gives it (the chunk size, or what remains for the last
@@ -24,12 +28,16 @@ from collections.abc import Callable
 import trio
 
 from megafs.cache.chunks import ChunkCache
-from megafs.crypto import CHUNK_SIZE, Manifest
+from megafs.crypto import CHUNK_SIZE, MAX_INLINE, Manifest
 from megafs.errors import FormatError, IntegrityError, TooLarge
 
-__all__ = ["MAX_DIRTY_CHUNKS", "MAX_FILE_SIZE", "FileContent"]
+__all__ = ["INLINE_THRESHOLD", "MAX_DIRTY_CHUNKS", "MAX_FILE_SIZE", "FileContent"]
 
 MAX_DIRTY_CHUNKS = 8
+#: Files up to this size travel inline in their manifest: one request to
+#: save, none to read after a listing (docs/performance.md has the measure).
+INLINE_THRESHOLD = 4096
+assert INLINE_THRESHOLD <= MAX_INLINE
 #: 256 GiB: the largest file whose manifest (8 MiB) and chunk list fit one
 #: commit request (wire.MAX_JSON_BYTES). Larger sizes are EFBIG.
 MAX_FILE_SIZE = 256 << 30
@@ -51,6 +59,11 @@ class FileContent:
         self.size = manifest.size
         self._secrets: list[bytes | None] = list(manifest.chunks)
         self._dirty: dict[int, bytearray] = {}
+        if manifest.inline is not None:
+            # A small file's content came with its node: it stays in memory
+            # as the only chunk's buffer and is never sealed as a chunk.
+            self._secrets = [None]
+            self._dirty[0] = bytearray(manifest.inline)
         self._lock = trio.Lock()
         #: True while the content differs from the last manifest handed out.
         self.changed = False
@@ -176,8 +189,14 @@ class FileContent:
         after it sets ``changed`` again.
         """
         async with self._lock:
-            await self._seal_locked()
             self.changed = False
+            if 0 < self.size <= INLINE_THRESHOLD:
+                data = bytes((await self._chunk_plaintext(0))[: self.size])
+                data += bytes(self.size - len(data))
+                self._secrets = [None]
+                self._dirty = {0: bytearray(data)}
+                return Manifest(size=self.size, chunk_size=CHUNK_SIZE, chunks=(), inline=data)
+            await self._seal_locked()
             return Manifest(size=self.size, chunk_size=CHUNK_SIZE, chunks=tuple(self._secrets))
 
     async def _seal_locked(self, keep: int | None = None) -> None:

@@ -19,6 +19,7 @@ from megafs.crypto.keys import (
     wrap_master_key,
 )
 from megafs.crypto.records import (
+    MAX_INLINE,
     NO_PARENT,
     Kind,
     Manifest,
@@ -32,6 +33,7 @@ from megafs.crypto.records import (
 __all__ = [
     "CHUNK_SIZE",
     "DEFAULT_KDF",
+    "MAX_INLINE",
     "MIN_KDF",
     "NO_PARENT",
     "OVERHEAD",

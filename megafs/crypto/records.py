@@ -8,7 +8,8 @@ parent, so a server can neither read it nor move it to another node or
 folder, and the node's key travels wrapped under the same AEAD.
 
 A **manifest** lists a file revision's chunks in order (their secrets, or
-zeros for a hole) and fixes its size. It is sealed under that revision's
+zeros for a hole) and fixes its size; a small file's manifest carries the
+content itself instead. It is sealed under that revision's
 content key with associated data naming the node, so chunks cannot be
 reordered, dropped, duplicated or spliced in from another file or revision.
 
@@ -27,6 +28,7 @@ from megafs.crypto.aead import seal, unseal
 from megafs.errors import IntegrityError
 
 __all__ = [
+    "MAX_INLINE",
     "NO_PARENT",
     "Kind",
     "Manifest",
@@ -44,6 +46,8 @@ NO_PARENT = b"\0" * 16
 _HOLE = b"\0" * 32
 MAX_NAME = 255
 MAX_XATTRS_BYTES = 64 * 1024
+#: The most content a manifest may carry inline (docs/format.md section 9).
+MAX_INLINE = 64 * 1024
 
 
 class Kind(enum.IntEnum):
@@ -263,11 +267,14 @@ def open_record(parent_key: bytes, node_id: bytes, parent_id: bytes, blob: bytes
 @dataclass(frozen=True)
 class Manifest:
     """A file revision's content: its size and one chunk secret per chunk
-    (``None`` for a hole, which reads as zeros and costs no storage)."""
+    (``None`` for a hole, which reads as zeros and costs no storage), or, for
+    a small file, the content itself (``inline``: no chunks at all, so the
+    file travels and is stored in one piece with its node)."""
 
     size: int
     chunk_size: int
     chunks: tuple[bytes | None, ...]
+    inline: bytes | None = None
 
     def __post_init__(self) -> None:
         # The same geometry rules for writing and reading: a power of two
@@ -275,11 +282,16 @@ class Manifest:
         cs = self.chunk_size
         if cs < 4096 or cs > (16 << 20) or cs & (cs - 1) or self.size < 0:
             raise ValueError("bad manifest geometry")
-        if len(self.chunks) != -(-self.size // self.chunk_size):
+        if self.inline is not None:
+            if not 0 < self.size <= MAX_INLINE or len(self.inline) != self.size or self.chunks:
+                raise ValueError("bad inline content")
+        elif len(self.chunks) != -(-self.size // self.chunk_size):
             raise ValueError("chunk count does not match size")
 
     def encode(self) -> bytes:
         head = struct.pack(">BIQI", MANIFEST_VERSION, self.chunk_size, self.size, len(self.chunks))
+        if self.inline is not None:
+            return head + self.inline
         return head + b"".join(_HOLE if c is None else _exact(c, 32) for c in self.chunks)
 
     @classmethod
@@ -287,7 +299,11 @@ class Manifest:
         try:
             version, chunk_size, size, count = struct.unpack_from(">BIQI", data)
             body = data[17:]
-            if version != MANIFEST_VERSION or len(body) != 32 * count:
+            if version != MANIFEST_VERSION:
+                raise ValueError("bad manifest")
+            if count == 0 and size > 0:
+                return cls(size=size, chunk_size=chunk_size, chunks=(), inline=body)
+            if len(body) != 32 * count:
                 raise ValueError("bad manifest")
             chunks = tuple(
                 None if (c := body[i : i + 32]) == _HOLE else c for i in range(0, len(body), 32)

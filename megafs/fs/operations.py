@@ -128,12 +128,7 @@ class Operations(pyfuse3.Operations):
         a.attr_timeout = CACHE_TIMEOUT
         a.st_mode = _KIND_BITS[rec.kind] | rec.mode
         if rec.kind == Kind.DIR:
-            subdirs = (
-                sum(1 for c in inode.children.values() if c.kind == Kind.DIR)
-                if inode.children is not None
-                else 0
-            )
-            a.st_nlink = 2 + subdirs
+            a.st_nlink = 2 + (inode.children.subdirs if inode.children is not None else 0)
         else:
             a.st_nlink = 0 if inode.unlinked else inode.record.nlink
         a.st_uid = rec.uid
@@ -544,10 +539,15 @@ class Operations(pyfuse3.Operations):
         handle = self._handles.pop(fh, None)
         if handle is None:
             return
-        handle.inode.opens -= 1
-        content = handle.inode.content
+        inode = handle.inode
+        inode.opens -= 1
+        content = inode.content
         if content is not None and content.changed:
-            await self._tree.commit(handle.inode)
+            await self._tree.commit(inode)
+        if inode.opens == 0 and inode.content is content is not None and not content.changed:
+            # Saved and closed: the manifest is enough to open it again, so a
+            # tree of many small files does not keep their bytes in memory.
+            inode.content = None
 
     @_errors
     async def fsync(self, fh: int, datasync: bool) -> None:

@@ -47,6 +47,10 @@ ROOT_INODE = 1
 #: Name of the hidden folder of hard-linked nodes (never shown).
 LINKS_NAME = b".megafs-links"
 _EMPTY_MANIFEST = Manifest(size=0, chunk_size=CHUNK_SIZE, chunks=())
+#: Sealed manifests that carry content are kept in memory up to this size
+#: (a chunk list always is), so a big tree of small files does not live in
+#: memory; a larger one is fetched again when needed.
+_KEEP_INLINE_MAX = 1024
 
 
 @dataclass(eq=False)
@@ -55,6 +59,37 @@ class LinkName:
 
     id: bytes
     record: NodeRecord
+
+
+class Children(dict[bytes, "Inode"]):
+    """A folder's children by name, counting its subfolders as they change, so
+    a folder's link count (2 + subfolders) costs nothing in big folders."""
+
+    __slots__ = ("subdirs",)
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.subdirs = 0
+
+    def __setitem__(self, name: bytes, inode: Inode) -> None:
+        old = self.get(name)
+        if old is not None and old.kind == Kind.DIR:
+            self.subdirs -= 1
+        if inode.kind == Kind.DIR:
+            self.subdirs += 1
+        super().__setitem__(name, inode)
+
+    def __delitem__(self, name: bytes) -> None:
+        self.pop(name)
+
+    def pop(self, name: bytes, *default: Inode | None) -> Inode | None:  # type: ignore[override]
+        """Remove and return the child called ``name``, as ``dict.pop`` does."""
+        if name not in self:
+            return super().pop(name, *default)
+        inode = super().pop(name)
+        if inode.kind == Kind.DIR:
+            self.subdirs -= 1
+        return inode
 
 
 @dataclass(eq=False)
@@ -66,7 +101,7 @@ class Inode:
     id: bytes
     parent: Inode | None
     record: NodeRecord
-    children: dict[bytes, Inode] | None = None
+    children: Children | None = None
     lookups: int = 0
     opens: int = 0
     content: FileContent | None = None
@@ -160,7 +195,7 @@ class Tree:
         self.inodes[inode.ino] = inode
         return inode
 
-    async def children(self, folder: Inode) -> dict[bytes, Inode]:
+    async def children(self, folder: Inode) -> Children:
         """The folder's children by name, loading them on first use."""
         if folder.children is not None:
             return folder.children
@@ -178,7 +213,7 @@ class Tree:
             done.set()
         return folder.children
 
-    async def _load_children(self, folder: Inode) -> dict[bytes, Inode]:
+    async def _load_children(self, folder: Inode) -> Children:
         try:
             listed = await self._remote.list_children(folder.id)
         except NotFound:
@@ -209,7 +244,7 @@ class Tree:
                 log.error("journal entry %s does not open; hidden", entry.node_id.hex())
                 continue
             found[entry.node_id] = (record, entry.content)
-        children: dict[bytes, Inode] = {}
+        children = Children()
         link_names: list[tuple[bytes, NodeRecord]] = []
         for node_id in sorted(found):
             record, content = found[node_id]
@@ -226,7 +261,8 @@ class Tree:
                 log.error("folder %s: two children named alike; showing one", folder.id.hex())
                 continue
             inode = self._new_inode(node_id, folder, record)
-            inode.listed_content = content
+            if content is not None and len(content) <= _KEEP_INLINE_MAX:
+                inode.listed_content = content
             children[record.name] = inode
         if link_names:
             linked = await self._linked_nodes()
@@ -272,7 +308,7 @@ class Tree:
                 rev=0,
             )
             links = self._new_inode(new_node_id(), root, record)
-            links.children = {}
+            links.children = Children()
             self._links_dir = links
             await self.commit(links)
         return self._links_dir
@@ -372,25 +408,36 @@ class Tree:
                 return inode.content
             if inode.kind != Kind.FILE:
                 raise IntegrityError("not a file")
-            blob = inode.listed_content
-            if blob is None:
-                pending = self._uploader.pending(inode.id)
-                if pending is not None and pending.op == "put":
-                    blob = pending.content
-                else:
-                    blob = (await self._remote.get_node(inode.id)).content
-            if blob is None:
-                raise IntegrityError("file without content")
-            manifest = open_manifest(inode.record.key, inode.id, blob)
+            _, manifest = await self._load_manifest(inode)
             if manifest.size != inode.record.size:
                 raise IntegrityError()
-            inode.sealed_content = blob
-            inode.chunk_ids = self._ids(manifest)
-            inode.listed_content = None
             inode.content = FileContent(
                 self._chunks, manifest, on_new_chunk=self._uploader.chunk_added
             )
             return inode.content
+
+    async def _load_manifest(self, inode: Inode) -> tuple[bytes, Manifest]:
+        """The file's committed manifest, sealed and opened (so verified):
+        from memory, the journal or the server."""
+        blob = inode.sealed_content or inode.listed_content
+        if blob is None:
+            pending = self._uploader.pending(inode.id)
+            if pending is not None and pending.op == "put":
+                blob = pending.content
+            else:
+                blob = (await self._remote.get_node(inode.id)).content
+        if blob is None:
+            raise IntegrityError("file without content")
+        manifest = open_manifest(inode.record.key, inode.id, blob)
+        self._remember_manifest(inode, blob, manifest)
+        return blob, manifest
+
+    def _remember_manifest(self, inode: Inode, blob: bytes, manifest: Manifest) -> None:
+        """Keep what a later metadata-only commit needs (``_KEEP_INLINE_MAX``)."""
+        inode.listed_content = None
+        inode.chunk_ids = self._ids(manifest)
+        keep = manifest.inline is None or len(blob) <= _KEEP_INLINE_MAX
+        inode.sealed_content = blob if keep else None
 
     def _ids(self, manifest: Manifest) -> tuple[bytes, ...]:
         return tuple(dict.fromkeys(self._keys.chunk_id(s) for s in manifest.chunks if s))
@@ -428,7 +475,7 @@ class Tree:
         )
         inode = self._new_inode(new_node_id(), parent, record)
         if kind == Kind.DIR:
-            inode.children = {}
+            inode.children = Children()
         elif kind == Kind.FILE:
             inode.content = FileContent(
                 self._chunks, _EMPTY_MANIFEST, on_new_chunk=self._uploader.chunk_added
@@ -452,13 +499,14 @@ class Tree:
         async with inode.lock:
             record = inode.record.evolve(rev=inode.record.rev + 1)
             content = inode.content
+            sealed: bytes | None = None
             if content is not None and content.changed:
                 manifest = await content.seal()
                 record = record.evolve(key=new_key(), size=manifest.size)
-                inode.sealed_content = seal_manifest(record.key, inode.id, manifest)
-                inode.chunk_ids = self._ids(manifest)
-            elif inode.kind == Kind.FILE and inode.sealed_content is None:
-                await self._load_sealed_content(inode)
+                sealed = seal_manifest(record.key, inode.id, manifest)
+                self._remember_manifest(inode, sealed, manifest)
+            elif inode.kind == Kind.FILE:
+                sealed = inode.sealed_content or (await self._load_manifest(inode))[0]
             parent = inode.parent
             meta = seal_record(parent.record.key, inode.id, parent.id, record)
             inode.record = record
@@ -467,27 +515,11 @@ class Tree:
                 inode.id,
                 parent=parent.id,
                 meta=meta,
-                content=inode.sealed_content,
+                content=sealed,
                 chunks=inode.chunk_ids,
                 durable=durable,
             )
             return inode.seq
-
-    async def _load_sealed_content(self, inode: Inode) -> None:
-        if inode.listed_content is not None:
-            blob: bytes | None = inode.listed_content
-        else:
-            pending = self._uploader.pending(inode.id)
-            blob = (
-                pending.content
-                if pending is not None and pending.op == "put"
-                else (await self._remote.get_node(inode.id)).content
-            )
-        if blob is None:
-            raise IntegrityError("file without content")
-        manifest = open_manifest(inode.record.key, inode.id, blob)
-        inode.sealed_content = blob
-        inode.chunk_ids = self._ids(manifest)
 
     async def delete(self, inode: Inode) -> None:
         """Remove a node (already removed from its folder's children)."""

@@ -12,7 +12,7 @@ is introduced (write ``v2.json`` next to ``v1.json``, keep ``v1.json`` and
 its test while version 1 can still be read), and update docs/format.md in
 the same change.
 
-Version 1 was extended once, before its first release: hard links added
+Version 1 was extended before its first release: hard links added
 the node kinds LINK (8) and LINKS (9) and the record field NLINK (tag 15,
 written only when a node has more than one name). No existing output
 changed: the new vectors (the LINKS folder, a hard-linked file in it, its
@@ -20,7 +20,10 @@ manifest and two LINK names) were appended after the old ones with new,
 distinct inputs, and the old records gained only the JSON key ``nlink``
 (1), which their plaintexts do not encode. The regenerated file was checked
 to differ from the previous one by additions only, and its new SHA-256
-pinned in test_vectors.py. Any later change is a new format version.
+pinned in test_vectors.py. It was extended a second time, also before
+release and by addition only: manifests with inline content (one vector,
+"inline content", appended to the manifests with inputs of its own). Any
+later change is a new format version.
 
 All inputs are fixed below (keys, ids, nonces, plaintexts, and Argon2id at
 the client minimum with a fixed salt); the outputs are computed with
@@ -79,7 +82,8 @@ def manifest_json(label: str, key: bytes, node_id: bytes, m: Manifest,
     return {
         "label": label, "content_key": h(key), "node_id": h(node_id), "nonce": h(nonce),
         "manifest": {"size": m.size, "chunk_size": m.chunk_size,
-                     "chunks": [None if c is None else h(c) for c in m.chunks]},
+                     "chunks": [None if c is None else h(c) for c in m.chunks],
+                     **({} if m.inline is None else {"inline": h(m.inline)})},
         "plaintext": h(m.encode()),
         "blob": h(seal_manifest(key, node_id, m, nonce=nonce)),
     }
@@ -217,6 +221,13 @@ def main() -> None:
         Manifest(size=linked.size, chunk_size=CHUNK_SIZE,
                  chunks=(bytes.fromhex(chunks[0]["secret"]),)),
         seq(0x46, 12)))
+    # A small file whose manifest carries its bytes (inline content). Its
+    # own key and node id: it belongs to no record above.
+    inline = b"megafs inline content\n"
+    manifests.append(manifest_json(
+        "inline content", seq(0x50, 32), seq(0x70, 16),
+        Manifest(size=len(inline), chunk_size=CHUNK_SIZE, chunks=(), inline=inline),
+        seq(0x47, 12)))
 
     vectors = {
         "format_version": 1,

@@ -5,11 +5,13 @@ detectable (threat model rule 6)."""
 from __future__ import annotations
 
 import random
+import struct
 
 import pytest
 
 from megafs.crypto import (
     CHUNK_SIZE,
+    MAX_INLINE,
     AccountKeys,
     Manifest,
     open_chunk,
@@ -276,3 +278,60 @@ def test_random_manifests_round_trip_and_resist_tampering() -> None:
             open_manifest(key, rng.randbytes(16), blob)
         with pytest.raises(IntegrityError):
             open_manifest(rng.randbytes(32), node, blob)
+
+
+# -- inline content ----------------------------------------------------------------
+
+INLINE = {
+    "one byte": b"x",
+    "a text file": b"hello, world\n" * 100,
+    "the most inline": bytes(range(256)) * (MAX_INLINE // 256),
+}
+
+
+@pytest.mark.parametrize("name", list(INLINE))
+def test_inline_content_round_trips_and_matches_the_spec(name: str) -> None:
+    data = INLINE[name]
+    m = Manifest(size=len(data), chunk_size=CHUNK_SIZE, chunks=(), inline=data)
+    assert m.encode() == struct.pack(">BIQI", 1, CHUNK_SIZE, len(data), 0) + data
+    blob = seal_manifest(CONTENT_KEY, NODE, m)
+    assert len(blob) == 79 + len(data)
+    assert open_manifest(CONTENT_KEY, NODE, blob) == m
+    assert open_manifest(CONTENT_KEY, NODE, blob).inline == data
+
+
+@pytest.mark.parametrize(
+    ("size", "inline", "chunks"),
+    [(0, b"", ()), (2, b"x", ()), (1, b"xy", ()), (1, b"x", (S[0],)),
+     (MAX_INLINE + 1, bytes(MAX_INLINE + 1), ())],
+)
+def test_inconsistent_inline_content_cannot_be_built(
+    size: int, inline: bytes, chunks: tuple[bytes, ...]
+) -> None:
+    with pytest.raises(ValueError):
+        Manifest(size=size, chunk_size=CHUNK_SIZE, chunks=chunks, inline=inline)
+
+
+@pytest.mark.parametrize(
+    "plain",
+    [
+        struct.pack(">BIQI", 1, CHUNK_SIZE, 5, 0) + b"abcd",  # short
+        struct.pack(">BIQI", 1, CHUNK_SIZE, 5, 0) + b"abcdef",  # long
+        struct.pack(">BIQI", 1, CHUNK_SIZE, 0, 0) + b"a",  # empty file with a body
+        struct.pack(">BIQI", 1, CHUNK_SIZE, MAX_INLINE + 1, 0) + bytes(MAX_INLINE + 1),
+        struct.pack(">BIQI", 1, 1000, 5, 0) + b"abcde",  # bad geometry
+        struct.pack(">BIQI", 2, CHUNK_SIZE, 5, 0) + b"abcde",  # unknown version
+    ],
+)
+def test_malformed_inline_content_is_refused(plain: bytes) -> None:
+    with pytest.raises(IntegrityError):
+        open_manifest(CONTENT_KEY, NODE, seal(CONTENT_KEY, plain, manifest_ad(NODE)))
+
+
+def test_every_bit_truncation_and_append_of_inline_content_is_rejected() -> None:
+    m = Manifest(size=13, chunk_size=CHUNK_SIZE, chunks=(), inline=b"hello, world\n")
+    blob = seal_manifest(CONTENT_KEY, NODE, m)
+    opener = lambda b: open_manifest(CONTENT_KEY, NODE, b)  # noqa: E731
+    expect_integrity_error(opener, every_bit(blob))
+    expect_integrity_error(opener, every_truncation(blob))
+    expect_integrity_error(opener, appended(blob))

@@ -47,9 +47,10 @@ from megafs.crypto import (
 VECTORS_PATH = Path(__file__).resolve().parents[2] / "vectors" / "v1.json"
 #: v1.json is frozen. If this fails, the file was edited or regenerated:
 #: restore it. A new format version gets a new file (see generate.py).
-#: (It was extended once, before release, by additions only: hard links,
-#: kinds 8-9 and tag 15; every earlier vector kept its bytes.)
-V1_SHA256 = "431e3c65cd183438fb7162131dc50e2e46fe8ed84d8df9212482f98e7fec0b7a"
+#: (It was extended twice, before release, by additions only: hard links,
+#: kinds 8-9 and tag 15, then inline manifest content; every earlier vector
+#: kept its bytes.)
+V1_SHA256 = "cab7a5a8bcacd2fb4e6b87e1e89b87adef7d6541709f5083a76d88ffff4180de"
 
 V = json.loads(VECTORS_PATH.read_text())
 x = bytes.fromhex
@@ -106,6 +107,8 @@ def ref_record(r: dict[str, Any]) -> bytes:
 
 def ref_manifest(m: dict[str, Any]) -> bytes:
     out = struct.pack(">BIQI", 1, m["chunk_size"], m["size"], len(m["chunks"]))
+    if "inline" in m:
+        return out + x(m["inline"])
     return out + b"".join(bytes(32) if c is None else x(c) for c in m["chunks"])
 
 
@@ -120,7 +123,8 @@ def to_record(r: dict[str, Any]) -> NodeRecord:
 
 def to_manifest(m: dict[str, Any]) -> Manifest:
     return Manifest(size=m["size"], chunk_size=m["chunk_size"],
-                    chunks=tuple(None if c is None else x(c) for c in m["chunks"]))
+                    chunks=tuple(None if c is None else x(c) for c in m["chunks"]),
+                    inline=x(m["inline"]) if "inline" in m else None)
 
 
 # -- the vectors -------------------------------------------------------------------

@@ -1,0 +1,82 @@
+"""Small files travel inline: their bytes ride in the sealed manifest, so
+saving one costs no chunk upload and the server stores no chunk for it.
+Files that grow past the threshold become chunked, and shrink back."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from megafs.cache.content import INLINE_THRESHOLD
+from megafs.crypto import CHUNK_SIZE
+from tests.helpers.drive import Drive
+from tests.helpers.server import ServerProcess
+
+SIZES = [1, 100, INLINE_THRESHOLD - 1, INLINE_THRESHOLD, INLINE_THRESHOLD + 1, CHUNK_SIZE + 7]
+
+
+def _stored_chunks(server: ServerProcess) -> int:
+    return sum(1 for p in (server.data_dir / "chunks").rglob("*") if p.is_file())
+
+
+def _payload(size: int, seed: int) -> bytes:
+    block = os.urandom(64) + bytes([seed])
+    return (block * (size // len(block) + 1))[:size]
+
+
+def test_small_files_are_inline_and_read_back_everywhere(
+    drive: Drive, server: ServerProcess
+) -> None:
+    drive.mount()
+    files = {f"f{size}": _payload(size, i) for i, size in enumerate(SIZES)}
+    for name, data in files.items():
+        (drive.mnt / name).write_bytes(data)
+    drive.umount()
+    # Only the two files above the threshold have chunks on the server.
+    chunked = [s for s in SIZES if s > INLINE_THRESHOLD]
+    assert _stored_chunks(server) == sum(-(-s // CHUNK_SIZE) for s in chunked)
+
+    drive.mount()  # warm: the local cache
+    for name, data in files.items():
+        assert (drive.mnt / name).read_bytes() == data, name
+        assert os.stat(drive.mnt / name).st_blocks > 0, "inline data is not a hole"
+    drive.umount()
+    drive.drop_cache()
+    drive.mount()  # cold: what another device sees
+    for name, data in files.items():
+        assert (drive.mnt / name).read_bytes() == data, name
+
+
+def test_a_file_crosses_the_threshold_both_ways(drive: Drive, tmp_path: Path) -> None:
+    drive.mount()
+    path = drive.mnt / "grows"
+    expect = b"start\n"
+    path.write_bytes(expect)
+    # Appends one small write at a time, across the threshold.
+    with open(path, "ab") as f:
+        while len(expect) < 3 * INLINE_THRESHOLD:
+            piece = _payload(997, len(expect) % 251)
+            f.write(piece)
+            f.flush()
+            expect += piece
+    assert path.read_bytes() == expect
+    # Shrinks back below it, then grows with a hole.
+    os.truncate(path, 10)
+    expect = expect[:10]
+    assert path.read_bytes() == expect
+    with open(path, "r+b") as f:
+        f.seek(INLINE_THRESHOLD // 2)
+        f.write(b"tail")
+    expect = expect + bytes(INLINE_THRESHOLD // 2 - 10) + b"tail"
+    assert path.read_bytes() == expect
+    # Rewrite in the middle of an inline file, then a metadata-only change.
+    with open(path, "r+b") as f:
+        f.seek(3)
+        f.write(b"XYZ")
+    expect = expect[:3] + b"XYZ" + expect[6:]
+    os.chmod(path, 0o600)
+    drive.umount()
+    drive.drop_cache()
+    drive.mount()
+    assert path.read_bytes() == expect
+    assert os.stat(path).st_mode & 0o777 == 0o600
