@@ -15,6 +15,7 @@ the server answers with, so each boundary translates errors in one place::
     ├── InvalidRequest          EINVAL     400
     ├── TooLarge                EFBIG      413
     ├── QuotaExceeded           ENOSPC     507
+    ├── CursorExpired           ESTALE     410   change feed cursor too old: list again
     ├── IntegrityError          EIO        422   any failed authentication check
     ├── FormatError             EIO        422   unknown version/algorithm, bad params
     └── RemoteError             EIO        502   server unreachable or broken
@@ -28,6 +29,7 @@ import errno as _errno
 __all__ = [
     "AlreadyExists",
     "AuthFailed",
+    "CursorExpired",
     "FormatError",
     "IntegrityError",
     "InvalidRequest",
@@ -113,6 +115,14 @@ class QuotaExceeded(MegafsError):
     errno, http_status, code = _errno.ENOSPC, 507, "quota_exceeded"
 
 
+class CursorExpired(MegafsError):
+    """A change feed cursor the server can no longer answer: deletes after
+    it were forgotten (or it is ahead of the account). The client lists
+    everything again and follows the feed from a fresh cursor."""
+
+    errno, http_status, code = _errno.ESTALE, 410, "cursor_expired"
+
+
 class IntegrityError(MegafsError):
     """The one uniform error for every failed authentication check (rule 9).
 
@@ -142,7 +152,7 @@ _BY_CODE: dict[str, type[MegafsError]] = {
     for cls in (
         NotFound, AlreadyExists, NotEmpty, VersionConflict, PermissionDenied, AuthFailed,
         SecondFactorRequired, RateLimited, InvalidRequest, TooLarge, QuotaExceeded,
-        IntegrityError, FormatError, RemoteError, RemoteTimeout,
+        CursorExpired, IntegrityError, FormatError, RemoteError, RemoteTimeout,
     )
 }
 

@@ -40,6 +40,10 @@ Routes (all under ``API_PREFIX``)::
     PUT    /nodes/{id} {parent, expect_version, meta, content, chunks, commit_id}
                                        -> {"version": int}
     DELETE /nodes/{id}?expect_version=N  -> 204
+    POST   /nodes/batch {ops: [Op]}    -> {"results": [Result]}  (one per op, in order)
+    GET    /changes?after=SEQ&wait=S&limit=N
+                                       -> {"changes": [Change], "cursor": SEQ}
+    GET    /changes/cursor             -> {"cursor": SEQ}
     POST   /chunks/missing {ids}       -> {"missing": [id]}
     PUT    /chunks/{id}    raw body    -> 201 {"size": int}
     GET    /chunks/{id}                -> raw body
@@ -49,6 +53,10 @@ Routes (all under ``API_PREFIX``)::
     Account = {email, kdf, keyblob, root_id, quota, used}
     Node    = {id, parent, version, meta, content, content_size}
     SessionInfo = {id, device, created, last_seen, expires, current}
+    Op      = {op: "put", id, parent, expect_version, meta, content, chunks, commit_id}
+            | {op: "delete", id, expect_version}
+    Result  = {version: int} (0 for a delete) | {error: code, detail: text}
+    Change  = {id, parent, version, seq, deleted: bool}
 
 Accounts (docs/api.md and docs/security.md say why):
 
@@ -77,11 +85,30 @@ Semantics:
   at missing data.
 - ``DELETE`` of a node with children is 409 ``not_empty``; the root cannot
   be deleted.
+- ``POST /nodes/batch`` applies up to ``MAX_BATCH_OPS`` puts and deletes in
+  order, each exactly as its single route would (an op may name a parent an
+  earlier op created), in one transaction. An op that fails changes nothing
+  and does not stop the others: its result is ``{error, detail}`` with the
+  code the single route would answer (one of ``NODE_OP_ERRORS``). A
+  malformed op fails the whole request with 400 before anything is applied.
 - ``POST /chunks/missing`` answers which ids are not stored and marks the
   others as recently used, so garbage collection keeps them for at least
   ``CHUNK_GRACE_SECONDS`` while the client commits a node that uses them.
 - Another account's node or chunk is always 404, never 403: existence is
   not revealed.
+- The change feed: every node write or delete takes the account's next
+  sequence number (``seq``, from 1: the root). ``GET /changes`` answers the
+  nodes changed after ``after`` in seq order, each once at its latest
+  change (``deleted``: it is gone; ``parent`` and ``version`` as it was),
+  at most ``limit`` (default and most ``CHANGES_PAGE_MAX``); ``cursor`` is
+  the last seq answered (``after`` if none), the ``after`` of the next
+  call. With ``wait`` > 0 (at most ``CHANGES_WAIT_MAX`` seconds) and
+  nothing to answer, the server holds the request until a change or the
+  wait ends. Deletes are kept for a retention period (server option, 30
+  days by default); a cursor older than a forgotten delete, or ahead of the
+  account, is 410 ``cursor_expired``: list everything again. ``GET
+  /changes/cursor`` is the current seq: take it *before* listing, then
+  follow the feed from it.
 """
 
 from __future__ import annotations
@@ -91,17 +118,21 @@ import re
 
 __all__ = [
     "API_PREFIX",
+    "CHANGES_PAGE_MAX",
+    "CHANGES_WAIT_MAX",
     "CHUNK_GRACE_SECONDS",
     "CHUNK_ID_RE",
     "INLINE_CONTENT_MAX",
     "LIST_PAGE_MAX",
     "LONG_SESSION_IDLE_SECONDS",
+    "MAX_BATCH_OPS",
     "MAX_CHUNK_BYTES",
     "MAX_CONTENT_BYTES",
     "MAX_JSON_BYTES",
     "MAX_META_BYTES",
     "MAX_MISSING_IDS",
     "NODE_ID_RE",
+    "NODE_OP_ERRORS",
     "RECOVERY_CODES",
     "RECOVERY_CODE_RE",
     "SESSION_IDLE_SECONDS",
@@ -132,6 +163,29 @@ INLINE_CONTENT_MAX = 4096
 #: Children per listing page (the default and the most a client may ask).
 LIST_PAGE_MAX = 1000
 MAX_MISSING_IDS = 10_000
+#: Changes per ``GET /changes`` page (the default and the most a client may ask).
+CHANGES_PAGE_MAX = 1000
+#: The longest ``GET /changes`` may wait for a change, in seconds: well
+#: under the timeouts of proxies on the way.
+CHANGES_WAIT_MAX = 30
+#: Ops per ``POST /nodes/batch``: enough to amortise a request and a
+#: transaction over many small files, few enough that one batch holds the
+#: database's write lock only briefly. The body is bounded by MAX_JSON_BYTES
+#: like any other, so every op a single ``PUT`` accepts fits in a batch.
+MAX_BATCH_OPS = 500
+#: The error codes a batch op can answer: those of ``PUT`` and ``DELETE
+#: /nodes/{id}`` (``not_found`` covers both "no such node" and "a parent or
+#: chunk is missing", as the single routes' 404 and 409 do).
+NODE_OP_ERRORS = frozenset(
+    {
+        "already_exists",
+        "invalid_request",
+        "not_empty",
+        "not_found",
+        "quota_exceeded",
+        "version_conflict",
+    }
+)
 CHUNK_GRACE_SECONDS = 3600
 
 #: A session expires after this long without a request (sliding).

@@ -17,9 +17,10 @@ import contextlib
 import ipaddress
 import json
 import logging
-import re
+import math
 import ssl
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
 from functools import partial
 from types import TracebackType
 from typing import Any, TypeVar
@@ -40,10 +41,13 @@ from megafs.errors import (
 )
 from megafs.remote.responses import (
     Account,
+    Change,
     RemoteNode,
     Session,
     SessionInfo,
     parse_account,
+    parse_batch,
+    parse_changes,
     parse_count,
     parse_health,
     parse_keyblob,
@@ -57,10 +61,14 @@ from megafs.remote.responses import (
     parse_size,
     parse_totp_secret,
     parse_version,
+    printable,
 )
 from megafs.remote.retry import Transient, retrying
 from megafs.wire import (
     API_PREFIX,
+    CHANGES_PAGE_MAX,
+    CHANGES_WAIT_MAX,
+    MAX_BATCH_OPS,
     MAX_CHUNK_BYTES,
     MAX_CONTENT_BYTES,
     MAX_JSON_BYTES,
@@ -70,7 +78,7 @@ from megafs.wire import (
     b64e,
 )
 
-__all__ = ["RemoteClient"]
+__all__ = ["DeleteNode", "PutNode", "RemoteClient"]
 
 log = logging.getLogger(__name__)
 
@@ -84,11 +92,14 @@ CHUNK_ID_BYTES = 32
 _TRANSIENT_STATUSES = frozenset({500, 502, 503, 504})
 #: An error answer's body is only read for its code and detail.
 _ERROR_BODY_MAX = 64 * 1024
-_DETAIL_MAX_CHARS = 300
 #: JSON larger than this is encoded and parsed in a worker thread.
 _INLINE_JSON_BYTES = 1 << 20
-#: Server text ends up on terminals: no control characters (escape sequences).
-_UNPRINTABLE_RE = re.compile(r"[\x00-\x1f\x7f-\x9f]")
+#: A batch request is cut before it grows past this much JSON (unless one op
+#: alone is larger): the server parses it and applies it in one transaction,
+#: which should stay short.
+_BATCH_TARGET_BYTES = 8 << 20
+#: An op's JSON besides its base64 and chunk ids (field names, ids, numbers).
+_OP_OVERHEAD = 256
 
 
 class RemoteClient:
@@ -129,6 +140,15 @@ class RemoteClient:
                 "session token; use https://, or allow it explicitly (--insecure)"
             )
         self.token = token
+        #: Opens a session (sets ``token``) when a request needs one and
+        #: there is none yet: a mount started while the server was
+        #: unreachable logs in on its first contact, whichever part of the
+        #: daemon makes it (cli/main.py). One call at a time; it raises
+        #: RemoteError while the server is unreachable. Once a session
+        #: exists it is never called again, so a revoked session stays
+        #: revoked.
+        self.login_on_demand: Callable[[], Awaitable[None]] | None = None
+        self._login_lock = trio.Lock()
         self._base = f"{str(url).rstrip('/')}{API_PREFIX}"
         self._retries = retries
         if verify is False:
@@ -354,17 +374,8 @@ class RemoteClient:
         """Create (``expect_version`` 0) or replace a node; returns the new
         version. ``parent`` is None only for the root. Retrying the same
         ``commit_id`` is safe: the server answers the version it made."""
-        if len(meta) > MAX_META_BYTES or len(content or b"") > MAX_CONTENT_BYTES:
-            raise TooLarge("the node's record or manifest is larger than the protocol allows")
-        body = {
-            "parent": None if parent is None else _node_hex(parent),
-            "expect_version": expect_version,
-            "meta": b64e(meta),
-            "content": None if content is None else b64e(content),
-            "chunks": [_chunk_hex(chunk_id) for chunk_id in chunks],
-            "commit_id": b64e(commit_id),
-        }
-        large = len(content or b"") + CHUNK_ID_BYTES * len(chunks) > _INLINE_JSON_BYTES
+        op = PutNode(node_id, parent, expect_version, meta, content, chunks, commit_id)
+        body, large = op.fields(), op.json_size() > _INLINE_JSON_BYTES
         return parse_version(
             await self._json("PUT", f"/nodes/{_node_hex(node_id)}", body, large=large)
         )
@@ -373,6 +384,64 @@ class RemoteClient:
         await self._call(
             "DELETE", f"/nodes/{_node_hex(node_id)}", query={"expect_version": str(expect_version)}
         )
+
+    async def change_cursor(self) -> int:
+        """The account's latest change: follow :meth:`changes` from here
+        after listing everything (take it before listing, so nothing done
+        meanwhile is missed)."""
+        return parse_count(await self._json("GET", "/changes/cursor"), "cursor")
+
+    async def changes(
+        self, after: int, *, wait: float = 0, limit: int = CHANGES_PAGE_MAX
+    ) -> tuple[list[Change], int]:
+        """The nodes changed after cursor ``after`` (at most ``limit``, each
+        once at its latest change, by seq) and the cursor to ask with next.
+        With ``wait`` (seconds, at most ``CHANGES_WAIT_MAX``, whole seconds
+        on the wire), the server holds the request until there is a change
+        or the wait ends (then the page is empty and the cursor the same).
+        A page of ``limit`` changes may have more behind it. Raises
+        CursorExpired if the server forgot deletes after ``after``: list
+        everything again."""
+        if not 0 <= wait <= CHANGES_WAIT_MAX or not 1 <= limit <= CHANGES_PAGE_MAX:
+            raise InvalidRequest(
+                f"wait must be 0..{CHANGES_WAIT_MAX} s and limit 1..{CHANGES_PAGE_MAX}"
+            )
+        seconds = math.ceil(wait)
+        query = {"after": str(after), "wait": str(seconds), "limit": str(limit)}
+        answer = await self._json("GET", "/changes", query=query, wait=seconds)
+        return parse_changes(answer, after, limit)
+
+    async def commit_batch(self, ops: Sequence[PutNode | DeleteNode]) -> list[int | MegafsError]:
+        """Apply puts and deletes in order, many per request (``POST
+        /nodes/batch``, at most ``MAX_BATCH_OPS`` and about
+        ``_BATCH_TARGET_BYTES`` of JSON each); an op may name a parent an
+        earlier op creates.
+
+        Returns, per op, the new version (0 for a delete) or the error the
+        single call would have raised (VersionConflict, NotFound, ...): one
+        op failing does not stop the others. Raises, before anything is sent,
+        for an op the protocol cannot carry (InvalidRequest, TooLarge); a
+        request that fails as a whole (RemoteError, AuthFailed) raises, and
+        the ops of earlier requests stay applied. A retry is safe: puts are
+        recognised by their ``commit_id``, and a delete that already landed
+        answers NotFound.
+        """
+        bodies = [op.body() for op in ops]
+        results: list[int | MegafsError] = []
+        start = 0
+        while start < len(ops):
+            end, size = start, 0
+            while end < len(ops) and end - start < MAX_BATCH_OPS:
+                size += ops[end].json_size()
+                if end > start and size > _BATCH_TARGET_BYTES:
+                    break
+                end += 1
+            answer = await self._json(
+                "POST", "/nodes/batch", {"ops": bodies[start:end]}, large=size > _INLINE_JSON_BYTES
+            )
+            results += parse_batch(answer, [isinstance(op, DeleteNode) for op in ops[start:end]])
+            start = end
+        return results
 
     # -- chunks ---------------------------------------------------------------------
 
@@ -405,14 +474,20 @@ class RemoteClient:
         raw: bytes | None = None,
         auth: bool = True,
         large: bool = False,
+        query: dict[str, str] | None = None,
+        wait: float = 0,
     ) -> Any:
         """Send ``body`` as JSON (or ``raw`` bytes) and parse the JSON answer.
-        ``large``: the body is big enough to encode in a worker thread."""
+        ``large``: the body is big enough to encode in a worker thread.
+        ``wait``: seconds the server may hold the request on purpose, on
+        top of the usual timeout."""
         content_type = "application/octet-stream"
         if body is not None:
             raw = await _off_loop(_encode_json, body, large=large)
             content_type = "application/json"
-        answer = await self._call(method, path, raw=raw, content_type=content_type, auth=auth)
+        answer = await self._call(
+            method, path, raw=raw, content_type=content_type, auth=auth, query=query, wait=wait
+        )
         try:
             return await _off_loop(json.loads, answer, large=len(answer) > _INLINE_JSON_BYTES)
         except (ValueError, RecursionError):
@@ -434,17 +509,30 @@ class RemoteClient:
         query: dict[str, str] | None = None,
         auth: bool = True,
         cap: int = MAX_JSON_BYTES,
+        wait: float = 0,
     ) -> bytes:
         """One request, retried while it fails transiently; returns the body
-        of a 2xx answer or raises."""
+        of a 2xx answer or raises. ``wait``: see :meth:`_json`."""
         headers: dict[str, str] = {}
         if auth:
+            if self.token is None and self.login_on_demand is not None:
+                async with self._login_lock:
+                    if self.token is None and self.login_on_demand is not None:
+                        await self.login_on_demand()
             if self.token is None:
                 raise AuthFailed("not logged in")
             headers["Authorization"] = f"Bearer {self.token}"
         if raw is not None:
             headers["Content-Type"] = content_type
-        attempt = partial(self._attempt, method, path, headers, raw, query, cap)
+        timeout = self._http.timeout
+        if wait:
+            timeout = httpx.Timeout(
+                connect=timeout.connect,
+                read=None if timeout.read is None else timeout.read + wait,
+                write=timeout.write,
+                pool=timeout.pool,
+            )
+        attempt = partial(self._attempt, method, path, headers, raw, query, cap, timeout)
         return await retrying(attempt, retries=self._retries, what=f"{method} {path}")
 
     async def _attempt(
@@ -455,12 +543,18 @@ class RemoteClient:
         raw: bytes | None,
         query: dict[str, str] | None,
         cap: int,
+        timeout: httpx.Timeout,
     ) -> bytes:
         started = trio.current_time()
         what = f"{method} {path}"
         try:
             async with self._http.stream(
-                method, self._base + path, headers=headers, content=raw, params=query
+                method,
+                self._base + path,
+                headers=headers,
+                content=raw,
+                params=query,
+                timeout=timeout,
             ) as response:
                 status = response.status_code
                 if 200 <= status < 300:
@@ -478,6 +572,58 @@ class RemoteClient:
         if 200 <= status < 300:
             return body
         raise _error_for(status, body, what)
+
+
+@dataclass(frozen=True)
+class PutNode:
+    """A batch op: create (``expect_version`` 0) or replace a node, as
+    :meth:`RemoteClient.put_node` does."""
+
+    id: bytes
+    parent: bytes | None
+    expect_version: int
+    meta: bytes
+    content: bytes | None
+    chunks: Sequence[bytes]
+    commit_id: bytes
+
+    def body(self) -> dict[str, Any]:
+        """The op as JSON. Raises InvalidRequest or TooLarge for values the
+        protocol cannot carry."""
+        return {"op": "put", "id": _node_hex(self.id), **self.fields()}
+
+    def fields(self) -> dict[str, Any]:
+        """The body of ``PUT /nodes/{id}``."""
+        if len(self.meta) > MAX_META_BYTES or len(self.content or b"") > MAX_CONTENT_BYTES:
+            raise TooLarge("the node's record or manifest is larger than the protocol allows")
+        return {
+            "parent": None if self.parent is None else _node_hex(self.parent),
+            "expect_version": self.expect_version,
+            "meta": b64e(self.meta),
+            "content": None if self.content is None else b64e(self.content),
+            "chunks": [_chunk_hex(chunk_id) for chunk_id in self.chunks],
+            "commit_id": b64e(self.commit_id),
+        }
+
+    def json_size(self) -> int:
+        """About the size of :meth:`body` encoded (a little more)."""
+        sealed = len(self.meta) + len(self.content or b"") + len(self.commit_id)
+        return _OP_OVERHEAD + sealed * 4 // 3 + (2 * CHUNK_ID_BYTES + 3) * len(self.chunks)
+
+
+@dataclass(frozen=True)
+class DeleteNode:
+    """A batch op: delete a node at ``expect_version``, as
+    :meth:`RemoteClient.delete_node` does."""
+
+    id: bytes
+    expect_version: int
+
+    def body(self) -> dict[str, Any]:
+        return {"op": "delete", "id": _node_hex(self.id), "expect_version": self.expect_version}
+
+    def json_size(self) -> int:
+        return _OP_OVERHEAD
 
 
 def _reason(exc: BaseException) -> str:
@@ -505,7 +651,7 @@ def _error_for(status: int, body: bytes, what: str) -> MegafsError | Transient:
         code, detail = (
             item if isinstance(item := value.get(key), str) else "" for key in ("error", "detail")
         )
-    detail = _UNPRINTABLE_RE.sub(" ", detail)[:_DETAIL_MAX_CHARS].strip() or f"HTTP {status}"
+    detail = printable(detail) or f"HTTP {status}"
     if status in _TRANSIENT_STATUSES:
         cls = RemoteTimeout if status == 504 else RemoteError
         return Transient(cls(f"{what}: server error {status}: {detail}"))

@@ -10,17 +10,20 @@ genuine is for ``crypto`` to decide.
 
 from __future__ import annotations
 
+import itertools
 import re
 from dataclasses import dataclass
 from typing import Any
 
-from megafs.errors import FormatError
+from megafs.errors import FormatError, MegafsError, error_for_code
 from megafs.wire import (
+    CHANGES_PAGE_MAX,
     CHUNK_ID_RE,
     LIST_PAGE_MAX,
     MAX_CONTENT_BYTES,
     MAX_META_BYTES,
     NODE_ID_RE,
+    NODE_OP_ERRORS,
     RECOVERY_CODE_RE,
     RECOVERY_CODES,
     SESSION_ID_RE,
@@ -30,10 +33,13 @@ from megafs.wire import (
 
 __all__ = [
     "Account",
+    "Change",
     "RemoteNode",
     "Session",
     "SessionInfo",
     "parse_account",
+    "parse_batch",
+    "parse_changes",
     "parse_count",
     "parse_health",
     "parse_keyblob",
@@ -47,6 +53,7 @@ __all__ = [
     "parse_size",
     "parse_totp_secret",
     "parse_version",
+    "printable",
 ]
 
 #: Integers the server sends fit a signed 64-bit column.
@@ -58,6 +65,8 @@ _KDF_INTS = ("memory_kib", "iterations", "lanes")
 #: Server text that ends up on a terminal: no control characters (escape
 #: sequences), bounded.
 _PRINTABLE_RE = re.compile(r"[^\x00-\x1f\x7f-\x9f]{1,200}")
+_UNPRINTABLE_RE = re.compile(r"[\x00-\x1f\x7f-\x9f]")
+_DETAIL_MAX_CHARS = 300
 #: Far above any keyblob format; only bounds what is read.
 _KEYBLOB_MAX_BYTES = 4096
 #: A TOTP secret as base32 without padding.
@@ -106,6 +115,18 @@ class RemoteNode:
     meta: bytes
     content: bytes | None
     content_size: int
+
+
+@dataclass(frozen=True)
+class Change:
+    """A node's latest change in the account's change feed: the node as it
+    is now (``deleted``: it is gone, with the parent and version it had)."""
+
+    id: bytes
+    parent: bytes | None
+    version: int
+    seq: int
+    deleted: bool
 
 
 class _Fields:
@@ -278,6 +299,65 @@ def parse_page(value: Any, parent: bytes, *, after: str) -> tuple[list[RemoteNod
 
 def parse_version(value: Any) -> int:
     return _Fields(value, "put").integer("version", low=1)
+
+
+def parse_batch(value: Any, deletes: list[bool]) -> list[int | MegafsError]:
+    """The results of a batch whose ops are deletes where ``deletes`` says
+    so: one per op, each a version (at least 1 for a put, 0 for a delete) or
+    the error of one of ``NODE_OP_ERRORS`` the op failed with."""
+    items = _Fields(value, "batch").items("results")
+    if len(items) != len(deletes):
+        raise _bad("batch.results", f"has {len(items)} results for {len(deletes)} ops")
+    results: list[int | MegafsError] = []
+    for i, (item, delete) in enumerate(zip(items, deletes, strict=True)):
+        fields = _Fields(item, f"batch.results[{i}]")
+        if isinstance(item, dict) and "error" in item:
+            code = fields.text("error")
+            if code not in NODE_OP_ERRORS:
+                raise _bad(f"batch.results[{i}].error", "is not an error a node op can have")
+            results.append(error_for_code(code, 0)(printable(fields.text("detail")) or code))
+        elif delete:
+            if fields.integer("version") != 0:
+                raise _bad(f"batch.results[{i}].version", "is not 0 for a delete")
+            results.append(0)
+        else:
+            results.append(fields.integer("version", low=1))
+    return results
+
+
+def parse_changes(value: Any, after: int, limit: int) -> tuple[list[Change], int]:
+    """A page of the change feed asked with cursor ``after`` and at most
+    ``limit`` changes, and the next cursor. Sequence numbers must rise
+    strictly from ``after`` (so a feed cannot repeat or go back), and the
+    cursor must be the last of them (``after`` for an empty page)."""
+    fields = _Fields(value, "changes")
+    items = fields.items("changes")
+    if len(items) > min(limit, CHANGES_PAGE_MAX):
+        raise _bad("changes.changes", "is longer than the page asked for")
+    changes = []
+    for i, item in enumerate(items):
+        change = _Fields(item, f"changes.changes[{i}]")
+        changes.append(
+            Change(
+                id=change.node_id("id"),
+                parent=change.node_id_or_none("parent"),
+                version=change.integer("version", low=1),
+                seq=change.integer("seq", low=1),
+                deleted=change.boolean("deleted"),
+            )
+        )
+    seqs = [after, *(c.seq for c in changes)]
+    if any(b <= a for a, b in itertools.pairwise(seqs)):
+        raise _bad("changes.changes", "is not in rising seq order after the cursor")
+    if fields.integer("cursor") != seqs[-1]:
+        raise _bad("changes.cursor", "is not the last seq of the page")
+    return changes, seqs[-1]
+
+
+def printable(text: str) -> str:
+    """Server text fit for a terminal: control characters (escape
+    sequences) replaced, bounded."""
+    return _UNPRINTABLE_RE.sub(" ", text)[:_DETAIL_MAX_CHARS].strip()
 
 
 def parse_size(value: Any) -> int:

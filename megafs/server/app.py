@@ -39,12 +39,24 @@ from megafs.server.auth import (
     check_kdf,
 )
 from megafs.server.chunks import ChunkStore
-from megafs.server.metadata import AccountRow, MetadataStore, NodeRow, NodeWrite, SessionRow
+from megafs.server.feed import ChangeWatch
+from megafs.server.metadata import (
+    AccountRow,
+    MetadataStore,
+    NodeDelete,
+    NodeOp,
+    NodeRow,
+    NodeWrite,
+    SessionRow,
+)
 from megafs.server.openapi import openapi_document
 from megafs.wire import (
     API_PREFIX,
+    CHANGES_PAGE_MAX,
+    CHANGES_WAIT_MAX,
     INLINE_CONTENT_MAX,
     LIST_PAGE_MAX,
+    MAX_BATCH_OPS,
     MAX_CHUNK_BYTES,
     MAX_CONTENT_BYTES,
     MAX_JSON_BYTES,
@@ -71,11 +83,15 @@ def create_app(
     *,
     default_quota: int,
     limits: LoginLimits = DEFAULT_LIMITS,
+    stopping: trio.Event | None = None,
 ) -> Starlette:
     """The megafs API over the given stores; new accounts get ``default_quota``
-    bytes; failed logins are throttled by ``limits``. The stores stay owned
+    bytes; failed logins are throttled by ``limits``; once ``stopping`` is
+    set, long polls of the change feed answer at once. The stores stay owned
     by the caller (the app never closes them)."""
-    api = _Api(meta, chunks, default_quota, limits)
+    api = _Api(
+        meta, chunks, default_quota, limits, stopping if stopping is not None else trio.Event()
+    )
     p = API_PREFIX
     routes = [
         Route(path, _Resource(handlers))
@@ -97,12 +113,16 @@ def create_app(
             f"{p}/recovery": {"PUT": api.set_recovery_key},
             f"{p}/recovery/start": {"POST": api.recovery_start},
             f"{p}/recovery/finish": {"POST": api.recovery_finish},
+            # Before nodes/{id}, which would take "batch" for a (bad) id.
+            f"{p}/nodes/batch": {"POST": api.batch_nodes},
             f"{p}/nodes/{{id}}": {
                 "GET": api.get_node,
                 "PUT": api.put_node,
                 "DELETE": api.delete_node,
             },
             f"{p}/nodes/{{id}}/children": {"GET": api.list_children},
+            f"{p}/changes": {"GET": api.changes},
+            f"{p}/changes/cursor": {"GET": api.change_cursor},
             # Before chunks/{id}, which would take "missing" for a (bad) chunk id.
             f"{p}/chunks/missing": {"POST": api.missing_chunks},
             f"{p}/chunks/{{id}}": {"PUT": api.put_chunk, "GET": api.get_chunk},
@@ -120,7 +140,12 @@ def create_app(
 
 class _Api:
     def __init__(
-        self, meta: MetadataStore, chunks: ChunkStore, default_quota: int, limits: LoginLimits
+        self,
+        meta: MetadataStore,
+        chunks: ChunkStore,
+        default_quota: int,
+        limits: LoginLimits,
+        stopping: trio.Event,
     ) -> None:
         self._meta = meta
         self._chunks = chunks
@@ -129,6 +154,7 @@ class _Api:
             raise ValueError(f"the default quota must be 0..{v.MAX_INT} bytes")
         self._quota = default_quota
         self._openapi = openapi_document()
+        self._watch = ChangeWatch(meta, stopping=stopping)
 
     async def _caller(self, request: Request) -> Caller:
         return await self._auth.authenticate(request.headers.get("authorization"))
@@ -305,10 +331,7 @@ class _Api:
         after = request.query_params.get("after", "")
         if after and not NODE_ID_RE.fullmatch(after):
             raise InvalidRequest("the query parameter after must be a node id")
-        raw = request.query_params.get("limit", str(LIST_PAGE_MAX))
-        if not raw.isascii() or not raw.isdigit() or len(raw) > 6:
-            raise InvalidRequest("the query parameter limit must be a number")
-        limit = v.integer(int(raw), "limit", low=1, high=LIST_PAGE_MAX)
+        limit = _query_int(request, "limit", default=LIST_PAGE_MAX, low=1, high=LIST_PAGE_MAX)
         nodes = await self._meta.list_children(
             account_id,
             _path_node_id(request),
@@ -324,32 +347,70 @@ class _Api:
     async def put_node(self, request: Request) -> Response:
         account_id = await self._account_id(request)
         node_id = _path_node_id(request)
-        body = v.exact_fields(await v.read_json(request), _NODE_FIELDS, "body")
-        if not isinstance(body["chunks"], list):
-            raise InvalidRequest("chunks must be a list of chunk ids")
-        low, high = v.COMMIT_ID_BYTES
-        write = NodeWrite(
-            parent=None if body["parent"] is None else v.node_id(body["parent"], "parent"),
-            expect_version=v.integer(body["expect_version"], "expect_version"),
-            meta=v.blob(body["meta"], "meta", max_bytes=MAX_META_BYTES),
-            content=None
-            if body["content"] is None
-            else v.blob(body["content"], "content", max_bytes=MAX_CONTENT_BYTES),
-            chunks=frozenset(v.chunk_id(item, "chunks[]") for item in body["chunks"]),
-            commit_id=v.blob(body["commit_id"], "commit_id", min_bytes=low, max_bytes=high),
-        )
+        write = _node_write(v.exact_fields(await v.read_json(request), _NODE_FIELDS, "body"), "")
         version = await self._meta.put_node(account_id, node_id, write, now=_now())
+        self._watch.changed(account_id)
         return JSONResponse({"version": version})
 
     async def delete_node(self, request: Request) -> Response:
         account_id = await self._account_id(request)
         node_id = _path_node_id(request)
-        raw = request.query_params.get("expect_version", "")
-        if not raw.isascii() or not raw.isdigit() or len(raw) > 16:
-            raise InvalidRequest("the query parameter expect_version must be a version number")
-        expect = v.integer(int(raw), "expect_version", low=1)
-        await self._meta.delete_node(account_id, node_id, expect_version=expect)
+        expect = _query_int(request, "expect_version", low=1)
+        await self._meta.delete_node(account_id, node_id, expect_version=expect, now=_now())
+        self._watch.changed(account_id)
         return Response(status_code=204)
+
+    async def batch_nodes(self, request: Request) -> Response:
+        account_id = await self._account_id(request)
+        ops = v.exact_fields(await v.read_json(request), ("ops",), "body")["ops"]
+        if not isinstance(ops, list) or len(ops) > MAX_BATCH_OPS:
+            raise InvalidRequest(f"ops must be a list of at most {MAX_BATCH_OPS} ops")
+        parsed = [_node_op(op, f"ops[{i}]") for i, op in enumerate(ops)]
+        results = await self._meta.apply_node_ops(account_id, parsed, now=_now())
+        self._watch.changed(account_id)
+        return JSONResponse(
+            {
+                "results": [
+                    {"error": r.code, "detail": r.detail}
+                    if isinstance(r, MegafsError)
+                    else {"version": r}
+                    for r in results
+                ]
+            }
+        )
+
+    async def changes(self, request: Request) -> Response:
+        account_id = await self._account_id(request)
+        after = _query_int(request, "after")
+        wait = _query_int(request, "wait", default=0, high=CHANGES_WAIT_MAX)
+        limit = _query_int(request, "limit", default=CHANGES_PAGE_MAX, low=1, high=CHANGES_PAGE_MAX)
+        deadline = trio.current_time() + wait
+        async with self._watch.watching(account_id) as watched:
+            while True:
+                generation = watched.generation
+                changes = await self._meta.changes(account_id, after, limit=limit)
+                if changes or trio.current_time() >= deadline or self._watch.stopping:
+                    break
+                await self._watch.wait_beyond(watched, generation, after, deadline=deadline)
+        return JSONResponse(
+            {
+                "changes": [
+                    {
+                        "id": c.id,
+                        "parent": c.parent,
+                        "version": c.version,
+                        "seq": c.seq,
+                        "deleted": c.deleted,
+                    }
+                    for c in changes
+                ],
+                "cursor": changes[-1].seq if changes else after,
+            }
+        )
+
+    async def change_cursor(self, request: Request) -> Response:
+        account_id = await self._account_id(request)
+        return JSONResponse({"cursor": await self._meta.change_cursor(account_id)})
 
     async def missing_chunks(self, request: Request) -> Response:
         account_id = await self._account_id(request)
@@ -392,6 +453,52 @@ class _Api:
 
 def _now() -> int:
     return int(time.time())
+
+
+def _node_write(body: dict[str, Any], prefix: str) -> NodeWrite:
+    """A ``PUT /nodes/{id}`` body (or a batch's put op, whose field names
+    are reported under ``prefix``) whose fields are known to be exactly
+    ``_NODE_FIELDS``."""
+    if not isinstance(body["chunks"], list):
+        raise InvalidRequest(f"{prefix}chunks must be a list of chunk ids")
+    low, high = v.COMMIT_ID_BYTES
+    content = body["content"]
+    return NodeWrite(
+        parent=None if body["parent"] is None else v.node_id(body["parent"], f"{prefix}parent"),
+        expect_version=v.integer(body["expect_version"], f"{prefix}expect_version"),
+        meta=v.blob(body["meta"], f"{prefix}meta", max_bytes=MAX_META_BYTES),
+        content=None
+        if content is None
+        else v.blob(content, f"{prefix}content", max_bytes=MAX_CONTENT_BYTES),
+        chunks=frozenset(v.chunk_id(item, f"{prefix}chunks[]") for item in body["chunks"]),
+        commit_id=v.blob(body["commit_id"], f"{prefix}commit_id", min_bytes=low, max_bytes=high),
+    )
+
+
+def _node_op(value: Any, what: str) -> NodeOp:
+    """One op of ``POST /nodes/batch``."""
+    kind = value.get("op") if isinstance(value, dict) else None
+    if kind == "put":
+        op = v.exact_fields(value, ("op", "id", *_NODE_FIELDS), what)
+        return v.node_id(op["id"], f"{what}.id"), _node_write(op, f"{what}.")
+    if kind == "delete":
+        op = v.exact_fields(value, ("op", "id", "expect_version"), what)
+        expect = v.integer(op["expect_version"], f"{what}.expect_version", low=1)
+        return v.node_id(op["id"], f"{what}.id"), NodeDelete(expect)
+    raise InvalidRequest(f'{what} must be an object whose op is "put" or "delete"')
+
+
+def _query_int(
+    request: Request, name: str, *, default: int | None = None, low: int = 0, high: int = v.MAX_INT
+) -> int:
+    """An integer query parameter in ``low..high``; required unless it has a
+    ``default``."""
+    raw = request.query_params.get(name)
+    if raw is None and default is not None:
+        return default
+    if raw is None or not raw.isascii() or not raw.isdigit() or len(raw) > 16:
+        raise InvalidRequest(f"the query parameter {name} must be a number")
+    return v.integer(int(raw), f"the query parameter {name}", low=low, high=high)
 
 
 def _path_node_id(request: Request) -> str:

@@ -40,6 +40,7 @@ from dataclasses import dataclass
 from functools import partial
 from typing import Any
 
+import trio
 from cryptography.hazmat.primitives.hashes import SHA1
 from cryptography.hazmat.primitives.twofactor.totp import TOTP
 
@@ -70,6 +71,7 @@ __all__ = [
     "DEFAULT_LIMITS",
     "KDF_LIMITS",
     "KDF_SALT_BYTES",
+    "SESSION_CACHE_SECONDS",
     "Auth",
     "Caller",
     "LoginLimits",
@@ -78,6 +80,12 @@ __all__ = [
 ]
 
 AUTH_SECRET_BYTES = 32
+
+#: How long a server process trusts a session it looked up without asking
+#: the store again: the longest a session revoked through *another* process
+#: sharing the store stays usable here (revocations through this process
+#: take effect at once).
+SESSION_CACHE_SECONDS = 10
 
 #: Accepted Argon2id parameters at signup, (minimum, maximum). The lower
 #: bounds refuse nonsense; the client enforces its own, stricter minimum (it
@@ -180,13 +188,68 @@ class Caller:
     session_id: str
 
 
+class _SessionCache:
+    """Sessions this process looked up recently, by token hash, so most
+    requests authenticate without a store call.
+
+    An entry is trusted for ``SESSION_CACHE_SECONDS`` (and never past the
+    session's expiry). Whatever ends sessions in this process drops the
+    entries concerned once the store has ended them, before it answers, so
+    here a revocation takes effect at once; one made through another server
+    process sharing the store takes effect here within
+    ``SESSION_CACHE_SECONDS``. A lookup that raced a revocation (it read the
+    store before the revocation committed) is not cached: every drop bumps
+    ``generation``, and :meth:`put` refuses an entry looked up in an older
+    one. While an entry is trusted the store does not see the session used,
+    so ``last_seen`` lags by up to as much (on top of
+    ``LAST_SEEN_RESOLUTION``).
+    """
+
+    def __init__(self, *, max_entries: int = 10_000) -> None:
+        self._max_entries = max_entries
+        # token hash -> (session, trio time it was looked up); oldest first
+        self._entries: dict[bytes, tuple[SessionRow, float]] = {}
+        self.generation = 0
+
+    def get(self, token_hash: bytes, *, now: int) -> SessionRow | None:
+        entry = self._entries.get(token_hash)
+        if entry is None:
+            return None
+        session, fetched = entry
+        if trio.current_time() - fetched > SESSION_CACHE_SECONDS or session.expires <= now:
+            del self._entries[token_hash]
+            return None
+        return session
+
+    def put(self, token_hash: bytes, session: SessionRow, generation: int) -> None:
+        """Cache ``session``, looked up when :attr:`generation` was
+        ``generation``."""
+        if generation != self.generation:
+            return
+        self._entries.pop(token_hash, None)
+        if len(self._entries) >= self._max_entries:
+            del self._entries[next(iter(self._entries))]
+        self._entries[token_hash] = (session, trio.current_time())
+
+    def forget(self, token_hash: bytes) -> None:
+        self.generation += 1
+        self._entries.pop(token_hash, None)
+
+    def forget_account(self, account_id: int) -> None:
+        self.generation += 1
+        for token_hash in [h for h, (s, _) in self._entries.items() if s.account_id == account_id]:
+            del self._entries[token_hash]
+
+
 class Auth:
     """Signup, login, second factor, sessions, password changes and
-    recovery over a :class:`MetadataStore`."""
+    recovery over a :class:`MetadataStore`. Sessions are cached briefly in
+    memory (:class:`_SessionCache`)."""
 
     def __init__(self, meta: MetadataStore, *, limits: LoginLimits = DEFAULT_LIMITS) -> None:
         self._meta = meta
         self._limits = limits
+        self._sessions = _SessionCache()
 
     # -- logging in -------------------------------------------------------------------
 
@@ -335,27 +398,42 @@ class Auth:
         """The caller of an ``Authorization: Bearer`` header value. Raises
         AuthFailed for a missing, malformed, unknown, revoked or expired
         token."""
-        token = _bearer_token(authorization)
-        session = await self._meta.session(_token_hash(token), now=_now())
+        token_hash = _token_hash(_bearer_token(authorization))
+        now = _now()
+        session = self._sessions.get(token_hash, now=now)
         if session is None:
-            raise AuthFailed("the session is unknown or has expired; log in again")
+            generation = self._sessions.generation
+            session = await self._meta.session(token_hash, now=now)
+            if session is None:
+                raise AuthFailed("the session is unknown or has expired; log in again")
+            self._sessions.put(token_hash, session, generation)
         return Caller(session.account_id, session.id)
 
     async def logout(self, authorization: str | None) -> None:
         """End the session; raises AuthFailed if there is none."""
-        if not await self._meta.delete_session(_token_hash(_bearer_token(authorization))):
-            raise AuthFailed("the session is unknown or has expired")
+        token_hash = _token_hash(_bearer_token(authorization))
+        try:
+            if not await self._meta.delete_session(token_hash):
+                raise AuthFailed("the session is unknown or has expired")
+        finally:
+            self._sessions.forget(token_hash)
 
     async def sessions(self, caller: Caller) -> list[SessionRow]:
         return await self._meta.list_sessions(caller.account_id, now=_now())
 
     async def revoke_session(self, caller: Caller, session_id: str) -> None:
         """Raises NotFound for a session of no (or another) account."""
-        if not await self._meta.revoke_session(caller.account_id, session_id):
-            raise NotFound("no such session")
+        try:
+            if not await self._meta.revoke_session(caller.account_id, session_id):
+                raise NotFound("no such session")
+        finally:
+            self._sessions.forget_account(caller.account_id)
 
     async def revoke_other_sessions(self, caller: Caller) -> int:
-        return await self._meta.revoke_other_sessions(caller.account_id, caller.session_id)
+        try:
+            return await self._meta.revoke_other_sessions(caller.account_id, caller.session_id)
+        finally:
+            self._sessions.forget_account(caller.account_id)
 
     # -- two-factor authentication ----------------------------------------------------
 
@@ -415,9 +493,12 @@ class Auth:
         async with self._throttled(account.email, client):
             if not hmac.compare_digest(account.auth_hash, _hash(old_auth_secret)):
                 raise PermissionDenied("the current password is wrong")
-        await self._meta.set_password(
-            caller.account_id, kdf, _hash(auth_secret), keyblob, keep_session=caller.session_id
-        )
+        try:
+            await self._meta.set_password(
+                caller.account_id, kdf, _hash(auth_secret), keyblob, keep_session=caller.session_id
+            )
+        finally:
+            self._sessions.forget_account(caller.account_id)
 
     async def set_recovery_key(
         self,
@@ -463,9 +544,12 @@ class Auth:
         async with self._throttled(email, client):
             row = await self._check_recovery(email, recovery_auth)
             await self._check_second_factor(row.account_id, code)
-        await self._meta.set_password(
-            row.account_id, kdf, _hash(auth_secret), keyblob, keep_session=None
-        )
+        try:
+            await self._meta.set_password(
+                row.account_id, kdf, _hash(auth_secret), keyblob, keep_session=None
+            )
+        finally:
+            self._sessions.forget_account(row.account_id)
         account = await self._meta.account(row.account_id)
         return await self._open_session(account, device, long_lived=long_lived)
 

@@ -1,5 +1,5 @@
-"""Garbage collection: chunks no node uses any more, expired sessions and
-stale failed-login counts.
+"""Garbage collection: chunks no node uses any more, expired sessions,
+stale failed-login counts and old tombstones of the change feed.
 
 A chunk is uploaded before the node that uses it is committed, and a
 replaced or deleted node may leave chunks behind. A chunk that no node
@@ -17,16 +17,27 @@ from megafs.server.chunks import ChunkStore
 from megafs.server.metadata import MetadataStore
 from megafs.wire import CHUNK_GRACE_SECONDS
 
-__all__ = ["collect_garbage"]
+__all__ = ["DEFAULT_CHANGE_RETENTION", "collect_garbage"]
 
 log = logging.getLogger(__name__)
 
 _BATCH = 1000
 
+#: How long the change feed remembers a delete, in seconds: a client that
+#: has not followed the feed for longer lists everything again.
+DEFAULT_CHANGE_RETENTION = 30 * 24 * 3600
 
-async def collect_garbage(meta: MetadataStore, chunks: ChunkStore, *, now: float) -> int:
+
+async def collect_garbage(
+    meta: MetadataStore,
+    chunks: ChunkStore,
+    *,
+    now: float,
+    change_retention: int = DEFAULT_CHANGE_RETENTION,
+) -> int:
     """One collection pass as of ``now`` (Unix seconds); returns the number
-    of chunks deleted.
+    of chunks deleted. Tombstones older than ``change_retention`` seconds
+    are pruned.
 
     Each chunk is re-checked and forgotten under its lock, then its bytes
     deleted, so an upload or a commit racing the pass either keeps the chunk
@@ -44,8 +55,14 @@ async def collect_garbage(meta: MetadataStore, chunks: ChunkStore, *, now: float
         if len(candidates) < _BATCH:
             break
     sessions = await meta.purge_sessions(now=int(now))
+    tombstones = await meta.prune_tombstones(before=int(now) - change_retention)
     # A count this old would start from zero at the next failure anyway.
     await meta.purge_throttle(before=int(now) - DEFAULT_LIMITS.forget_seconds)
-    if removed or sessions:
-        log.info("garbage collection: %d chunks and %d expired sessions deleted", removed, sessions)
+    if removed or sessions or tombstones:
+        log.info(
+            "garbage collection: %d chunks, %d expired sessions and %d tombstones deleted",
+            removed,
+            sessions,
+            tombstones,
+        )
     return removed

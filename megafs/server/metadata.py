@@ -2,9 +2,11 @@
 
 :class:`MetadataStore` is the interface the HTTP layer and the garbage
 collector use; :class:`SQLiteMetadataStore` implements it. Each method is
-one atomic step (one transaction), so the rules of ``megafs.wire`` (compare
-and set, parent checks, quota) hold however requests interleave, and a
-second backend (PostgreSQL) only has to provide the same methods. The SQL
+one atomic step (a transaction, or a savepoint in a group commit's
+transaction), so the rules of ``megafs.wire`` (compare and set, parent
+checks, quota, the order of change sequence numbers) hold however requests
+interleave, and a second backend (PostgreSQL) only has to provide the same
+methods. The SQL
 is kept portable where that costs nothing (``ON CONFLICT``, ``WITH
 RECURSIVE``, ``length()`` on blobs work in both).
 
@@ -15,30 +17,38 @@ sealed (kdf aside, which is public by design) is an opaque blob here.
 from __future__ import annotations
 
 import json
+import queue
 import secrets
 import sqlite3
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
 import trio
 
 from megafs.errors import (
     AlreadyExists,
+    CursorExpired,
     InvalidRequest,
+    MegafsError,
     NotEmpty,
     NotFound,
     QuotaExceeded,
     VersionConflict,
 )
+from megafs.server.group import GroupCommit
 
 __all__ = [
     "AccountRow",
+    "ChangeRow",
     "MetadataStore",
     "MissingReference",
+    "NodeDelete",
+    "NodeOp",
     "NodeRow",
     "NodeWrite",
     "RecoveryRow",
@@ -48,11 +58,12 @@ __all__ = [
 ]
 
 T = TypeVar("T")
+E = TypeVar("E", bound=Exception)
 
 #: Bumped when the schema below changes incompatibly; a store refuses a
 #: database written by a newer server instead of misreading it, and brings
 #: an older one up to date with ``_MIGRATIONS``.
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 
 #: A session's ``last_seen`` is rewritten at most this often, so an active
 #: client does not turn every read into a database write.
@@ -103,6 +114,18 @@ class NodeRow:
 
 
 @dataclass(frozen=True)
+class ChangeRow:
+    """A node's latest change: its state now (``deleted``: it is gone, and
+    ``parent`` and ``version`` are what it had)."""
+
+    id: str
+    parent: str | None
+    version: int
+    seq: int
+    deleted: bool
+
+
+@dataclass(frozen=True)
 class SessionRow:
     """A live session. ``id`` is its public name (listings, revocation);
     the token itself is never stored."""
@@ -146,6 +169,17 @@ class NodeWrite:
     content: bytes | None
     chunks: frozenset[str]
     commit_id: bytes
+
+
+@dataclass(frozen=True)
+class NodeDelete:
+    """A validated ``DELETE /nodes/{id}``."""
+
+    expect_version: int
+
+
+#: One op of a batch: the node id and what to do to it.
+NodeOp = tuple[str, NodeWrite | NodeDelete]
 
 
 class MetadataStore(ABC):
@@ -329,9 +363,51 @@ class MetadataStore(ABC):
         """
 
     @abstractmethod
-    async def delete_node(self, account_id: int, node_id: str, *, expect_version: int) -> None:
-        """Raises NotFound, VersionConflict, NotEmpty, or InvalidRequest for
-        the root."""
+    async def delete_node(
+        self, account_id: int, node_id: str, *, expect_version: int, now: int
+    ) -> None:
+        """Delete a node, leaving a tombstone for the change feed. Raises
+        NotFound, VersionConflict, NotEmpty, or InvalidRequest for the root."""
+
+    @abstractmethod
+    async def apply_node_ops(
+        self, account_id: int, ops: Sequence[NodeOp], *, now: int
+    ) -> list[int | MegafsError]:
+        """Apply puts and deletes in order, in one transaction, each exactly
+        as :meth:`put_node` or :meth:`delete_node` would (later ops see what
+        earlier ones did). An op that fails leaves no trace and does not stop
+        the others. Returns, per op, the new version (0 for a delete) or the
+        error the single call would have raised."""
+
+    # -- changes ------------------------------------------------------------------
+
+    @abstractmethod
+    async def changes(self, account_id: int, after: int, *, limit: int) -> list[ChangeRow]:
+        """Up to ``limit`` of the account's nodes and tombstones changed after
+        sequence number ``after``, by sequence number: each node once, at its
+        latest change.
+
+        Every node write and delete takes the account's next sequence
+        number, and one with a higher number is never visible before one
+        with a lower number (the account's counter is updated in the same
+        transaction), so a client that follows the pages misses nothing.
+        Raises CursorExpired if ``after`` is older than a tombstone that was
+        pruned (the client cannot learn about that delete) or newer than
+        the account's latest change.
+        """
+
+    @abstractmethod
+    async def change_cursor(self, account_id: int) -> int:
+        """The account's latest sequence number (1 for a new account: its root)."""
+
+    @abstractmethod
+    async def change_cursors(self, account_ids: Sequence[int]) -> dict[int, int]:
+        """:meth:`change_cursor` of several accounts at once."""
+
+    @abstractmethod
+    async def prune_tombstones(self, *, before: int) -> int:
+        """Forget deletes made at ``before`` (Unix seconds) or earlier;
+        returns how many. Cursors older than a forgotten delete expire."""
 
     # -- chunks -------------------------------------------------------------------
 
@@ -389,7 +465,11 @@ CREATE TABLE IF NOT EXISTS accounts (
     quota     INTEGER NOT NULL,     -- bytes the account may hold
     used      INTEGER NOT NULL,     -- bytes it holds: every recorded chunk (referenced or
                                     -- not, until collected) plus each node's meta + content
-    created   INTEGER NOT NULL      -- Unix seconds
+    created   INTEGER NOT NULL,     -- Unix seconds
+    change_seq INTEGER NOT NULL DEFAULT 0, -- the sequence number of the account's latest node
+                                    -- change (write or delete); each takes the next one
+    pruned_seq INTEGER NOT NULL DEFAULT 0  -- the newest sequence number of a pruned tombstone:
+                                    -- a change feed cursor below it has missed a delete
 );
 
 -- Bearer tokens. Only their hash is stored, so a database leak yields no
@@ -458,9 +538,26 @@ CREATE TABLE IF NOT EXISTS nodes (
     commit_id  BLOB NOT NULL,       -- the client's id of the write that made this version,
                                     -- so a retried write is recognised
     updated    INTEGER NOT NULL,    -- Unix seconds of that write
+    seq        INTEGER NOT NULL DEFAULT 0, -- the account's change_seq of that write
     PRIMARY KEY (account_id, id)
 );
 CREATE INDEX IF NOT EXISTS nodes_parent ON nodes(account_id, parent);
+CREATE INDEX IF NOT EXISTS nodes_seq ON nodes(account_id, seq);
+
+-- Deleted nodes, for the change feed: a client that saw a node must learn
+-- it is gone. Kept for a retention period, then pruned (accounts.pruned_seq).
+-- A node created again with the same id loses its tombstone.
+CREATE TABLE IF NOT EXISTS tombstones (
+    account_id INTEGER NOT NULL REFERENCES accounts(id),
+    id         TEXT NOT NULL,       -- the deleted node's id
+    parent     TEXT,                -- its parent and version when deleted
+    version    INTEGER NOT NULL,
+    seq        INTEGER NOT NULL,    -- the account's change_seq of the delete
+    deleted    INTEGER NOT NULL,    -- Unix seconds of the delete: drives pruning
+    PRIMARY KEY (account_id, id)
+);
+CREATE INDEX IF NOT EXISTS tombstones_seq ON tombstones(account_id, seq);
+CREATE INDEX IF NOT EXISTS tombstones_deleted ON tombstones(deleted);
 
 -- Stored chunks. A chunk is shared by every node of the account that
 -- lists it and collected once none does and its grace period is over.
@@ -495,6 +592,16 @@ _MIGRATIONS = {
     ALTER TABLE sessions ADD COLUMN idle_seconds INTEGER NOT NULL DEFAULT 2592000;
     UPDATE sessions SET id = lower(hex(randomblob(8)));
     """,
+    # Existing nodes get distinct sequence numbers (their rowids) and every
+    # account a counter above them: a feed from 0 lists them all.
+    3: """
+    ALTER TABLE accounts ADD COLUMN change_seq INTEGER NOT NULL DEFAULT 0;
+    ALTER TABLE accounts ADD COLUMN pruned_seq INTEGER NOT NULL DEFAULT 0;
+    ALTER TABLE nodes ADD COLUMN seq INTEGER NOT NULL DEFAULT 0;
+    UPDATE nodes SET seq = rowid;
+    UPDATE accounts SET change_seq = (SELECT coalesce(max(seq), 0) FROM nodes
+                                      WHERE nodes.account_id = accounts.id);
+    """,
 }
 
 _NODE_BYTES = "length(meta) + coalesce(length(content), 0)"
@@ -513,31 +620,74 @@ def _account_row(row: tuple[Any, ...]) -> AccountRow:
     )
 
 
-def _batches(items: Sequence[str]) -> Iterator[Sequence[str]]:
+def _isolated(db: sqlite3.Connection, fn: Callable[[], T], catch: type[E]) -> T | E:
+    """``fn()`` inside a savepoint of the open transaction: if it raises,
+    whatever it wrote is undone; a ``catch`` is returned, anything else
+    raised. Savepoints nest: a batch's ops are isolated within its job."""
+    db.execute("SAVEPOINT isolated")
+    done = False
+    try:
+        result: T | E = fn()
+        done = True
+    except catch as exc:
+        result = exc
+    finally:
+        if not done:
+            db.execute("ROLLBACK TO isolated")
+        db.execute("RELEASE isolated")
+    return result
+
+
+def _count_change(db: sqlite3.Connection, account_id: int, growth: int) -> int:
+    """Account for a node change that makes the account use ``growth``
+    more bytes; returns the change's sequence number. The counter's row
+    stays locked until the transaction ends, so changes become visible in
+    the order of their numbers (in PostgreSQL too)."""
+    return int(
+        db.execute(
+            "UPDATE accounts SET used = used + ?, change_seq = change_seq + 1 WHERE id = ?"
+            " RETURNING change_seq",
+            (growth, account_id),
+        ).fetchone()[0]
+    )
+
+
+def _batches(items: Sequence[T]) -> Iterator[Sequence[T]]:
     for start in range(0, len(items), _IN_BATCH):
         yield items[start : start + _IN_BATCH]
 
 
 class SQLiteMetadataStore(MetadataStore):
-    """:class:`MetadataStore` in one SQLite file (WAL mode).
+    """:class:`MetadataStore` in one SQLite file (WAL mode), every call in a
+    worker thread, so the event loop never waits on the disk.
 
-    One connection serves every call; a ``CapacityLimiter(1)`` makes the
-    calls take turns and each runs in a worker thread, so the event loop
-    never waits on the disk. Construction opens (and if needed creates)
-    the database and blocks: from async code, construct it with
-    ``trio.to_thread.run_sync``.
+    Writes go through one connection by group commit (``group``): the calls
+    that arrive while a commit is under way are applied together in the next
+    transaction, each inside a savepoint (so each still succeeds or fails
+    alone, in arrival order), and made durable by one ``COMMIT``: one WAL
+    fsync (``synchronous=FULL``) for the whole group. Each call returns only
+    after that commit. Reads run on up to ``readers`` connections of their
+    own, in read transactions (one snapshot each): WAL lets them proceed
+    while a commit waits for the disk.
+
+    Several server processes may share the database: every write
+    transaction is ``BEGIN IMMEDIATE`` (SQLite's write lock, waited for up
+    to ``busy_timeout``), so groups of different processes take turns, and
+    nothing the rules depend on is kept in memory.
+
+    Construction opens (and if needed creates) the database and blocks:
+    from async code, construct it with ``trio.to_thread.run_sync``.
     """
 
-    def __init__(self, path: Path) -> None:
-        self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
+    def __init__(self, path: Path, *, readers: int = 4) -> None:
+        self._path = path
+        self._db = self._connect()
         try:
             self._db.execute("PRAGMA journal_mode=WAL")
             # FULL: a node the server has answered for survives a power cut,
             # not only a crash of this process.
             self._db.execute("PRAGMA synchronous=FULL")
             self._db.execute("PRAGMA foreign_keys=ON")
-            # Another process (an offline maintenance run) may hold the lock briefly.
-            self._db.execute("PRAGMA busy_timeout=10000")
             version = self._stored_version()
             migrations = "".join(
                 _MIGRATIONS[v] for v in range(version + 1, SCHEMA_VERSION + 1) if version
@@ -547,7 +697,16 @@ class SQLiteMetadataStore(MetadataStore):
         except BaseException:
             self._db.close()
             raise
-        self._limiter = trio.CapacityLimiter(1)
+        self._writes = GroupCommit(self._write_group)
+        self._readers: queue.SimpleQueue[sqlite3.Connection] = queue.SimpleQueue()
+        self._read_limiter = trio.CapacityLimiter(readers)
+
+    def _connect(self) -> sqlite3.Connection:
+        db = sqlite3.connect(self._path, check_same_thread=False, isolation_level=None)
+        # Another process (a second server, a maintenance run) may hold the
+        # write lock for a while.
+        db.execute("PRAGMA busy_timeout=10000")
+        return db
 
     def _stored_version(self) -> int:
         """The schema version of the database (0: a new one). Raises
@@ -595,14 +754,36 @@ class SQLiteMetadataStore(MetadataStore):
             raise
         self._db.execute("COMMIT")
 
-    async def _run(self, fn: Callable[[sqlite3.Connection], T]) -> T:
-        """Run ``fn`` in one transaction, in a worker thread, one call at a time."""
+    async def _write(self, fn: Callable[[sqlite3.Connection], T]) -> T:
+        """Run ``fn`` atomically in the next group commit; returns once it is
+        durable. ``fn`` must only use the connection it is given."""
+        return cast(T, await self._writes.run(fn))
 
-        def in_transaction() -> T:
-            with self._transaction() as db:
+    def _write_group(
+        self, jobs: list[Callable[[sqlite3.Connection], object]]
+    ) -> list[object | Exception]:
+        with self._transaction() as db:
+            return [_isolated(db, partial(job, db), Exception) for job in jobs]
+
+    async def _read(self, fn: Callable[[sqlite3.Connection], T]) -> T:
+        """Run ``fn`` in a read transaction (it must not write), concurrently
+        with other reads and with the commit under way."""
+        return await trio.to_thread.run_sync(self._read_in_thread, fn, limiter=self._read_limiter)
+
+    def _read_in_thread(self, fn: Callable[[sqlite3.Connection], T]) -> T:
+        try:
+            db = self._readers.get_nowait()
+        except queue.Empty:  # fewer connections than the limiter allows readers: one more
+            db = self._connect()
+            db.execute("PRAGMA query_only=ON")
+        try:
+            db.execute("BEGIN")
+            try:
                 return fn(db)
-
-        return await trio.to_thread.run_sync(in_transaction, limiter=self._limiter)
+            finally:
+                db.execute("ROLLBACK")
+        finally:
+            self._readers.put(db)
 
     async def server_secret(self) -> bytes:
         return self._secret
@@ -630,17 +811,17 @@ class SQLiteMetadataStore(MetadataStore):
                 raise AlreadyExists("an account with this email exists")
             account_id = db.execute(
                 "INSERT INTO accounts (email, kdf, auth_hash, keyblob, root_id, quota, used,"
-                " created) VALUES (?, ?, ?, ?, ?, ?, ?, ?) RETURNING id",
+                " created, change_seq) VALUES (?, ?, ?, ?, ?, ?, ?, ?, 1) RETURNING id",
                 (email, json.dumps(kdf), auth_hash, keyblob, root_id, quota, used, now),
             ).fetchone()[0]
             db.execute(
                 "INSERT INTO nodes (account_id, id, parent, version, meta, content, commit_id,"
-                " updated) VALUES (?, ?, NULL, 1, ?, NULL, ?, ?)",
+                " updated, seq) VALUES (?, ?, NULL, 1, ?, NULL, ?, ?, 1)",
                 (account_id, root_id, root_meta, b"", now),
             )
             return AccountRow(account_id, email, kdf, auth_hash, keyblob, root_id, quota, used)
 
-        return await self._run(create)
+        return await self._write(create)
 
     async def account_by_email(self, email: str) -> AccountRow | None:
         def find(db: sqlite3.Connection) -> AccountRow | None:
@@ -649,10 +830,10 @@ class SQLiteMetadataStore(MetadataStore):
             ).fetchone()
             return None if row is None else _account_row(row)
 
-        return await self._run(find)
+        return await self._read(find)
 
     async def account(self, account_id: int) -> AccountRow:
-        return await self._run(lambda db: self._account(db, account_id))
+        return await self._read(lambda db: self._account(db, account_id))
 
     @staticmethod
     def _account(db: sqlite3.Connection, account_id: int) -> AccountRow:
@@ -685,7 +866,7 @@ class SQLiteMetadataStore(MetadataStore):
                 ).rowcount
             )
 
-        return await self._run(change)
+        return await self._write(change)
 
     async def add_session(
         self,
@@ -698,7 +879,7 @@ class SQLiteMetadataStore(MetadataStore):
         idle_seconds: int,
     ) -> int:
         expires = now + idle_seconds
-        await self._run(
+        await self._write(
             lambda db: db.execute(
                 "INSERT INTO sessions (token_hash, account_id, device, created, last_seen, expires,"
                 " id, idle_seconds) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
@@ -713,20 +894,25 @@ class SQLiteMetadataStore(MetadataStore):
                 f"SELECT {_SESSION_COLUMNS} FROM sessions WHERE token_hash = ? AND expires > ?",
                 (token_hash, now),
             ).fetchone()
-            if row is None:
-                return None
-            if now - row[4] >= LAST_SEEN_RESOLUTION:
-                row = db.execute(
-                    "UPDATE sessions SET last_seen = ?, expires = ? + idle_seconds"
-                    f" WHERE token_hash = ? RETURNING {_SESSION_COLUMNS}",
-                    (now, now, token_hash),
-                ).fetchone()
-            return SessionRow(*row)
+            return None if row is None else SessionRow(*row)
 
-        return await self._run(lookup)
+        def touch(db: sqlite3.Connection) -> SessionRow | None:
+            row = db.execute(
+                "UPDATE sessions SET last_seen = ?, expires = ? + idle_seconds"
+                f" WHERE token_hash = ? AND expires > ? RETURNING {_SESSION_COLUMNS}",
+                (now, now, token_hash, now),
+            ).fetchone()
+            return None if row is None else SessionRow(*row)
+
+        # Most lookups only read; the write (and its commit) comes at most
+        # once per LAST_SEEN_RESOLUTION, and re-checks the session is live.
+        found = await self._read(lookup)
+        if found is None or now - found.last_seen < LAST_SEEN_RESOLUTION:
+            return found
+        return await self._write(touch)
 
     async def list_sessions(self, account_id: int, *, now: int) -> list[SessionRow]:
-        return await self._run(
+        return await self._read(
             lambda db: [
                 SessionRow(*row)
                 for row in db.execute(
@@ -738,14 +924,14 @@ class SQLiteMetadataStore(MetadataStore):
         )
 
     async def delete_session(self, token_hash: bytes) -> bool:
-        return await self._run(
+        return await self._write(
             lambda db: (
                 db.execute("DELETE FROM sessions WHERE token_hash = ?", (token_hash,)).rowcount > 0
             )
         )
 
     async def revoke_session(self, account_id: int, session_id: str) -> bool:
-        return await self._run(
+        return await self._write(
             lambda db: (
                 db.execute(
                     "DELETE FROM sessions WHERE account_id = ? AND id = ?", (account_id, session_id)
@@ -755,7 +941,7 @@ class SQLiteMetadataStore(MetadataStore):
         )
 
     async def revoke_other_sessions(self, account_id: int, keep_session: str) -> int:
-        return await self._run(
+        return await self._write(
             lambda db: int(
                 db.execute(
                     "DELETE FROM sessions WHERE account_id = ? AND id != ?",
@@ -765,7 +951,7 @@ class SQLiteMetadataStore(MetadataStore):
         )
 
     async def purge_sessions(self, *, now: int) -> int:
-        return await self._run(
+        return await self._write(
             lambda db: db.execute("DELETE FROM sessions WHERE expires <= ?", (now,)).rowcount
         )
 
@@ -778,7 +964,7 @@ class SQLiteMetadataStore(MetadataStore):
             ).fetchone()
             return None if row is None else TotpRow(bytes(row[0]), bool(row[1]), row[2])
 
-        return await self._run(get)
+        return await self._read(get)
 
     async def begin_totp(self, account_id: int, secret: bytes) -> None:
         def begin(db: sqlite3.Connection) -> None:
@@ -793,7 +979,7 @@ class SQLiteMetadataStore(MetadataStore):
                 (account_id, secret),
             )
 
-        await self._run(begin)
+        await self._write(begin)
 
     async def enable_totp(
         self, account_id: int, secret: bytes, step: int, code_hashes: Sequence[bytes]
@@ -812,10 +998,10 @@ class SQLiteMetadataStore(MetadataStore):
             )
             return True
 
-        return await self._run(enable)
+        return await self._write(enable)
 
     async def use_totp_step(self, account_id: int, step: int) -> bool:
-        return await self._run(
+        return await self._write(
             lambda db: (
                 db.execute(
                     "UPDATE totp SET last_step = ? WHERE account_id = ? AND enabled = 1"
@@ -827,7 +1013,7 @@ class SQLiteMetadataStore(MetadataStore):
         )
 
     async def use_recovery_code(self, account_id: int, code_hash: bytes) -> bool:
-        return await self._run(
+        return await self._write(
             lambda db: (
                 db.execute(
                     "DELETE FROM recovery_codes WHERE account_id = ? AND code_hash = ?",
@@ -842,12 +1028,12 @@ class SQLiteMetadataStore(MetadataStore):
             db.execute("DELETE FROM totp WHERE account_id = ?", (account_id,))
             db.execute("DELETE FROM recovery_codes WHERE account_id = ?", (account_id,))
 
-        await self._run(disable)
+        await self._write(disable)
 
     async def set_recovery_key(
         self, account_id: int, auth_hash: bytes, keyblob: bytes, *, now: int
     ) -> None:
-        await self._run(
+        await self._write(
             lambda db: db.execute(
                 "INSERT INTO recovery_keys (account_id, auth_hash, keyblob, created)"
                 " VALUES (?, ?, ?, ?) ON CONFLICT (account_id) DO UPDATE"
@@ -866,7 +1052,7 @@ class SQLiteMetadataStore(MetadataStore):
             ).fetchone()
             return None if row is None else RecoveryRow(row[0], bytes(row[1]), bytes(row[2]))
 
-        return await self._run(find)
+        return await self._read(find)
 
     # -- failed attempts ------------------------------------------------------------
 
@@ -879,7 +1065,7 @@ class SQLiteMetadataStore(MetadataStore):
             ).fetchone()
             return max(0, (row[0] or 0) - now)
 
-        return await self._run(wait)
+        return await self._read(wait)
 
     async def throttle_failure(
         self, key: str, *, now: int, forget_after: int, lock_seconds: Callable[[int], int]
@@ -897,13 +1083,13 @@ class SQLiteMetadataStore(MetadataStore):
                 (key, failures, now, now + lock_seconds(failures)),
             )
 
-        await self._run(fail)
+        await self._write(fail)
 
     async def throttle_clear(self, key: str) -> None:
-        await self._run(lambda db: db.execute("DELETE FROM throttle WHERE key = ?", (key,)))
+        await self._write(lambda db: db.execute("DELETE FROM throttle WHERE key = ?", (key,)))
 
     async def purge_throttle(self, *, before: int) -> int:
-        return await self._run(
+        return await self._write(
             lambda db: int(
                 db.execute(
                     "DELETE FROM throttle WHERE last_failure < ? AND locked_until < ?",
@@ -927,7 +1113,7 @@ class SQLiteMetadataStore(MetadataStore):
             content = None if content is None else bytes(content)
             return NodeRow(id_, parent, version, bytes(meta), content, len(content or b""))
 
-        return await self._run(get)
+        return await self._read(get)
 
     async def list_children(
         self, account_id: int, node_id: str, *, inline_max: int, after: str = "", limit: int
@@ -955,7 +1141,7 @@ class SQLiteMetadataStore(MetadataStore):
                 for id_, parent, version, meta, content, size in rows
             ]
 
-        return await self._run(children)
+        return await self._read(children)
 
     @staticmethod
     def _node_exists(db: sqlite3.Connection, account_id: int, node_id: str) -> bool:
@@ -967,7 +1153,7 @@ class SQLiteMetadataStore(MetadataStore):
         )
 
     async def put_node(self, account_id: int, node_id: str, write: NodeWrite, *, now: int) -> int:
-        return await self._run(lambda db: self._put_node(db, account_id, node_id, write, now))
+        return await self._write(lambda db: self._put_node(db, account_id, node_id, write, now))
 
     def _put_node(
         self, db: sqlite3.Connection, account_id: int, node_id: str, w: NodeWrite, now: int
@@ -994,14 +1180,19 @@ class SQLiteMetadataStore(MetadataStore):
             raise QuotaExceeded(f"the account's quota of {account.quota} bytes is full")
 
         version = 1 if current is None else int(current[0]) + 1
+        seq = _count_change(db, account_id, growth)
         db.execute(
             "INSERT INTO nodes (account_id, id, parent, version, meta, content, commit_id,"
-            " updated) VALUES (?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (account_id, id) DO UPDATE"
-            " SET parent = excluded.parent, version = excluded.version, meta = excluded.meta,"
-            " content = excluded.content, commit_id = excluded.commit_id,"
-            " updated = excluded.updated",
-            (account_id, node_id, w.parent, version, w.meta, w.content, w.commit_id, now),
+            " updated, seq) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (account_id, id)"
+            " DO UPDATE SET parent = excluded.parent, version = excluded.version,"
+            " meta = excluded.meta, content = excluded.content, commit_id = excluded.commit_id,"
+            " updated = excluded.updated, seq = excluded.seq",
+            (account_id, node_id, w.parent, version, w.meta, w.content, w.commit_id, now, seq),
         )
+        if current is None:
+            db.execute(
+                "DELETE FROM tombstones WHERE account_id = ? AND id = ?", (account_id, node_id)
+            )
         db.execute(
             "DELETE FROM node_chunks WHERE account_id = ? AND node_id = ?", (account_id, node_id)
         )
@@ -1009,7 +1200,6 @@ class SQLiteMetadataStore(MetadataStore):
             "INSERT INTO node_chunks (account_id, node_id, chunk_id) VALUES (?, ?, ?)",
             ((account_id, node_id, chunk_id) for chunk_id in chunk_ids),
         )
-        db.execute("UPDATE accounts SET used = used + ? WHERE id = ?", (growth, account_id))
         return version
 
     def _check_parent(
@@ -1050,32 +1240,115 @@ class SQLiteMetadataStore(MetadataStore):
             if found != len(batch):
                 raise MissingReference("the node references a chunk that is not stored")
 
-    async def delete_node(self, account_id: int, node_id: str, *, expect_version: int) -> None:
-        def delete(db: sqlite3.Connection) -> None:
-            row = db.execute(
-                f"SELECT version, {_NODE_BYTES} FROM nodes WHERE account_id = ? AND id = ?",
-                (account_id, node_id),
-            ).fetchone()
-            if row is None:
-                raise NotFound("no such node")
-            if node_id == self._account(db, account_id).root_id:
-                raise InvalidRequest("the root folder cannot be deleted")
-            if row[0] != expect_version:
-                raise VersionConflict(f"the node is at version {row[0]}")
-            if db.execute(
-                "SELECT 1 FROM nodes WHERE account_id = ? AND parent = ? LIMIT 1",
-                (account_id, node_id),
-            ).fetchone():
-                raise NotEmpty("the folder is not empty")
-            db.execute("DELETE FROM nodes WHERE account_id = ? AND id = ?", (account_id, node_id))
-            db.execute("UPDATE accounts SET used = used - ? WHERE id = ?", (row[1], account_id))
+    async def delete_node(
+        self, account_id: int, node_id: str, *, expect_version: int, now: int
+    ) -> None:
+        await self._write(
+            lambda db: self._delete_node(db, account_id, node_id, expect_version, now)
+        )
 
-        await self._run(delete)
+    def _delete_node(
+        self, db: sqlite3.Connection, account_id: int, node_id: str, expect_version: int, now: int
+    ) -> None:
+        row = db.execute(
+            f"SELECT version, {_NODE_BYTES}, parent FROM nodes WHERE account_id = ? AND id = ?",
+            (account_id, node_id),
+        ).fetchone()
+        if row is None:
+            raise NotFound("no such node")
+        if node_id == self._account(db, account_id).root_id:
+            raise InvalidRequest("the root folder cannot be deleted")
+        if row[0] != expect_version:
+            raise VersionConflict(f"the node is at version {row[0]}")
+        if db.execute(
+            "SELECT 1 FROM nodes WHERE account_id = ? AND parent = ? LIMIT 1",
+            (account_id, node_id),
+        ).fetchone():
+            raise NotEmpty("the folder is not empty")
+        db.execute("DELETE FROM nodes WHERE account_id = ? AND id = ?", (account_id, node_id))
+        db.execute(
+            "INSERT INTO tombstones (account_id, id, parent, version, seq, deleted)"
+            " VALUES (?, ?, ?, ?, ?, ?)",
+            (account_id, node_id, row[2], row[0], _count_change(db, account_id, -row[1]), now),
+        )
+
+    async def apply_node_ops(
+        self, account_id: int, ops: Sequence[NodeOp], *, now: int
+    ) -> list[int | MegafsError]:
+        def apply(db: sqlite3.Connection) -> list[int | MegafsError]:
+            return [
+                _isolated(db, partial(self._apply_op, db, account_id, op, now), MegafsError)
+                for op in ops
+            ]
+
+        return await self._write(apply)
+
+    def _apply_op(self, db: sqlite3.Connection, account_id: int, op: NodeOp, now: int) -> int:
+        node_id, change = op
+        if isinstance(change, NodeDelete):
+            self._delete_node(db, account_id, node_id, change.expect_version, now)
+            return 0
+        return self._put_node(db, account_id, node_id, change, now)
+
+    # -- changes ------------------------------------------------------------------
+
+    async def changes(self, account_id: int, after: int, *, limit: int) -> list[ChangeRow]:
+        def changed(db: sqlite3.Connection) -> list[ChangeRow]:
+            latest, pruned = db.execute(
+                "SELECT change_seq, pruned_seq FROM accounts WHERE id = ?", (account_id,)
+            ).fetchone()
+            if after < pruned:
+                raise CursorExpired(
+                    "deletes after this cursor have been forgotten: list everything again"
+                )
+            if after > latest:
+                raise CursorExpired("the cursor is ahead of the account's changes")
+            rows = db.execute(
+                "SELECT id, parent, version, seq, 0 FROM nodes WHERE account_id = ? AND seq > ?"
+                " UNION ALL"
+                " SELECT id, parent, version, seq, 1 FROM tombstones"
+                " WHERE account_id = ? AND seq > ?"
+                " ORDER BY seq LIMIT ?",
+                (account_id, after, account_id, after, limit),
+            )
+            return [ChangeRow(i, p, v, q, bool(d)) for i, p, v, q, d in rows]
+
+        return await self._read(changed)
+
+    async def change_cursor(self, account_id: int) -> int:
+        return (await self.change_cursors([account_id]))[account_id]
+
+    async def change_cursors(self, account_ids: Sequence[int]) -> dict[int, int]:
+        def cursors(db: sqlite3.Connection) -> dict[int, int]:
+            found: dict[int, int] = {}
+            for batch in _batches(account_ids):
+                found.update(
+                    db.execute(
+                        "SELECT id, change_seq FROM accounts WHERE id IN"
+                        f" ({', '.join('?' * len(batch))})",
+                        tuple(batch),
+                    ).fetchall()
+                )
+            return found
+
+        return await self._read(cursors)
+
+    async def prune_tombstones(self, *, before: int) -> int:
+        def prune(db: sqlite3.Connection) -> int:
+            db.execute(
+                "UPDATE accounts SET pruned_seq = max(pruned_seq, (SELECT max(seq)"
+                " FROM tombstones t WHERE t.account_id = accounts.id AND t.deleted <= ?))"
+                " WHERE id IN (SELECT account_id FROM tombstones WHERE deleted <= ?)",
+                (before, before),
+            )
+            return int(db.execute("DELETE FROM tombstones WHERE deleted <= ?", (before,)).rowcount)
+
+        return await self._write(prune)
 
     # -- chunks -------------------------------------------------------------------
 
     async def has_chunk(self, account_id: int, chunk_id: str) -> bool:
-        return await self._run(
+        return await self._read(
             lambda db: (
                 db.execute(
                     "SELECT 1 FROM chunks WHERE account_id = ? AND id = ?",
@@ -1101,7 +1374,7 @@ class SQLiteMetadataStore(MetadataStore):
                 )
             return [chunk_id for chunk_id in chunk_ids if chunk_id not in present]
 
-        return await self._run(missing)
+        return await self._write(missing)
 
     async def add_chunk(self, account_id: int, chunk_id: str, size: int, *, now: int) -> bool:
         def add(db: sqlite3.Connection) -> bool:
@@ -1120,10 +1393,10 @@ class SQLiteMetadataStore(MetadataStore):
             db.execute("UPDATE accounts SET used = used + ? WHERE id = ?", (size, account_id))
             return True
 
-        return await self._run(add)
+        return await self._write(add)
 
     async def garbage_chunks(self, *, cutoff: int, limit: int) -> list[tuple[int, str]]:
-        return await self._run(
+        return await self._read(
             lambda db: [
                 (int(account_id), chunk_id)
                 for account_id, chunk_id in db.execute(
@@ -1146,10 +1419,17 @@ class SQLiteMetadataStore(MetadataStore):
             db.execute("UPDATE accounts SET used = used - ? WHERE id = ?", (row[0], account_id))
             return True
 
-        return await self._run(forget)
+        return await self._write(forget)
 
     async def aclose(self) -> None:
-        await trio.to_thread.run_sync(self._db.close, limiter=self._limiter)
+        """Close every connection; no call may be under way."""
+
+        def close() -> None:
+            while not self._readers.empty():
+                self._readers.get_nowait().close()
+            self._db.close()
+
+        await trio.to_thread.run_sync(close)
 
 
 _UNREFERENCED = (

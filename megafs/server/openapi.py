@@ -15,6 +15,7 @@ from megafs import __version__
 from megafs.errors import (
     AlreadyExists,
     AuthFailed,
+    CursorExpired,
     InvalidRequest,
     MegafsError,
     NotEmpty,
@@ -30,15 +31,19 @@ from megafs.server import validate as v
 from megafs.server.auth import AUTH_SECRET_BYTES, KDF_LIMITS, KDF_SALT_BYTES
 from megafs.wire import (
     API_PREFIX,
+    CHANGES_PAGE_MAX,
+    CHANGES_WAIT_MAX,
     CHUNK_ID_RE,
     INLINE_CONTENT_MAX,
     LIST_PAGE_MAX,
+    MAX_BATCH_OPS,
     MAX_CHUNK_BYTES,
     MAX_CONTENT_BYTES,
     MAX_JSON_BYTES,
     MAX_META_BYTES,
     MAX_MISSING_IDS,
     NODE_ID_RE,
+    NODE_OP_ERRORS,
     RECOVERY_CODE_RE,
     RECOVERY_CODES,
     SESSION_ID_RE,
@@ -144,6 +149,7 @@ _SCHEMAS: dict[str, Any] = {
                         InvalidRequest.code,
                         TooLarge.code,
                         QuotaExceeded.code,
+                        CursorExpired.code,
                         SecondFactorRequired.code,
                         RateLimited.code,
                         PermissionDenied.code,
@@ -191,6 +197,18 @@ _SCHEMAS: dict[str, Any] = {
             "current": {"type": "boolean", "description": "the session that asked"},
         }
     ),
+    "Change": _object(
+        {
+            "id": _NODE_ID,
+            "parent": {**_NODE_ID, "nullable": True, "description": "null for the root"},
+            "version": _int(1),
+            "seq": _int(1),
+            "deleted": {
+                "type": "boolean",
+                "description": "the node is gone; parent and version are what it had",
+            },
+        }
+    ),
     "Node": _object(
         {
             "id": _NODE_ID,
@@ -206,6 +224,21 @@ _SCHEMAS: dict[str, Any] = {
             "content_size": _int(0, MAX_CONTENT_BYTES),
         }
     ),
+}
+
+
+#: The fields of ``PUT /nodes/{id}``, also those of a batch's put op.
+_NODE_WRITE = {
+    "parent": {**_NODE_ID, "nullable": True, "description": "null only for the root"},
+    "expect_version": _int(0),
+    "meta": _b64(0, MAX_META_BYTES, "sealed record"),
+    "content": {**_b64(0, MAX_CONTENT_BYTES, "sealed manifest"), "nullable": True},
+    "chunks": {
+        "type": "array",
+        "items": _CHUNK_ID,
+        "description": "every chunk the content references",
+    },
+    "commit_id": _b64(*v.COMMIT_ID_BYTES, "the client's id for this write"),
 }
 
 
@@ -225,6 +258,8 @@ _ERROR_TEXT = {
     404: "no such node, chunk or session in this account",
     409: "already exists, version conflict, folder not empty, or (code not_found) a "
     "referenced parent or chunk is not stored",
+    410: "the cursor is too old (deletes after it were forgotten) or ahead of the "
+    "account: list everything again",
     413: "request body too large",
     429: "too many failed attempts; see the Retry-After header",
     507: "quota exceeded",
@@ -520,23 +555,67 @@ def openapi_document() -> dict[str, Any]:
         },
         errors=(400, 404, 409, 413, 507),
         parameters=node_id,
+        body=_body(_object(_NODE_WRITE)),
+    )
+    batch = _op(
+        "batchNodes",
+        "apply up to MAX_BATCH_OPS node puts and deletes in order, in one transaction; "
+        "each op succeeds or fails on its own",
+        {
+            200: {
+                "description": "one result per op, in order",
+                **_json(
+                    _object(
+                        {
+                            "results": {
+                                "type": "array",
+                                "maxItems": MAX_BATCH_OPS,
+                                "items": {
+                                    "oneOf": [
+                                        _object({"version": _int(0)}),
+                                        _object(
+                                            {
+                                                "error": {
+                                                    "type": "string",
+                                                    "enum": sorted(NODE_OP_ERRORS),
+                                                },
+                                                "detail": {"type": "string"},
+                                            }
+                                        ),
+                                    ]
+                                },
+                            }
+                        }
+                    )
+                ),
+            }
+        },
+        errors=(400, 413),
         body=_body(
             _object(
                 {
-                    "parent": {
-                        **_NODE_ID,
-                        "nullable": True,
-                        "description": "null only for the root",
-                    },
-                    "expect_version": _int(0),
-                    "meta": _b64(0, MAX_META_BYTES, "sealed record"),
-                    "content": {**_b64(0, MAX_CONTENT_BYTES, "sealed manifest"), "nullable": True},
-                    "chunks": {
+                    "ops": {
                         "type": "array",
-                        "items": _CHUNK_ID,
-                        "description": "every chunk the content references",
-                    },
-                    "commit_id": _b64(*v.COMMIT_ID_BYTES, "the client's id for this write"),
+                        "maxItems": MAX_BATCH_OPS,
+                        "items": {
+                            "oneOf": [
+                                _object(
+                                    {
+                                        "op": {"type": "string", "enum": ["put"]},
+                                        "id": _NODE_ID,
+                                        **_NODE_WRITE,
+                                    }
+                                ),
+                                _object(
+                                    {
+                                        "op": {"type": "string", "enum": ["delete"]},
+                                        "id": _NODE_ID,
+                                        "expect_version": _int(1),
+                                    }
+                                ),
+                            ]
+                        },
+                    }
                 }
             )
         ),
@@ -578,6 +657,52 @@ def openapi_document() -> dict[str, Any]:
             {"name": "after", "in": "query", "required": False, "schema": _NODE_ID},
             {"name": "limit", "in": "query", "required": False, "schema": _int(1, LIST_PAGE_MAX)},
         ],
+    )
+    changes = _op(
+        "listChanges",
+        "the nodes changed after a cursor, by sequence number; with wait, held until "
+        "there are some or the wait ends",
+        {
+            200: {
+                "description": "each node once, at its latest change; `cursor` is the last "
+                "seq answered (`after` if none): the `after` of the next call",
+                **_json(
+                    _object(
+                        {
+                            "changes": {
+                                "type": "array",
+                                "items": _ref("Change"),
+                                "maxItems": CHANGES_PAGE_MAX,
+                            },
+                            "cursor": _int(),
+                        }
+                    )
+                ),
+            }
+        },
+        errors=(400, 410),
+        parameters=[
+            {"name": "after", "in": "query", "required": True, "schema": _int()},
+            {
+                "name": "wait",
+                "in": "query",
+                "required": False,
+                "schema": _int(0, CHANGES_WAIT_MAX),
+                "description": "seconds to wait for a change if there is none",
+            },
+            {
+                "name": "limit",
+                "in": "query",
+                "required": False,
+                "schema": _int(1, CHANGES_PAGE_MAX),
+            },
+        ],
+    )
+    change_cursor = _op(
+        "changeCursor",
+        "the account's latest change sequence number: where a fresh client starts",
+        {200: {"description": "the cursor", **_json(_object({"cursor": _int()}))}},
+        errors=(),
     )
     missing = _op(
         "missingChunks",
@@ -651,8 +776,11 @@ def openapi_document() -> dict[str, Any]:
         f"{p}/recovery": {"put": recovery},
         f"{p}/recovery/start": {"post": recovery_start},
         f"{p}/recovery/finish": {"post": recovery_finish},
+        f"{p}/nodes/batch": {"post": batch},
         f"{p}/nodes/{{id}}": {"get": get_node, "put": put_node, "delete": delete_node},
         f"{p}/nodes/{{id}}/children": {"get": list_children},
+        f"{p}/changes": {"get": changes},
+        f"{p}/changes/cursor": {"get": change_cursor},
         f"{p}/chunks/missing": {"post": missing},
         f"{p}/chunks/{{id}}": {"put": put_chunk, "get": get_chunk},
     }

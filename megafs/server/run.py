@@ -41,7 +41,7 @@ from hypercorn.typing import ASGIFramework, Framework
 from megafs.server.app import create_app
 from megafs.server.auth import DEFAULT_LIMITS, LoginLimits
 from megafs.server.chunks import ChunkStore, LocalChunkStore
-from megafs.server.gc import collect_garbage
+from megafs.server.gc import DEFAULT_CHANGE_RETENTION, collect_garbage
 from megafs.server.metadata import MetadataStore, SQLiteMetadataStore
 
 __all__ = [
@@ -97,13 +97,15 @@ async def serve(
     limits: LoginLimits = DEFAULT_LIMITS,
     tls: TlsFiles | None = None,
     behind_proxy: bool = False,
+    change_retention: int = DEFAULT_CHANGE_RETENTION,
     task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Serve the API on ``host:port`` (0: any free port) with the data in
     ``data_dir``, until SIGTERM or SIGINT; ``task_status.started`` receives
     the port once connections are accepted. ``behind_proxy``: take the
     client's address from the last ``X-Forwarded-For`` entry (the one the
-    reverse proxy added), for throttling and logs.
+    reverse proxy added), for throttling and logs. ``change_retention``:
+    seconds the change feed remembers a delete.
 
     Must run in the main thread (it handles signals). Raises
     ServerStartError before anything is served if it cannot start.
@@ -112,20 +114,25 @@ async def serve(
     with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
         async with _open_stores(data_dir) as (meta, chunks):
             # Starlette's and Hypercorn's ASGI type declarations differ in form only.
+            stopping = trio.Event()
             app = cast(
-                ASGIFramework, create_app(meta, chunks, default_quota=default_quota, limits=limits)
+                ASGIFramework,
+                create_app(
+                    meta, chunks, default_quota=default_quota, limits=limits, stopping=stopping
+                ),
             )
             if behind_proxy:
                 app = ProxyFixMiddleware(app, mode="legacy", trusted_hops=1)
             config = _hypercorn_config(tls)
             listener = _bind(host, port)
             async with trio.open_nursery() as nursery:
-                nursery.start_soon(_collect_garbage_forever, meta, chunks)
+                nursery.start_soon(_collect_garbage_forever, meta, chunks, change_retention)
                 await _serve_http(
                     app,
                     config,
                     listener,
                     signals,
+                    stopping,
                     data_dir / "server.json",
                     task_status=task_status,
                 )
@@ -138,6 +145,7 @@ async def _serve_http(
     config: Config,
     listener: socket.socket,
     signals: AsyncIterator[int],
+    stopping: trio.Event,
     info: Path,
     *,
     task_status: trio.TaskStatus[int],
@@ -157,7 +165,7 @@ async def _serve_http(
                     hypercorn.trio.serve,
                     cast(Framework, app),
                     config,
-                    shutdown_trigger=partial(_next_signal, signals),
+                    shutdown_trigger=partial(_next_signal, signals, stopping),
                 )
             )
             await trio.to_thread.run_sync(
@@ -169,9 +177,10 @@ async def _serve_http(
         info.unlink(missing_ok=True)
 
 
-async def _next_signal(signals: AsyncIterator[int]) -> None:
+async def _next_signal(signals: AsyncIterator[int], stopping: trio.Event) -> None:
     async for signum in signals:
         log.info("%s: finishing the requests in flight", signal.Signals(signum).name)
+        stopping.set()  # long polls answer now rather than at their end
         return
 
 
@@ -247,10 +256,12 @@ def _hypercorn_config(tls: TlsFiles | None) -> Config:
     return config
 
 
-async def _collect_garbage_forever(meta: MetadataStore, chunks: ChunkStore) -> None:
+async def _collect_garbage_forever(
+    meta: MetadataStore, chunks: ChunkStore, change_retention: int
+) -> None:
     while True:
         try:
-            await collect_garbage(meta, chunks, now=time.time())
+            await collect_garbage(meta, chunks, now=time.time(), change_retention=change_retention)
         except Exception:
             log.exception("garbage collection failed; next attempt in %.0f s", GC_INTERVAL)
         await trio.sleep(GC_INTERVAL)
@@ -282,6 +293,7 @@ def run_server(
     tls_cert: Path | None = None,
     tls_key: Path | None = None,
     behind_proxy: bool = False,
+    change_retention: int = DEFAULT_CHANGE_RETENTION,
 ) -> int:
     """Run the server in the foreground until SIGTERM or SIGINT; returns an
     exit code: 0 after a clean stop; 1 if it cannot start and 2 for a
@@ -306,6 +318,7 @@ def run_server(
                 limits=limits,
                 tls=tls,
                 behind_proxy=behind_proxy,
+                change_retention=change_retention,
             )
         )
     except ServerStartError as exc:
@@ -315,9 +328,9 @@ def run_server(
 
 
 def add_security_arguments(parser: argparse.ArgumentParser) -> None:
-    """The transport and login-throttling options, shared by ``megafs
-    server`` and ``python -m megafs.server``; :func:`security_options`
-    turns them into :func:`run_server` arguments."""
+    """The transport, login-throttling and retention options, shared by
+    ``megafs server`` and ``python -m megafs.server``;
+    :func:`security_options` turns them into :func:`run_server` arguments."""
     parser.add_argument(
         "--tls-cert",
         metavar="PEM",
@@ -346,6 +359,14 @@ def add_security_arguments(parser: argparse.ArgumentParser) -> None:
         default=DEFAULT_LIMITS.address_free,
         help=f"the same for a client address (default {DEFAULT_LIMITS.address_free})",
     )
+    parser.add_argument(
+        "--change-retention-days",
+        metavar="N",
+        type=_count,
+        default=DEFAULT_CHANGE_RETENTION // 86400,
+        help="days the change feed remembers deleted files; a client that has not "
+        f"synced for longer lists everything again (default {DEFAULT_CHANGE_RETENTION // 86400})",
+    )
 
 
 def security_options(args: argparse.Namespace) -> dict[str, Any]:
@@ -353,6 +374,7 @@ def security_options(args: argparse.Namespace) -> dict[str, Any]:
         "tls_cert": args.tls_cert,
         "tls_key": args.tls_key,
         "behind_proxy": args.behind_proxy,
+        "change_retention": args.change_retention_days * 86400,
         "limits": LoginLimits(
             account_free=args.failed_logins_per_account, address_free=args.failed_logins_per_address
         ),

@@ -94,6 +94,15 @@ def _bodies(alice: Alice) -> dict[str, Any]:
         "putNode": {"parent": alice.user.root.hex(), "expect_version": 1,
                     "meta": b64e(b"bob"), "content": None, "chunks": [],
                     "commit_id": b64e(os.urandom(16))},
+        "batchNodes": {"ops": [
+            {"op": "put", "id": alice.node.hex(), "parent": alice.user.root.hex(),
+             "expect_version": 1, "meta": b64e(b"bob"), "content": None,
+             "chunks": [alice.chunk.hex()], "commit_id": b64e(os.urandom(16))},
+            {"op": "put", "id": os.urandom(16).hex(), "parent": alice.node.hex(),
+             "expect_version": 0, "meta": b64e(b"bob"), "content": None, "chunks": [],
+             "commit_id": b64e(os.urandom(16))},
+            {"op": "delete", "id": alice.node.hex(), "expect_version": 1},
+        ]},
         "missingChunks": {"ids": [alice.chunk.hex()]},
         "putChunk": b"bob's bytes",
     }
@@ -114,6 +123,8 @@ OTHER_ACCOUNT = {
     "listSessions": {200}, "revokeOtherSessions": {200}, "revokeSession": {404},
     "changePassword": {403}, "setRecoveryKey": {403},
     "getNode": {404}, "putNode": {404}, "deleteNode": {404}, "listChildren": {404},
+    "batchNodes": {200},  # each op's result is not_found, see test_batch
+    "listChanges": {200}, "changeCursor": {200},  # bob's own feed
     "missingChunks": {200}, "putChunk": {201}, "getChunk": {404},
 }
 

@@ -23,12 +23,13 @@ from megafs.errors import (
     AuthFailed,
     FormatError,
     MegafsError,
+    NotEmpty,
     NotFound,
     RemoteError,
     RemoteTimeout,
     VersionConflict,
 )
-from megafs.remote import RemoteClient
+from megafs.remote import DeleteNode, PutNode, RemoteClient
 from megafs.wire import MAX_CHUNK_BYTES, b64e
 from tests.helpers.server import ServerProcess
 from tests.integration.users import new_user
@@ -153,6 +154,22 @@ async def missing(client: RemoteClient) -> Any:
     return await client.missing_chunks([CHUNK])
 
 
+async def changes(client: RemoteClient) -> Any:
+    """From cursor 5, at most 2."""
+    return await client.changes(5, limit=2)
+
+
+def change(seq: int, **fields: Any) -> dict[str, Any]:
+    return {"id": NODE.hex(), "parent": None, "version": 1, "seq": seq, "deleted": False,
+            **fields}
+
+
+async def batch(client: RemoteClient) -> Any:
+    """A put and a delete."""
+    return await client.commit_batch([PutNode(NODE, None, 0, b"m", None, (), bytes(16)),
+                                      DeleteNode(NODE, 1)])
+
+
 HOSTILE = [
     ("garbage", b"hello there\r\n\r\n", get_node, RemoteError),
     ("not JSON", http("200 OK", b"{nope"), get_node, FormatError),
@@ -174,6 +191,29 @@ HOSTILE = [
      list_children, FormatError),
     ("nodes not a list", ok({"nodes": {}}), list_children, FormatError),
     ("unasked missing id", ok({"missing": ["ef" * 32]}), missing, FormatError),
+    ("changes before the cursor", ok({"changes": [change(5)], "cursor": 5}), changes,
+     FormatError),
+    ("changes out of order", ok({"changes": [change(7), change(6)], "cursor": 6}), changes,
+     FormatError),
+    ("changes beyond the limit", ok({"changes": [change(6), change(7), change(8)],
+                                     "cursor": 8}), changes, FormatError),
+    ("cursor not the last change", ok({"changes": [change(6)], "cursor": 9}), changes,
+     FormatError),
+    ("empty page moves the cursor", ok({"changes": [], "cursor": 9}), changes, FormatError),
+    ("deleted as text", ok({"changes": [change(6, deleted="no")], "cursor": 6}), changes,
+     FormatError),
+    ("batch results not a list", ok({"results": {}}), batch, FormatError),
+    ("too few batch results", ok({"results": [{"version": 1}]}), batch, FormatError),
+    ("batch version as text", ok({"results": [{"version": "1"}, {"version": 0}]}), batch,
+     FormatError),
+    ("batch put version 0", ok({"results": [{"version": 0}, {"version": 0}]}), batch,
+     FormatError),
+    ("batch delete version", ok({"results": [{"version": 1}, {"version": 2}]}), batch,
+     FormatError),
+    ("batch unknown error", ok({"results": [{"error": "internal", "detail": "x"},
+                                            {"version": 0}]}), batch, FormatError),
+    ("batch error without detail", ok({"results": [{"error": "not_found"}, {"version": 0}]}),
+     batch, FormatError),
     ("token with CRLF", ok({"token": "x" * 40 + "\r\nX-Evil: 1", "expires": 1, "account": {}}),
      login, FormatError),
     ("huge Content-Length", b"HTTP/1.1 200 OK\r\nContent-Length: 99999999999\r\n\r\n", get_chunk,
@@ -214,6 +254,11 @@ async def test_error_answers_carry_the_server_detail_made_printable() -> None:
         with pytest.raises(VersionConflict) as info:
             await client.delete_node(NODE, expect_version=1)
     assert info.value.detail == "at  [31mversion 7"
+    results = ok({"results": [{"error": "not_empty", "detail": "\x1b]0;owned\x07"},
+                              {"version": 0}]})
+    async with hostile(results) as (url, _), RemoteClient(url, TOKEN, retries=0) as client:
+        error, deleted = await batch(client)
+    assert isinstance(error, NotEmpty) and error.detail == "]0;owned" and deleted == 0
 
 
 async def test_server_errors_are_retried_then_reported() -> None:

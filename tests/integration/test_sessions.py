@@ -17,6 +17,7 @@ from megafs.remote import RemoteClient
 from megafs.server import SQLiteMetadataStore
 from megafs.wire import LONG_SESSION_IDLE_SECONDS, SESSION_IDLE_SECONDS
 from tests.helpers.drive import Drive
+from tests.helpers.schema import UNDO_V3
 from tests.helpers.server import ServerProcess
 from tests.integration.users import User
 
@@ -85,6 +86,8 @@ async def test_a_version_1_database_is_upgraded(tmp_path: Path) -> None:
         db.execute("DROP INDEX sessions_account")
         db.execute("ALTER TABLE sessions DROP COLUMN id")
         db.execute("ALTER TABLE sessions DROP COLUMN idle_seconds")
+        for statement in UNDO_V3:
+            db.execute(statement)
         db.execute("UPDATE server_config SET value = '1' WHERE key = 'schema_version'")
     db.close()
     meta = await trio.to_thread.run_sync(SQLiteMetadataStore, path)

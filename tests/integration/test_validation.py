@@ -183,6 +183,7 @@ async def test_openapi_describes_every_route(server: ServerProcess) -> None:
         ("POST", f"{p}/login"), ("POST", f"{p}/logout"), ("GET", f"{p}/account"),
         ("GET", f"{p}/nodes/{{id}}"), ("PUT", f"{p}/nodes/{{id}}"),
         ("DELETE", f"{p}/nodes/{{id}}"), ("GET", f"{p}/nodes/{{id}}/children"),
+        ("POST", f"{p}/nodes/batch"), ("GET", f"{p}/changes"), ("GET", f"{p}/changes/cursor"),
         ("POST", f"{p}/chunks/missing"), ("PUT", f"{p}/chunks/{{id}}"),
         ("GET", f"{p}/chunks/{{id}}"),
         ("POST", f"{p}/2fa/setup"), ("POST", f"{p}/2fa/enable"), ("POST", f"{p}/2fa/disable"),
