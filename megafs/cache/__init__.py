@@ -3,7 +3,17 @@ uploader. Holds ciphertext only on disk."""
 
 from megafs.cache.chunks import ChunkCache
 from megafs.cache.content import FileContent
+from megafs.cache.readahead import ReadAhead, Reader
 from megafs.cache.state import JournalEntry, LocalState
 from megafs.cache.uploader import Uploader, UploaderStats
 
-__all__ = ["ChunkCache", "FileContent", "JournalEntry", "LocalState", "Uploader", "UploaderStats"]
+__all__ = [
+    "ChunkCache",
+    "FileContent",
+    "JournalEntry",
+    "LocalState",
+    "ReadAhead",
+    "Reader",
+    "Uploader",
+    "UploaderStats",
+]

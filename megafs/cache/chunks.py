@@ -10,6 +10,13 @@ Dirty chunks are never evicted, which is what lets the journal promise that
 a closed file survives a crash of the daemon. Clean chunks are evicted least
 recently used first once the cache is over its size limit.
 
+Dirty chunks may fill the cache up to its limit and no further: a new one
+then waits for uploads to make room, as long as they do (backpressure on a
+writer faster than the network), and fails with QuotaExceeded (ENOSPC)
+while the uploads are failing (the server is unreachable) or have made no
+progress for ``ROOM_WAIT`` seconds. A writer gets an error it can act on,
+never a hang, and no change waiting for upload is ever dropped.
+
 Disk I/O and crypto run in worker threads; the event loop thread only does
 bookkeeping.
 """
@@ -20,6 +27,7 @@ import contextlib
 import logging
 import os
 from collections import OrderedDict
+from collections.abc import Callable
 from pathlib import Path
 
 import cachetools
@@ -27,7 +35,7 @@ import trio
 
 from megafs.cache.state import LocalState
 from megafs.crypto import AccountKeys, open_chunk, seal_chunk
-from megafs.errors import IntegrityError, NotFound
+from megafs.errors import IntegrityError, MegafsError, NotFound, QuotaExceeded, RemoteError
 from megafs.remote import RemoteClient
 
 __all__ = ["ChunkCache"]
@@ -36,6 +44,20 @@ log = logging.getLogger(__name__)
 
 #: Below this size, sealing or opening inline beats a hop to a worker thread.
 _INLINE_CRYPTO = 64 * 1024
+#: Seconds a new chunk waits for room in a cache full of chunks waiting for
+#: upload while no upload finishes, before it fails with ENOSPC.
+ROOM_WAIT = 30.0
+
+
+class _Load:
+    """One chunk being loaded; ``error`` is its failure once ``done`` is set
+    (None if it succeeded or was cancelled)."""
+
+    __slots__ = ("done", "error")
+
+    def __init__(self) -> None:
+        self.done = trio.Event()
+        self.error: MegafsError | None = None
 
 
 class ChunkCache:
@@ -50,8 +72,13 @@ class ChunkCache:
         *,
         limit_bytes: int,
         memory_bytes: int = 64 << 20,
+        uploads_failing: Callable[[], bool] | None = None,
     ) -> None:
+        """``uploads_failing``: whether uploads fail now (the server is
+        unreachable), so a cache full of dirty chunks fails new ones at once
+        instead of waiting for room."""
         self._dir = directory
+        self._uploads_failing = uploads_failing or (lambda: False)
         self._state = state
         self._remote = remote
         self._keys = keys
@@ -62,8 +89,14 @@ class ChunkCache:
         #: chunk id -> sealed size, least recently used first.
         self._index: OrderedDict[bytes, int] = OrderedDict()
         self._dirty: set[bytes] = set()
+        #: Sealed bytes of the dirty chunks, and of those being written.
+        self._dirty_bytes = 0
+        self._reserved = 0
+        #: Set (and replaced) whenever dirty chunks become clean.
+        self._room = trio.Event()
         self._disk_bytes = 0
-        self._downloads: dict[bytes, trio.Event] = {}
+        #: chunk id -> the load in progress (disk or server), shared by every reader.
+        self._loads: dict[bytes, _Load] = {}
         self._crypto = trio.CapacityLimiter(max(2, os.cpu_count() or 2))
         self._disk = trio.CapacityLimiter(4)
 
@@ -75,6 +108,7 @@ class ChunkCache:
             self._disk_bytes += size
             if dirty:
                 self._dirty.add(chunk_id)
+                self._dirty_bytes += size
 
     # -- facts -------------------------------------------------------------
 
@@ -90,7 +124,7 @@ class ChunkCache:
             "disk_bytes": self._disk_bytes,
             "disk_chunks": len(self._index),
             "dirty_chunks": len(self._dirty),
-            "dirty_bytes": sum(self._index.get(i, 0) for i in self._dirty),
+            "dirty_bytes": self._dirty_bytes,
             "memory_bytes": int(self._plain.currsize),
         }
 
@@ -99,47 +133,74 @@ class ChunkCache:
     async def read(self, secret: bytes) -> bytes:
         """The plaintext of the chunk ``secret`` names, verified.
 
+        From the plaintext LRU if there (no copy, no second check: it was
+        verified on its way in), else from the disk cache, else from the
+        server. Concurrent reads of one chunk share one load and its outcome,
+        so a chunk is read and decrypted once, whoever asked first (a reader
+        or read-ahead).
+
         Raises IntegrityError if what the disk or the server holds is not
         exactly that chunk (a corrupt cache file is dropped and fetched anew).
+
+        Cancellation: a load cancelled before its data arrived caches nothing
+        and leaves the chunk to whoever asks next (its waiters load it
+        themselves); once a download has arrived and been verified, its cache
+        write finishes shielded, so the disk cache and its index never
+        disagree.
         """
         plain = self._plain.get(secret)
         if plain is not None:
             return plain
         chunk_id = self._keys.chunk_id(secret)
-        while True:
-            if chunk_id in self._index:
-                blob = await self._read_file(chunk_id)
-                if blob is not None:
-                    try:
-                        plain = await self._open(secret, blob)
-                    except IntegrityError:
-                        if chunk_id in self._dirty:
-                            raise
-                        log.warning(
-                            "chunk %s: cache file corrupt, fetching again", _short(chunk_id)
-                        )
-                        await self._drop(chunk_id)
-                        continue
-                    self._index.move_to_end(chunk_id)
-                    self._plain[secret] = plain
-                    return plain
+        while (pending := self._loads.get(chunk_id)) is not None:
+            await pending.done.wait()
+            if pending.error is not None:
+                raise type(pending.error)(pending.error.detail) from pending.error
+            plain = self._plain.get(secret)
+            if plain is not None:
+                return plain
+        load = self._loads[chunk_id] = _Load()
+        try:
+            plain = await self._load(secret, chunk_id)
+        except MegafsError as exc:
+            load.error = exc
+            raise
+        finally:
+            del self._loads[chunk_id]
+            load.done.set()
+        return plain
+
+    async def _load(self, secret: bytes, chunk_id: bytes) -> bytes:
+        """Disk cache, else server; verified, and kept in the LRU."""
+        if chunk_id in self._index:
+            blob = await self._read_file(chunk_id)
+            if blob is None:
                 if chunk_id in self._dirty:
                     raise IntegrityError("a chunk waiting for upload is missing from the cache")
                 await self._drop(chunk_id)
-            pending = self._downloads.get(chunk_id)
-            if pending is not None:
-                await pending.wait()
-                continue
-            done = self._downloads[chunk_id] = trio.Event()
-            try:
-                blob = await self._remote.get_chunk(chunk_id)
-                plain = await self._open(secret, blob)
-                await self._write_file(chunk_id, blob, dirty=False)
-            finally:
-                del self._downloads[chunk_id]
-                done.set()
-            self._plain[secret] = plain
-            return plain
+            else:
+                try:
+                    plain = await self._open(secret, blob)
+                except IntegrityError:
+                    if chunk_id in self._dirty:
+                        raise
+                    log.warning("chunk %s: cache file corrupt, fetching again", _short(chunk_id))
+                    await self._drop(chunk_id)
+                else:
+                    self._index.move_to_end(chunk_id)
+                    self._plain[secret] = plain
+                    return plain
+        try:
+            blob = await self._remote.get_chunk(chunk_id)
+        except NotFound:
+            # A manifest names it, so the server must have it: withheld or
+            # lost, it is an I/O error of this file, not "no such file".
+            raise RemoteError(f"the server does not have chunk {chunk_id.hex()[:16]}") from None
+        plain = await self._open(secret, blob)
+        with trio.CancelScope(shield=True):
+            await self._write_file(chunk_id, blob, dirty=False)
+        self._plain[secret] = plain
+        return plain
 
     async def _open(self, secret: bytes, blob: bytes) -> bytes:
         if len(blob) <= _INLINE_CRYPTO:
@@ -166,8 +227,35 @@ class ChunkCache:
         if sealed.chunk_id in self._index:
             self._index.move_to_end(sealed.chunk_id)
             return sealed.secret, sealed.chunk_id, sealed.chunk_id in self._dirty
-        await self._write_file(sealed.chunk_id, sealed.blob, dirty=True)
+        size = len(sealed.blob)
+        await self._wait_for_room(size)
+        self._reserved += size
+        try:
+            await self._write_file(sealed.chunk_id, sealed.blob, dirty=True)
+        finally:
+            self._reserved -= size
         return sealed.secret, sealed.chunk_id, True
+
+    async def _wait_for_room(self, size: int) -> None:
+        """Until ``size`` more dirty bytes fit under the limit (an empty
+        cache takes any one chunk, whatever the limit). QuotaExceeded while
+        uploads fail, or after ``ROOM_WAIT`` seconds without one finishing.
+
+        Cancellation: a plain wait; nothing is reserved until it returns.
+        """
+        last_progress = trio.current_time()
+        while self._dirty_bytes + self._reserved and (
+            self._dirty_bytes + self._reserved + size > self._limit
+        ):
+            if self._uploads_failing() or trio.current_time() - last_progress > ROOM_WAIT:
+                raise QuotaExceeded(
+                    "the local cache is full of changes waiting for upload (--cache-size)"
+                )
+            room = self._room
+            with trio.move_on_after(1):  # and look at the uploads again
+                await room.wait()
+            if room.is_set():
+                last_progress = trio.current_time()
 
     async def sealed_blob(self, chunk_id: bytes) -> bytes:
         """The sealed bytes of a chunk on disk, for upload."""
@@ -181,7 +269,12 @@ class ChunkCache:
         if not ids:
             return
         await self._state.mark_clean(ids)
-        self._dirty.difference_update(ids)
+        for chunk_id in ids:
+            if chunk_id in self._dirty:
+                self._dirty.discard(chunk_id)
+                self._dirty_bytes -= self._index.get(chunk_id, 0)
+        self._room.set()
+        self._room = trio.Event()
         await self._evict()
 
     async def sync_files(self, chunk_ids: list[bytes]) -> None:
@@ -230,9 +323,12 @@ class ChunkCache:
         await self._state.add_chunk(chunk_id, len(blob), dirty=dirty)
         if chunk_id not in self._index:
             self._disk_bytes += len(blob)
-        self._index[chunk_id] = len(blob)
-        if dirty:
+        if dirty and chunk_id not in self._dirty:
             self._dirty.add(chunk_id)
+            self._dirty_bytes += len(blob)
+        elif chunk_id in self._dirty:
+            self._dirty_bytes += len(blob) - self._index[chunk_id]
+        self._index[chunk_id] = len(blob)
         await self._evict()
 
     async def _drop(self, chunk_id: bytes) -> None:
@@ -240,7 +336,9 @@ class ChunkCache:
         if size is None:
             return
         self._disk_bytes -= size
-        self._dirty.discard(chunk_id)
+        if chunk_id in self._dirty:
+            self._dirty.discard(chunk_id)
+            self._dirty_bytes -= size
         path = self._path(chunk_id)
         await trio.to_thread.run_sync(_unlink, path, limiter=self._disk)
         await self._state.forget_chunks([chunk_id])
@@ -254,7 +352,7 @@ class ChunkCache:
         for chunk_id, size in self._index.items():
             if excess <= 0:
                 break
-            if chunk_id in self._dirty or chunk_id in self._downloads:
+            if chunk_id in self._dirty or chunk_id in self._loads:
                 continue
             victims.append(chunk_id)
             excess -= size

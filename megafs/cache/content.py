@@ -67,6 +67,9 @@ class FileContent:
         self._lock = trio.Lock()
         #: True while the content differs from the last manifest handed out.
         self.changed = False
+        #: Counts changes of the bytes (writes, truncations), so a reader can
+        #: tell that what it prefetched may no longer be the file's.
+        self.revision = 0
 
     @property
     def dirty_bytes(self) -> int:
@@ -79,22 +82,36 @@ class FileContent:
 
     # -- reading ----------------------------------------------------------------
 
-    async def read(self, offset: int, length: int) -> bytes:
+    async def read(self, offset: int, length: int) -> bytes | memoryview:
+        """Up to ``length`` bytes at ``offset`` (fewer at the end of the file).
+
+        A range within one stored chunk comes back as a view of the cached
+        plaintext, without a copy (pyfuse3 replies from any buffer); a range
+        across chunks is joined, and a dirty buffer is copied, since a writer
+        may change it once this returns.
+        """
         end = min(offset + length, self.size)
         if offset >= end:
             return b""
-        parts: list[bytes] = []
+        parts: list[bytes | memoryview] = []
         pos = offset
         while pos < end:
             index, within = divmod(pos, CHUNK_SIZE)
             n = min(CHUNK_SIZE - within, end - pos)
-            data = await self._chunk_plaintext(index)
-            piece = data[within : within + n]
-            if len(piece) < n:
-                piece = bytes(piece) + bytes(n - len(piece))
-            parts.append(bytes(piece))
+            parts.append(_piece(await self._chunk_plaintext(index), within, n))
             pos += n
         return parts[0] if len(parts) == 1 else b"".join(parts)
+
+    @property
+    def chunk_count(self) -> int:
+        return len(self._secrets)
+
+    def stored_secret(self, index: int) -> bytes | None:
+        """The secret of chunk ``index`` as stored, for read-ahead; None for a
+        hole, a dirty buffer, or past the end."""
+        if index >= len(self._secrets) or index in self._dirty:
+            return None
+        return self._secrets[index]
 
     def _chunk_length(self, index: int) -> int:
         return max(0, min(CHUNK_SIZE, self.size - index * CHUNK_SIZE))
@@ -117,6 +134,10 @@ class FileContent:
 
     async def write(self, offset: int, data: bytes) -> int:
         async with self._lock:
+            if len(self._dirty) > MAX_DIRTY_CHUNKS:
+                # An earlier seal failed (ENOSPC): fail before buffering
+                # more, so memory stays bounded while the cache is full.
+                await self._seal_locked()
             await self._grow(offset + len(data))
             view = memoryview(data)
             pos = offset
@@ -135,6 +156,7 @@ class FileContent:
                 last = index
                 view = view[n:]
             self.changed = True
+            self.revision += 1
             if len(self._dirty) > MAX_DIRTY_CHUNKS:
                 await self._seal_locked(keep=last)
         return len(data)
@@ -179,24 +201,28 @@ class FileContent:
             else:
                 await self._grow(size)
             self.changed = True
+            self.revision += 1
 
     # -- sealing ----------------------------------------------------------------
 
     async def seal(self) -> Manifest:
         """Seal every dirty chunk and return the manifest of the content.
 
-        Clears ``changed``: the caller commits this manifest, and any write
-        after it sets ``changed`` again.
+        Clears ``changed`` once sealed: the caller commits this manifest, and
+        any write after it sets ``changed`` again. A seal that fails (the
+        cache is full of changes waiting for upload: ENOSPC) leaves it set,
+        so the content is sealed again on the next commit, not forgotten.
         """
         async with self._lock:
-            self.changed = False
             if 0 < self.size <= INLINE_THRESHOLD:
                 data = bytes((await self._chunk_plaintext(0))[: self.size])
                 data += bytes(self.size - len(data))
                 self._secrets = [None]
                 self._dirty = {0: bytearray(data)}
+                self.changed = False
                 return Manifest(size=self.size, chunk_size=CHUNK_SIZE, chunks=(), inline=data)
             await self._seal_locked()
+            self.changed = False
             return Manifest(size=self.size, chunk_size=CHUNK_SIZE, chunks=tuple(self._secrets))
 
     async def _seal_locked(self, keep: int | None = None) -> None:
@@ -215,3 +241,13 @@ class FileContent:
                     self._on_new_chunk(chunk_id)
             self._secrets[index] = secret
             del self._dirty[index]
+
+
+def _piece(data: bytes | bytearray, within: int, n: int) -> bytes | memoryview:
+    """``n`` bytes of a chunk's plaintext from ``within``: a view of a stored
+    chunk (immutable), a copy of a dirty buffer, zeros past a short buffer's
+    end (a hole is an empty one)."""
+    if isinstance(data, bytes) and within + n <= len(data):
+        return memoryview(data)[within : within + n]
+    piece = bytes(data[within : within + n])
+    return piece + bytes(n - len(piece)) if len(piece) < n else piece

@@ -1,0 +1,223 @@
+"""Read-ahead: the chunks after a sequential reader's position, in flight.
+
+The kernel asks a FUSE filesystem for at most 128 KiB ahead of a reader
+(design/fuse-notes.md), and a chunk that is not in memory costs a download,
+a decryption and a cache write. Fetched one at a time, a cold sequential
+read takes the sum of those latencies and leaves both cores mostly idle.
+So each open handle gets a :class:`Reader` that watches its offsets; once
+three reads in a row follow each other, the next ``window`` stored chunks are
+fetched concurrently through :meth:`ChunkCache.read` (downloads in
+parallel, decryption in worker threads), which verifies them, keeps their
+plaintext in its bounded LRU and merges them with the reader's own fetch of
+the same chunk. A reader whose reads do not follow each other gets no
+read-ahead, and when a sequential reader jumps, what was in flight for it is
+cancelled.
+
+Ownership (every task has an owner): :meth:`ReadAhead.run` holds the
+mount's read-ahead nursery and is started by the daemon. A handle that
+turns sequential opens a group in it, a child nursery of its own that
+holds its prefetch tasks; the group is cancelled when the handle is
+released (:meth:`Reader.close`), when the reader jumps, and when the file's
+content changes (its ``revision``, or another device's content replacing
+it).
+
+Bounds: at most ``window`` chunks ahead per handle, and at most
+``max_fetches`` prefetches running at once in the mount, each holding up to
+a sealed chunk and its plaintext (2 MiB); the rest wait on a limiter holding
+nothing. Prefetched plaintext lives only in the chunk cache's LRU.
+
+Failures: a prefetch is a hint. Its error is logged at DEBUG and dropped,
+and nothing reaches memory or disk that ``ChunkCache.read`` did not verify.
+A read of that chunk afterwards fetches it as if there had been no
+prefetch; a read that arrives while the prefetch's download is still
+running shares its outcome, as two reads of one chunk always do.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import trio
+
+from megafs.cache.chunks import ChunkCache
+from megafs.cache.content import FileContent
+from megafs.crypto import CHUNK_SIZE
+from megafs.errors import MegafsError
+
+__all__ = ["ReadAhead", "Reader"]
+
+log = logging.getLogger(__name__)
+
+#: Chunks kept in flight ahead of one sequential reader.
+WINDOW = 8
+#: Prefetches running at once in the mount (each up to 2 MiB in memory).
+MAX_FETCHES = 8
+#: How far from the end of the previous read the next one may start and still
+#: follow it: twice the kernel's largest read-ahead request.
+_NEAR = 256 * 1024
+#: Reads in a row, each following the one before, that make a reader
+#: sequential. Three: a random reader of a file of N MiB starts near the end
+#: of its previous read with a chance of about 1/(2N), twice in a row only
+#: with the square of that; a sequential reader's first three reads all come
+#: from its first chunk, whose fetch they wait for anyway.
+_SEQUENTIAL = 3
+
+
+class ReadAhead:
+    """The mount's read-ahead: its nursery, its limit, and a :class:`Reader`
+    per open handle."""
+
+    def __init__(
+        self, chunks: ChunkCache, *, window: int = WINDOW, max_fetches: int = MAX_FETCHES
+    ) -> None:
+        self._chunks = chunks
+        #: Chunks kept in flight ahead of one sequential reader.
+        self.window = window
+        self._fetches = trio.CapacityLimiter(max_fetches)
+        self._nursery: trio.Nursery | None = None
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Hold the nursery every handle's prefetches run in, until cancelled.
+
+        Until this runs (and after it ends), readers read without read-ahead.
+        """
+        try:
+            async with trio.open_nursery() as nursery:
+                self._nursery = nursery
+                task_status.started()
+                await trio.sleep_forever()
+        finally:
+            self._nursery = None
+
+    def reader(self) -> Reader:
+        """The reading side of one new handle."""
+        return Reader(self)
+
+    async def open_group(self) -> _Group | None:
+        """A new group for one handle's prefetches, in the mount's nursery;
+        None when read-ahead is not running."""
+        if self._nursery is None:
+            return None
+        scope, nursery = await self._nursery.start(_group_task)
+        return _Group(scope, nursery)
+
+    async def fetch(self, secret: bytes) -> None:
+        """Bring one chunk into the cache's LRU, as a hint: errors are dropped.
+
+        Error handling: ``MegafsError`` is logged at DEBUG (the read that
+        needs the chunk fetches it again and reports); any other exception
+        is a bug, logged with its traceback, and never reaches the mount's
+        nursery, so one bad prefetch cannot stop the daemon.
+        """
+        async with self._fetches:
+            try:
+                await self._chunks.read(secret)
+            except MegafsError as exc:
+                log.debug("read-ahead of a chunk failed: %s", exc.detail)
+            except Exception:
+                log.exception("read-ahead of a chunk failed")
+
+
+class _Group:
+    """One handle's prefetch tasks: cancelling ``scope`` ends them all."""
+
+    __slots__ = ("nursery", "scope")
+
+    def __init__(self, scope: trio.CancelScope, nursery: trio.Nursery) -> None:
+        self.scope = scope
+        self.nursery = nursery
+
+
+async def _group_task(
+    *, task_status: trio.TaskStatus[tuple[trio.CancelScope, trio.Nursery]]
+) -> None:
+    with trio.CancelScope() as scope:
+        async with trio.open_nursery() as nursery:
+            task_status.started((scope, nursery))
+            await trio.sleep_forever()
+
+
+class Reader:
+    """One handle's reads of one file, with read-ahead once they are
+    sequential."""
+
+    def __init__(self, pool: ReadAhead) -> None:
+        self._pool = pool
+        #: The content (and its revision) the scheduled prefetches came from.
+        self._content: FileContent | None = None
+        self._revision = 0
+        #: Where the previous read ended (a first read at 0 follows it).
+        self._end = 0
+        #: Reads in a row that began near where the one before ended.
+        self._streak = 0
+        #: The highest chunk index handed to the current group.
+        self._scheduled = -1
+        self._group: _Group | None = None
+        self._closed = False
+
+    async def read(self, content: FileContent, offset: int, length: int) -> bytes | memoryview:
+        """``content.read``, after starting the read-ahead it calls for.
+
+        ``content`` is the file's as of this read: another device's change
+        may replace it while the handle is open. The prefetches start before
+        this read waits for its own chunk, so they overlap with it.
+        """
+        await self._follow(content, offset, length)
+        return await content.read(offset, length)
+
+    def close(self) -> None:
+        """Cancel what is in flight for this handle (on release)."""
+        self._closed = True
+        self._stop()
+
+    async def _follow(self, content: FileContent, offset: int, length: int) -> None:
+        if content is not self._content or content.revision != self._revision:
+            # New content, or its bytes changed: what was scheduled may be
+            # stale.
+            self._content = content
+            self._revision = content.revision
+            self._stop()
+        # The kernel's own read-ahead may deliver requests a little out of
+        # order, so a read starting a little before or after still follows.
+        if abs(offset - self._end) <= _NEAR:
+            self._streak += 1
+        else:
+            self._streak = 1
+            self._stop()
+        self._end = offset + length
+        if self._streak < _SEQUENTIAL:
+            return
+        last = (offset + max(length, 1) - 1) // CHUNK_SIZE
+        start = max(self._scheduled, last) + 1
+        stop = min(last + self._pool.window, content.chunk_count - 1)
+        if start > stop:
+            return
+        self._scheduled = stop
+        nursery = await self._nursery()
+        if nursery is None:
+            return
+        for index in range(start, stop + 1):
+            secret = content.stored_secret(index)
+            if secret is not None:
+                nursery.start_soon(self._pool.fetch, secret)
+
+    async def _nursery(self) -> trio.Nursery | None:
+        """The handle's group, opened on first use; None once closed or when
+        read-ahead is not running."""
+        if self._group is None and not self._closed:
+            group = await self._pool.open_group()
+            if group is None:
+                return None
+            if self._group is not None or self._closed:
+                # Another read of this handle opened one meanwhile, or the
+                # handle was released: never leave a group without owner.
+                group.scope.cancel()
+            else:
+                self._group = group
+        return None if self._group is None else self._group.nursery
+
+    def _stop(self) -> None:
+        if self._group is not None:
+            self._group.scope.cancel()
+            self._group = None
+        self._scheduled = -1

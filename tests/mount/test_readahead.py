@@ -1,0 +1,264 @@
+"""Read-ahead on real mounts: a sequential reader gets the next chunks
+fetched ahead of it, a random reader does not, and whatever a prefetch
+meets (a server error, a corrupted chunk, a writer changing the file) no
+read ever returns wrong bytes and the daemon keeps serving.
+
+What the daemon fetched is seen from outside: every chunk it downloads
+lands in its disk cache (``<cache>/chunks``) under the id the server
+stores it by, so the tests count and name those files.
+"""
+
+from __future__ import annotations
+
+import inspect
+import os
+import random
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from megafs.crypto import CHUNK_SIZE
+from megafs.remote import RemoteClient
+from tests.helpers.drive import Drive
+from tests.helpers.server import ServerProcess
+
+pytestmark = pytest.mark.mount
+
+PIECE = 128 * 1024  # what the kernel asks for at a time
+
+
+def _cached_ids(drive: Drive) -> set[str]:
+    root = drive.cache / "chunks"
+    return {p.name for p in root.rglob("*") if p.is_file() and p.suffix != ".tmp"}
+
+
+def _wait_for(what: str, condition: Callable[[], bool], timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, f"never happened: {what}"
+        time.sleep(0.05)
+
+
+def _put_cold(drive: Drive, name: str, data: bytes) -> Path:
+    """Store ``data`` and remount on an empty cache: every read downloads."""
+    drive.mount()
+    (drive.mnt / name).write_bytes(data)
+    drive.umount()
+    drive.drop_cache()
+    drive.mount()
+    return drive.mnt / name
+
+
+def _chunk_ids(drive: Drive, path: Path, count: int) -> list[str]:
+    """The id of each chunk of ``path`` (on a cold cache): one page of each
+    chunk is read, in an order where no read follows the one before, and
+    each read must add exactly one chunk to the cache, so random readers
+    get no read-ahead."""
+    ids = [""] * count
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_RANDOM)  # no kernel read-ahead either
+        before = _cached_ids(drive)
+        for index in [*range(0, count, 2), *range(1, count, 2)]:
+            os.pread(fd, 4096, index * CHUNK_SIZE)
+            after = _cached_ids(drive)
+            assert len(after - before) == 1, f"chunk {index}: fetched {len(after - before)}"
+            (ids[index],) = after - before
+            before = after
+    finally:
+        os.close(fd)
+    return ids
+
+
+def _server_chunk(server: ServerProcess, chunk_id: str) -> Path:
+    (path,) = (server.data_dir / "chunks").rglob(chunk_id)
+    return path
+
+
+def _read_in_pieces(fd: int, start: int, end: int, expected: bytes) -> None:
+    for off in range(start, end, PIECE):
+        got = os.pread(fd, PIECE, off)
+        assert got == expected[off : off + PIECE], f"wrong bytes at {off}"
+
+
+def test_cold_sequential_read_is_exact_and_fetches_ahead(drive: Drive) -> None:
+    data = random.Random(1).randbytes(20 * CHUNK_SIZE + 12345)
+    path = _put_cold(drive, "movie.bin", data)
+    with open(path, "rb", buffering=0) as f:
+        for k in range(3):
+            assert f.read(PIECE) == data[k * PIECE : (k + 1) * PIECE]
+        # The reader is still in chunk 0; read-ahead fetches what follows.
+        _wait_for("read-ahead", lambda: len(_cached_ids(drive)) >= 5)
+        rest = b"".join(iter(lambda: f.read(PIECE), b""))
+    assert data[3 * PIECE :] == rest
+    assert len(_cached_ids(drive)) == 21
+    drive.umount()
+    drive.drop_cache()
+    drive.mount()
+    assert (drive.mnt / "movie.bin").read_bytes() == data  # 1 MiB reads (cat, cp)
+    drive.umount()
+
+
+def test_jumping_reader_gets_right_bytes_and_random_reads_fetch_nothing_ahead(
+    drive: Drive,
+) -> None:
+    rng = random.Random(2)
+    count = 12
+    data = rng.randbytes(count * CHUNK_SIZE - 777)
+    path = _put_cold(drive, "db.bin", data)
+    _chunk_ids(drive, path, count)  # asserts one fetch per random read
+    drive.umount()
+    drive.drop_cache()
+    drive.mount()
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        for _ in range(60):
+            start = rng.randrange(len(data) + CHUNK_SIZE)  # sometimes past the end
+            if rng.random() < 0.3:
+                # A sequential run: read-ahead starts, then the reader leaves.
+                _read_in_pieces(fd, start, min(start + 3 * CHUNK_SIZE, len(data)), data)
+            else:
+                size = rng.choice([1, 4096, PIECE, CHUNK_SIZE, 3 * CHUNK_SIZE])
+                assert os.pread(fd, size, start) == data[start : start + size], (start, size)
+    finally:
+        os.close(fd)
+    assert path.read_bytes() == data
+    drive.umount()
+
+
+def test_prefetch_meeting_a_server_error_leaves_later_reads_intact(
+    drive: Drive, server: ServerProcess
+) -> None:
+    """The server fails every request for chunk 5 while read-ahead fetches
+    it, until the prefetch gives up; then the chunk is back. The reader,
+    arriving there later, gets the right bytes."""
+    count = 12
+    data = random.Random(3).randbytes(count * CHUNK_SIZE)
+    path = _put_cold(drive, "video.bin", data)
+    victim = _chunk_ids(drive, path, count)[5]
+    drive.umount()
+    stored = _server_chunk(server, victim)
+    aside = stored.with_name("aside")
+    stored.rename(aside)
+    stored.mkdir()  # reading it fails: HTTP 500, which the client retries
+    drive.drop_cache()
+    drive.mount()
+    attempts = 1 + inspect.signature(RemoteClient).parameters["retries"].default
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        _read_in_pieces(fd, 0, 3 * CHUNK_SIZE, data)  # read-ahead reaches chunk 5
+        _wait_for(
+            "the prefetch gave up",
+            lambda: server.log().count(f"{victim} status=500") >= attempts,
+        )
+        stored.rmdir()
+        aside.rename(stored)
+        _read_in_pieces(fd, 3 * CHUNK_SIZE, len(data), data)
+    finally:
+        os.close(fd)
+    drive.umount()
+
+
+def test_corrupted_chunk_is_eio_never_wrong_bytes(drive: Drive, server: ServerProcess) -> None:
+    count = 10
+    data = random.Random(4).randbytes(count * CHUNK_SIZE)
+    path = _put_cold(drive, "photo.raw", data)
+    (drive.mnt / "other.txt").write_text("still here")
+    victim = _chunk_ids(drive, path, count)[4]
+    drive.umount()
+    stored = _server_chunk(server, victim)
+    raw = bytearray(stored.read_bytes())
+    raw[len(raw) // 2] ^= 0x01
+    stored.write_bytes(bytes(raw))
+    drive.drop_cache()
+    drive.mount()
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        failed_at = None
+        for off in range(0, len(data), PIECE):
+            try:
+                got = os.pread(fd, PIECE, off)
+            except OSError as exc:
+                assert exc.errno == 5  # EIO
+                failed_at = off
+                break
+            assert got == data[off : off + PIECE], f"wrong bytes at {off}"
+        assert failed_at is not None and failed_at // CHUNK_SIZE == 4
+        with pytest.raises(OSError) as err:
+            os.pread(fd, 4096, 4 * CHUNK_SIZE + 8192)  # again: still EIO
+        assert err.value.errno == 5
+        _read_in_pieces(fd, 5 * CHUNK_SIZE, len(data), data)
+        _read_in_pieces(fd, 0, 4 * CHUNK_SIZE, data)
+    finally:
+        os.close(fd)
+    assert (drive.mnt / "other.txt").read_text() == "still here"
+    assert "integrity" in drive.daemon_log()
+    drive.umount()
+
+
+def test_reader_alongside_a_writer_sees_only_written_bytes(drive: Drive) -> None:
+    """One handle rewrites whole chunks while another reads the file over
+    and over with O_DIRECT (every read reaches the daemon, read-ahead
+    included): each page read is a page some version of its chunk had, and
+    the end state is exact, also after a cold remount."""
+    count = 8
+    rng = random.Random(5)
+    schedule = [(rng.randrange(count), v) for v in range(1, 25)]
+    versions: dict[tuple[int, int], bytes] = {
+        (i, 0): random.Random(f"{i}/0").randbytes(CHUNK_SIZE) for i in range(count)
+    }
+    for i, v in schedule:
+        versions[i, v] = random.Random(f"{i}/{v}").randbytes(CHUNK_SIZE)
+    pages: list[list[set[bytes]]] = [
+        [set() for _ in range(CHUNK_SIZE // 4096)] for _ in range(count)
+    ]
+    for (i, _), chunk in versions.items():
+        for p in range(CHUNK_SIZE // 4096):
+            pages[i][p].add(chunk[p * 4096 : (p + 1) * 4096])
+    initial = b"".join(versions[i, 0] for i in range(count))
+    path = _put_cold(drive, "shared.bin", initial)
+
+    done = threading.Event()
+    problems: list[str] = []
+
+    def reader() -> None:
+        fd = os.open(path, os.O_RDONLY | os.O_DIRECT)
+        try:
+            while not done.is_set():
+                for off in range(0, count * CHUNK_SIZE, PIECE):
+                    got = os.pread(fd, PIECE, off)
+                    for k in range(0, len(got), 4096):
+                        index, within = divmod(off + k, CHUNK_SIZE)
+                        if got[k : k + 4096] not in pages[index][within // 4096]:
+                            problems.append(f"page at {off + k} was never written")
+                            return
+        except OSError as exc:
+            problems.append(f"read failed: {exc}")
+        finally:
+            os.close(fd)
+
+    thread = threading.Thread(target=reader)
+    thread.start()
+    try:
+        with open(path, "r+b", buffering=0) as f:
+            for i, v in schedule:
+                os.pwrite(f.fileno(), versions[i, v], i * CHUNK_SIZE)
+                time.sleep(0.02)  # let the reader in between writes
+    finally:
+        done.set()
+        thread.join(timeout=120)
+    assert not thread.is_alive()
+    assert not problems, problems
+    final = {i: 0 for i in range(count)}
+    for i, v in schedule:
+        final[i] = v
+    expected = b"".join(versions[i, final[i]] for i in range(count))
+    assert path.read_bytes() == expected
+    drive.umount()
+    drive.drop_cache()
+    drive.mount()
+    assert path.read_bytes() == expected
+    drive.umount()
