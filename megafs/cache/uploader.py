@@ -10,7 +10,9 @@ journal's pending entries and commits them in an order the server accepts:
 - deletes last, children before parents, so a folder is empty on the server
   when it is deleted (its children may have moved out by a put).
 
-Entries at the same depth commit concurrently. A node is committed only
+Changes gather for ``COMMIT_DELAY`` (unless someone waits) and go in
+batches, many nodes per request (``POST /nodes/batch``), so a tree of small
+files costs a few requests, not one per file. A node is committed only
 after every chunk it references is on the server. Connection errors and 5xx
 retry with backoff, forever: data waits in the journal, never dropped.
 
@@ -32,20 +34,37 @@ import trio
 from megafs.cache.chunks import ChunkCache
 from megafs.cache.state import JournalEntry, LocalState
 from megafs.errors import (
+    AlreadyExists,
     AuthFailed,
     MegafsError,
+    NotEmpty,
     NotFound,
+    QuotaExceeded,
     RemoteError,
+    VersionConflict,
 )
-from megafs.remote import RemoteClient
+from megafs.remote import DeleteNode, PutNode, RemoteClient
 
 __all__ = ["Uploader", "UploaderStats"]
 
 log = logging.getLogger(__name__)
 
 CHUNK_WORKERS = 4
-COMMIT_CONCURRENCY = 8
+#: How long the committer lets changes gather before sending a batch
+#: (unless someone waits: fsync, unmount).
+COMMIT_DELAY = 0.05
+#: Entries per round; the client splits a round into requests of at most
+#: ``wire.MAX_BATCH_OPS``.
+MAX_BATCH = 2000
 _BACKOFF_MAX = 15.0
+#: ``last_error`` once the server refuses the mount's session: what happened
+#: and what the user can do, since nothing in the daemon can open a new one.
+SESSION_ENDED = (
+    "this mount's session has ended (revoked from another device, expired, or the "
+    "password was changed): changes wait in the journal; unmount, log in again "
+    "(`megafs login URL EMAIL --remember`, or mount with the password) and mount "
+    "again to upload them"
+)
 
 
 @dataclass
@@ -58,6 +77,8 @@ class UploaderStats:
     committed: int = 0
     uploaded_chunks: int = 0
     failed_nodes: list[str] = field(default_factory=list)
+    #: Conflicts the user should look at (shown by ``megafs status``).
+    conflicts: list[str] = field(default_factory=list)
 
 
 class Uploader:
@@ -84,10 +105,23 @@ class Uploader:
         self._progress = trio.Event()
         self._stats = UploaderStats()
         self._failing_since: float | None = None
+        #: The server refused the session (AuthFailed) since the last success.
+        self._session_ended = False
         #: Nodes whose creation was sent but not confirmed: they may exist.
         self._maybe_created: set[bytes] = set()
+        #: Nodes whose current entry was sent without an answer yet (it may
+        #: have landed): a change superseding it remembers its commit id.
+        self._unconfirmed: set[bytes] = set()
         #: Highest journal seq of each node that is on the server (or moot).
         self._done_seq: dict[bytes, int] = {}
+        #: Keeps a change the server refused for a version conflict (set by
+        #: the tree, which knows names and keys): see ``_settle``.
+        self.on_conflict: Callable[[JournalEntry], Awaitable[None]] | None = None
+        self._quota_full = False
+        #: Someone waits for the journal to drain (fsync, unmount): commit
+        #: without gathering first.
+        self._urgent = False
+        self._urgent_event = trio.Event()
 
     # -- set-up ---------------------------------------------------------------
 
@@ -109,6 +143,14 @@ class Uploader:
 
     def pending(self, node_id: bytes) -> JournalEntry | None:
         return self._entries.get(node_id)
+
+    def busy(self, node_id: bytes) -> bool:
+        """A change of the node is journaled or on its way to the server."""
+        return node_id in self._entries or node_id in self._inflight
+
+    def known_version(self, node_id: bytes) -> int:
+        """The node's server version as this mount last loaded or made it."""
+        return self._versions.get(node_id, 0)
 
     def pending_children(self, folder_id: bytes) -> list[JournalEntry]:
         """Journaled puts that place a node in ``folder_id``."""
@@ -133,10 +175,13 @@ class Uploader:
         meta: bytes,
         content: bytes | None,
         chunks: tuple[bytes, ...],
+        rev: int,
         durable: bool = False,
     ) -> int:
-        """Journal the new state of a node; returns its sequence number."""
-        return await self._journal(node_id, "put", parent, meta, content, chunks, durable)
+        """Journal the new state of a node; returns its sequence number.
+        ``rev`` is the record revision ``meta`` seals: it is remembered as
+        seen (rollback detection) in the same local transaction."""
+        return await self._journal(node_id, "put", parent, meta, content, chunks, durable, rev)
 
     async def delete(self, node_id: bytes, *, durable: bool = False) -> int:
         old = self._entries.get(node_id)
@@ -145,12 +190,12 @@ class Uploader:
             # Never reached the server: forget it instead of deleting.
             if old is not None:
                 del self._entries[node_id]
-                await self._state.entry_committed(node_id, old.seq, 0)
+                await self._state.entries_committed([(node_id, old.seq, 0)])
             self._versions.pop(node_id, None)
             self._done_seq[node_id] = self._seq
             self._notify()
             return 0
-        return await self._journal(node_id, "delete", None, None, None, (), durable)
+        return await self._journal(node_id, "delete", None, None, None, (), durable, None)
 
     async def _journal(
         self,
@@ -161,8 +206,13 @@ class Uploader:
         content: bytes | None,
         chunks: tuple[bytes, ...],
         durable: bool,
+        rev: int | None,
     ) -> int:
         old = self._entries.get(node_id)
+        sent = old.sent_commit_id if old is not None else None
+        if old is not None and node_id in self._unconfirmed:
+            sent = old.commit_id  # it may land (or have landed) unconfirmed
+            self._unconfirmed.discard(node_id)
         self._seq += 1
         entry = JournalEntry(
             node_id=node_id,
@@ -174,11 +224,12 @@ class Uploader:
             content=content,
             chunks=chunks,
             commit_id=os.urandom(16),
+            sent_commit_id=sent,
         )
         self._entries[node_id] = entry
         if durable:
             await self._chunks.sync_files([c for c in chunks if self._chunks.is_dirty(c)])
-        await self._state.put_entry(entry, durable=durable)
+        await self._state.put_entry(entry, durable=durable, rev=rev)
         self._work.set()
         return entry.seq
 
@@ -188,15 +239,41 @@ class Uploader:
         self._progress.set()
         self._progress = trio.Event()
 
+    def _hurry(self) -> None:
+        """Someone waits: the committer sends what it has without gathering."""
+        self._urgent = True
+        self._urgent_event.set()
+
     async def wait_committed(self, node_id: bytes, seq: int) -> None:
         """Until the server has the node's state ``seq`` or a later one."""
         while self._done_seq.get(node_id, 0) < seq:
+            self._hurry()
             await self._progress.wait()
 
-    async def wait_idle(self) -> None:
-        """Until nothing is left to upload."""
+    async def wait_idle(self, *, unless_session_ended: bool = False) -> None:
+        """Until nothing is left to upload (or, with ``unless_session_ended``,
+        until the server refuses the session: an unmount then stops
+        waiting for what cannot upload, keeping it in the journal)."""
         while self._entries or self._chunks.dirty_ids:
+            if unless_session_ended and self._session_ended:
+                return
+            self._hurry()
             await self._progress.wait()
+
+    @property
+    def session_ended(self) -> bool:
+        """The server refused the session since the last success."""
+        return self._session_ended
+
+    @property
+    def quota_full(self) -> bool:
+        """The server refused the last upload or commit for the quota."""
+        return self._quota_full
+
+    @property
+    def pending_bytes(self) -> int:
+        """Sealed bytes waiting to upload."""
+        return int(self._chunks.statistics()["dirty_bytes"])
 
     @property
     def failing_for(self) -> float:
@@ -243,21 +320,30 @@ class Uploader:
         while True:
             if not self._entries:
                 await self._work.wait()
+            if not self._urgent:
+                # Let a burst of changes (a tree of small files being
+                # written) gather into one batch; fsync does not wait.
+                with trio.move_on_after(COMMIT_DELAY):
+                    await self._urgent_event.wait()
             self._work = trio.Event()
-            results: list[bool] = []
-            for level in self._plan():
-                limit = trio.CapacityLimiter(COMMIT_CONCURRENCY)
-                async with trio.open_nursery() as nursery:
-                    for entry in level:
-                        nursery.start_soon(self._commit_one, entry, limit, results)
-            if all(results):
+            batch = self._next_batch()
+            if not batch:
+                # Everything pending waits for its chunks (or nothing is).
+                with trio.move_on_after(1):
+                    await self._progress.wait()
+                continue
+            if await self._commit_batch(batch):
                 failures = 0
             else:
                 failures += 1
                 await self._sleep_backoff(failures)
 
-    def _plan(self) -> list[list[JournalEntry]]:
-        """Pending entries grouped into levels that may commit concurrently."""
+    def _next_batch(self) -> list[JournalEntry]:
+        """Pending entries the server can take now, in an order it accepts:
+        puts parents first, then deletes children first. A put waits while
+        one of its chunks is not uploaded yet, and so do puts below it."""
+        self._urgent = False
+        self._urgent_event = trio.Event()
         puts = {k: e for k, e in self._entries.items() if e.op == "put"}
         depth: dict[bytes, int] = {}
 
@@ -271,88 +357,215 @@ class Uploader:
             depth[node_id] = d
             return d
 
-        levels: dict[int, list[JournalEntry]] = {}
-        for node_id, entry in puts.items():
-            levels.setdefault(depth_of(node_id), []).append(entry)
-        deletes = [e for e in self._entries.values() if e.op == "delete"]
-        out = [levels[d] for d in sorted(levels)]
+        batch: list[JournalEntry] = []
+        waiting: set[bytes] = set()
+        for entry in sorted(puts.values(), key=lambda e: depth_of(e.node_id)):
+            dirty = [c for c in entry.chunks if self._chunks.is_dirty(c)]
+            for chunk_id in dirty:
+                self._queue_chunk(chunk_id)
+            if dirty or entry.parent in waiting:
+                waiting.add(entry.node_id)
+            else:
+                batch.append(entry)
         # Children of deleted folders are deleted first: the later a delete
         # was journaled, the more likely it is the parent (rmdir after
-        # unlink), and the server refuses a non-empty folder, after which
-        # the next round retries.
-        out.extend([e] for e in sorted(deletes, key=lambda e: e.seq))
-        return out
+        # unlink). The server refuses a non-empty folder; the next round
+        # retries it.
+        deletes = [e for e in self._entries.values() if e.op == "delete"]
+        batch += sorted(deletes, key=lambda e: e.seq)
+        return batch[:MAX_BATCH]
 
-    async def _commit_one(
-        self, entry: JournalEntry, limit: trio.CapacityLimiter, results: list[bool]
-    ) -> None:
-        async with limit:
-            for chunk_id in entry.chunks:
-                while self._chunks.is_dirty(chunk_id):
-                    self._queue_chunk(chunk_id)
-                    await self._progress.wait()
-            current = self._entries.get(entry.node_id)
-            if current is None or current.seq != entry.seq:
-                return  # superseded while waiting; the next round takes it
+    async def _commit_batch(self, batch: list[JournalEntry]) -> bool:
+        """Send one batch; returns True if every entry landed."""
+        for entry in batch:
             self._inflight.add(entry.node_id)
-            if entry.op == "put" and entry.base_version == 0:
-                self._maybe_created.add(entry.node_id)
-            try:
-                version = await self._with_retry(self._commit, current, attempts=1)
-                results.append(version is not None)
-                if version is None:
-                    return
-                # Update memory before the next checkpoint, while the node
-                # still counts as in flight: a delete arriving meanwhile must
-                # see that the node now exists on the server.
-                self._maybe_created.discard(entry.node_id)
-                self._done_seq[entry.node_id] = entry.seq
-                latest = self._entries.get(entry.node_id)
-                if latest is not None and latest.seq == entry.seq:
-                    del self._entries[entry.node_id]
-                elif latest is not None:
-                    latest.base_version = version
-                    self._work.set()
-                if version:
-                    self._versions[entry.node_id] = version
-                else:
-                    self._versions.pop(entry.node_id, None)
-            finally:
-                self._inflight.discard(entry.node_id)
-            await self._state.entry_committed(entry.node_id, entry.seq, version)
-            self._stats.committed += 1
-            self._notify()
-
-    async def _commit(self, entry: JournalEntry) -> int:
-        if entry.op == "delete":
-            # NotFound: already gone, a retry of a delete that landed.
-            with contextlib.suppress(NotFound):
-                version = entry.base_version
-                if version == 0:
-                    # Its creation may or may not have landed; the id is ours
-                    # alone, so whatever the server holds under it is ours.
-                    version = (await self._remote.get_node(entry.node_id)).version
-                await self._remote.delete_node(entry.node_id, expect_version=version)
-            return 0
-        assert entry.parent is not None and entry.meta is not None
+            if entry.op == "put":
+                self._unconfirmed.add(entry.node_id)
+                if entry.base_version == 0:
+                    self._maybe_created.add(entry.node_id)
         try:
-            return await self._remote.put_node(
+            results = await self._with_retry(self._send, batch, attempts=1)
+            if results is None:
+                return False
+            done: list[tuple[bytes, int, int]] = []
+            refused: list[tuple[JournalEntry, MegafsError]] = []
+            for entry, result in zip(batch, results, strict=True):
+                if isinstance(result, NotFound) and entry.op == "delete":
+                    result = 0  # already gone: a retry of a delete that landed
+                if self._entries.get(entry.node_id) is entry:
+                    self._unconfirmed.discard(entry.node_id)  # an answer came
+                if isinstance(result, MegafsError):
+                    refused.append((entry, result))
+                    continue
+                self._landed(entry, result)
+                done.append((entry.node_id, entry.seq, result))
+        finally:
+            for entry in batch:
+                self._inflight.discard(entry.node_id)
+        if done:
+            await self._state.entries_committed(done)
+            self._stats.committed += len(done)
+            self._notify()
+        if refused:
+            await self._refused(refused)
+        return not refused
+
+    async def _send(self, batch: list[JournalEntry]) -> list[int | MegafsError]:
+        """Commit ``batch``; one result per entry, in order."""
+        ops: dict[int, PutNode | DeleteNode] = {}
+        for i, entry in enumerate(batch):
+            if entry.op == "put":
+                assert entry.parent is not None and entry.meta is not None
+                ops[i] = PutNode(
+                    entry.node_id,
+                    entry.parent,
+                    entry.base_version,
+                    entry.meta,
+                    entry.content,
+                    entry.chunks,
+                    entry.commit_id,
+                )
+                continue
+            version = entry.base_version
+            if version == 0:
+                # Its creation may or may not have landed; the id is ours
+                # alone, so whatever the server holds under it is ours.
+                with contextlib.suppress(NotFound):
+                    version = (await self._remote.get_node(entry.node_id)).version
+            if version:
+                ops[i] = DeleteNode(entry.node_id, version)
+        results: list[int | MegafsError] = [0] * len(batch)  # deletes of nothing
+        answers = await self._remote.commit_batch(list(ops.values()))
+        for i, answer in zip(ops, answers, strict=True):
+            results[i] = answer
+        return results
+
+    def _landed(self, entry: JournalEntry, version: int) -> None:
+        """The server has ``entry``: update memory before the next
+        checkpoint, while the node still counts as in flight (a delete
+        arriving meanwhile must see that the node now exists)."""
+        self._maybe_created.discard(entry.node_id)
+        self._done_seq[entry.node_id] = entry.seq
+        latest = self._entries.get(entry.node_id)
+        if latest is not None and latest.seq == entry.seq:
+            del self._entries[entry.node_id]
+        elif latest is not None:
+            latest.base_version = version
+            latest.sent_commit_id = None
+            self._work.set()
+        if version:
+            self._versions[entry.node_id] = version
+        else:
+            self._versions.pop(entry.node_id, None)
+
+    async def _refused(self, refused: list[tuple[JournalEntry, MegafsError]]) -> None:
+        """Entries the server would not take stay in the journal and are
+        retried. A put refused for a missing chunk (collected, or lost) gets
+        every chunk we still hold uploaded again first."""
+        missing_for = [e for e, exc in refused if isinstance(exc, NotFound) and e.chunks]
+        if missing_for:
+            wanted = list(dict.fromkeys(c for e in missing_for for c in e.chunks))
+            try:
+                for chunk_id in await self._remote.missing_chunks(wanted):
+                    await self._remote.put_chunk(chunk_id, await self._chunks.sealed_blob(chunk_id))
+            except MegafsError as exc:
+                self._record_failure(exc)
+        for entry, exc in refused:
+            if await self._settle(entry, exc):
+                continue
+            if isinstance(exc, NotEmpty | NotFound):
+                # Ordering within one round (a folder emptied, or a parent
+                # created, by an op that is still waiting): the next round.
+                log.debug("node %s: %s; retrying", entry.node_id.hex(), exc.detail)
+                self._stats.last_error = f"{type(exc).__name__}: {exc.detail}"
+            else:
+                self._record_failure(exc, online=True)
+
+    async def _settle(self, entry: JournalEntry, exc: MegafsError) -> bool:
+        """A change the server refused because the node is not where this
+        mount left it. Returns True when settled (the next round sends what
+        is left), False to retry as it is.
+
+        - Created, but the answer was lost and a newer change took the
+          creation's place: the node is ours (ids are random), so the newer
+          change goes on top of what landed.
+        - Deleted by another device while changed here: the change wins and
+          creates the node again.
+        - Changed by another device (version conflict, the other device
+          committed first): ``on_conflict`` (the tree) keeps this change as
+          a conflicted copy, or for a delete keeps theirs, and then drops
+          this entry through ``drop``.
+        """
+        current = self._entries.get(entry.node_id)
+        if current is not entry:
+            return True  # superseded meanwhile; the next round decides
+        if entry.sent_commit_id is not None and isinstance(exc, VersionConflict | AlreadyExists):
+            return await self._ask_about_sent(entry)
+        if isinstance(exc, VersionConflict) and self.on_conflict is not None:
+            await self.on_conflict(entry)
+            return True
+        if entry.op != "put" or not isinstance(exc, AlreadyExists | NotFound):
+            return False
+        try:
+            version = (await self._remote.get_node(entry.node_id)).version
+        except NotFound:
+            version = 0
+        except MegafsError:
+            return False
+        if isinstance(exc, AlreadyExists) and entry.base_version == 0 and version:
+            if version == 1:
+                entry.base_version = version
+                return True
+            if self.on_conflict is not None:  # and changed elsewhere since
+                await self.on_conflict(entry)
+                return True
+        if isinstance(exc, NotFound) and entry.base_version and not version:
+            log.warning("node %s was deleted elsewhere; saving it again", entry.node_id.hex())
+            entry.base_version = 0
+            return True
+        return False
+
+    async def _ask_about_sent(self, entry: JournalEntry) -> bool:
+        """Did the earlier commit ``entry`` superseded land? Send this state
+        under that commit's id: the server answers the version that commit
+        made if it did (this state is then sent again on top of it), or
+        applies this state (sending it again on top is harmless), or refuses
+        it as a conflict, a real one then (settled in the next round)."""
+        assert entry.sent_commit_id is not None and entry.parent is not None
+        assert entry.meta is not None
+        try:
+            version = await self._remote.put_node(
                 entry.node_id,
                 parent=entry.parent,
                 expect_version=entry.base_version,
                 meta=entry.meta,
                 content=entry.content,
                 chunks=entry.chunks,
-                commit_id=entry.commit_id,
+                commit_id=entry.sent_commit_id,
             )
-        except NotFound:
-            # A chunk the server should have is gone (collected, or lost):
-            # upload every chunk we still hold, then let the next round retry.
-            missing = await self._remote.missing_chunks(list(entry.chunks))
-            for chunk_id in missing:
-                blob = await self._chunks.sealed_blob(chunk_id)
-                await self._remote.put_chunk(chunk_id, blob)
-            raise
+        except (VersionConflict, AlreadyExists):
+            entry.sent_commit_id = None
+            return True
+        except MegafsError:
+            return False
+        entry.base_version = version
+        entry.sent_commit_id = None
+        self._versions[entry.node_id] = version
+        return True
+
+    async def drop(self, entry: JournalEntry, server_version: int) -> None:
+        """Forget a change the tree has saved otherwise (a conflicted copy);
+        the node is at ``server_version`` on the server."""
+        if self._entries.get(entry.node_id) is entry:
+            del self._entries[entry.node_id]
+        self._versions[entry.node_id] = server_version
+        self._done_seq[entry.node_id] = max(entry.seq, self._done_seq.get(entry.node_id, 0))
+        await self._state.entries_committed([(entry.node_id, entry.seq, server_version)])
+        self._notify()
+
+    def note_conflict(self, description: str) -> None:
+        """A conflicted copy was made; ``megafs status`` lists it."""
+        self._stats.conflicts.append(description)
 
     async def _with_retry(self, fn, *args, attempts: int = 0):  # type: ignore[no-untyped-def]
         """Run ``fn``; on a failure the server may recover from, back off and
@@ -363,7 +576,7 @@ class Uploader:
             try:
                 result = await fn(*args)
             except AuthFailed as exc:
-                self._record_failure(exc)
+                self._session_lost(exc)
                 if self._relogin is not None:
                     try:
                         await self._relogin()
@@ -379,13 +592,34 @@ class Uploader:
                 if self._failing_since is not None:
                     log.info("server reachable again")
                 self._failing_since = None
+                self._session_ended = False
+                self._quota_full = False
                 return result
             if attempts and tries >= attempts:
                 return None
-            await self._sleep_backoff(tries)
+            if self._session_ended and self._relogin is None:
+                # New changes cannot make a refused session work: no
+                # request per write, only a slow check.
+                await trio.sleep(_BACKOFF_MAX)
+            else:
+                await self._sleep_backoff(tries)
+
+    def _session_lost(self, exc: AuthFailed) -> None:
+        """The server refused the session: one clear log line (not one per
+        retry) and a ``last_error`` that says what to do. Waiters that give
+        up on a dead session (unmount) are woken."""
+        if self._failing_since is None:
+            self._failing_since = trio.current_time()
+        self._stats.last_error = f"AuthFailed: {SESSION_ENDED} (server: {exc.detail})"
+        if not self._session_ended:
+            self._session_ended = True
+            log.error("the server refused the session (%s): %s", exc.detail, SESSION_ENDED)
+            self._notify()
 
     def _record_failure(self, exc: MegafsError, *, online: bool = False) -> None:
         self._stats.last_error = f"{type(exc).__name__}: {exc.detail}"
+        if isinstance(exc, QuotaExceeded):
+            self._quota_full = True
         if not online and self._failing_since is None:
             self._failing_since = trio.current_time()
             log.warning("server unavailable (%s); changes wait in the journal", exc.detail)

@@ -53,10 +53,12 @@ CodeSource = Callable[[], str]
 
 @dataclass(frozen=True)
 class Unlocked:
-    """A logged-in client: the account's keys and the session it holds."""
+    """A logged-in client: the account's keys, the session it holds, and
+    the account as the server showed it (kept for offline starts)."""
 
     keys: AccountKeys
     session: str
+    account: Account
 
 
 async def signup(
@@ -98,7 +100,7 @@ async def signup(
         device,
         long_lived=long_lived,
     )
-    return Unlocked(keys, session.token)
+    return Unlocked(keys, session.token, session.account)
 
 
 async def with_second_factor(
@@ -131,7 +133,7 @@ async def login(
     session = await with_second_factor(
         lambda c: remote.login(email, pw.auth_secret, device, code=c, long_lived=long_lived), code
     )
-    return Unlocked(open_keyblob(pw.kek, session.account), session.token)
+    return Unlocked(open_keyblob(pw.kek, session.account), session.token, session.account)
 
 
 def open_keyblob(kek: bytes, account: Account) -> AccountKeys:
@@ -176,4 +178,4 @@ async def login_remembered(
     if account.root_id != keys.root_id:
         raise IntegrityError("the server names another root folder than the account key")
     assert remote.token is not None
-    return Unlocked(keys, remote.token), creds
+    return Unlocked(keys, remote.token, account), creds

@@ -1,11 +1,13 @@
 """Where megafs keeps its files, and the remembered account.
 
 Config dir (``--config-dir``, ``$MEGAFS_CONFIG_DIR``, else the XDG config
-dir): ``account.json`` names the server and email; nothing in it unlocks
-anything. Only ``login --remember`` stores the unlocked account keys: in the
-desktop keyring when one is available, else in ``credentials`` (mode 0600)
-beside it. Whoever can read that entry can read the drive: see
-docs/security.md.
+dir): ``account.json`` names the server and email and keeps, for a mount
+started while the server is unreachable, the account's KDF parameters and
+keyblob as the server last sent them (ciphertext: only the password opens
+it, see docs/security.md); nothing in it unlocks anything. Only ``login
+--remember`` stores the unlocked account keys: in the desktop keyring when
+one is available, else in ``credentials`` (mode 0600) beside it. Whoever
+can read that entry can read the drive: see docs/security.md.
 """
 
 from __future__ import annotations
@@ -17,12 +19,13 @@ import json
 import logging
 import os
 import socket
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Any
 
 import platformdirs
 
-__all__ = ["AccountConfig", "Credentials", "Paths"]
+__all__ = ["AccountConfig", "Credentials", "OfflineUnlock", "Paths"]
 
 log = logging.getLogger(__name__)
 _KEYRING_SERVICE = "megafs"
@@ -64,27 +67,68 @@ class Paths:
 
 
 @dataclass(frozen=True)
+class OfflineUnlock:
+    """What a mount needs to unlock the account with the password while the
+    server is unreachable: exactly what the server hands any client that
+    logs in (format.md sections 4 and 5). The KDF parameters are checked
+    against the client minimum again when used, like the server's."""
+
+    kdf: dict[str, Any]
+    keyblob: bytes
+    root_id: bytes
+
+    def _encode(self) -> dict[str, Any]:
+        return {
+            "kdf": self.kdf,
+            "keyblob": base64.b64encode(self.keyblob).decode(),
+            "root_id": self.root_id.hex(),
+        }
+
+    @classmethod
+    def _decode(cls, data: Any) -> OfflineUnlock:
+        if not isinstance(data, dict) or not isinstance(data["kdf"], dict):
+            raise TypeError("offline entry is not an object")
+        return cls(
+            kdf=data["kdf"],
+            keyblob=base64.b64decode(data["keyblob"], validate=True),
+            root_id=bytes.fromhex(data["root_id"]),
+        )
+
+
+@dataclass(frozen=True)
 class AccountConfig:
     server: str
     email: str
     device: str
+    #: Set by every login and every mount that reached the server.
+    offline: OfflineUnlock | None = None
 
     @classmethod
     def load(cls, paths: Paths) -> AccountConfig | None:
         try:
             data = json.loads(paths.account_file.read_text())
-            return cls(server=data["server"], email=data["email"], device=data["device"])
+            offline = data.get("offline")
+            return cls(
+                server=data["server"],
+                email=data["email"],
+                device=data["device"],
+                offline=None if offline is None else OfflineUnlock._decode(offline),
+            )
         except FileNotFoundError:
             return None
         except (ValueError, KeyError, TypeError) as exc:
             raise ValueError(f"{paths.account_file} is damaged: {exc}") from exc
 
+    def with_offline(self, kdf: dict[str, Any], keyblob: bytes, root_id: bytes) -> AccountConfig:
+        """This account, keeping what the server just sent for offline starts."""
+        return replace(self, offline=OfflineUnlock(kdf, keyblob, root_id))
+
     def save(self, paths: Paths) -> None:
         paths.config_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
-        _write_private(
-            paths.account_file,
-            json.dumps({"server": self.server, "email": self.email, "device": self.device}),
-        )
+        data: dict[str, Any] = {"server": self.server, "email": self.email, "device": self.device}
+        if self.offline is not None:
+            data["offline"] = self.offline._encode()
+        _write_private(paths.account_file, json.dumps(data))
 
 
 def default_device() -> str:

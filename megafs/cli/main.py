@@ -11,6 +11,7 @@ import contextlib
 import getpass
 import json
 import logging
+import math
 import os
 import signal
 import sys
@@ -25,8 +26,9 @@ import trio
 from megafs import __version__
 from megafs.cli.account import Unlocked
 from megafs.cli.config import AccountConfig, Credentials, Paths, default_device
-from megafs.errors import AuthFailed, MegafsError, RateLimited, RemoteError
-from megafs.remote import RemoteClient
+from megafs.crypto import AccountKeys, KdfParams, derive_password_keys
+from megafs.errors import AuthFailed, MegafsError, RateLimited, RemoteError, SecondFactorRequired
+from megafs.remote import Account, RemoteClient
 
 __all__ = ["main"]
 
@@ -41,6 +43,7 @@ EXIT_NOT_LOGGED_IN = 5
 EXIT_MOUNTPOINT = 6
 EXIT_NO_FUSE = 7
 EXIT_PENDING = 8
+EXIT_NO_ANSWER = 9
 
 
 class CliError(Exception):
@@ -130,8 +133,9 @@ async def _record_account(
     from megafs.cli.security import forget_remembered, remember
 
     await forget_remembered(paths, AccountConfig.load(paths), insecure=args.insecure)
+    server = unlocked.account
     account = AccountConfig(server=args.url, email=args.email, device=device)
-    account.save(paths)
+    account.with_offline(server.kdf, server.keyblob, server.root_id).save(paths)
     if args.remember:
         print(f"account keys remembered in {remember(paths, account, unlocked)}")
     else:
@@ -267,34 +271,32 @@ class _MountJob:
         self.fsync_timeout = fsync_timeout
         self.insecure = insecure
         self.totp_code = totp_code
+        #: Why the mount started offline, or None if it reached the server.
+        self.offline_reason: str | None = None
 
     async def serve(self, on_ready: Callable[[], None]) -> None:
         """Mount with the remembered session, or with a long-lived one
         opened with the password (and a code) and ended at unmount: either
         lives as long as the mount uses it, so the mount never needs the
-        password or a code again."""
-        from megafs.cli.account import login, login_remembered
-        from megafs.cli.security import code_source
+        password or a code again.
+
+        If the server cannot be reached (a RemoteError: refused, timed out,
+        5xx; a wrong password or a revoked session still fails), the mount
+        starts offline from the local cache: with the remembered key and
+        session, or with the password and the keyblob kept from the last
+        online login (``offline_reason`` says why).
+        """
         from megafs.fs import run_mount
 
         async with RemoteClient(self.account.server, insecure=self.insecure) as remote:
-            if self.creds is not None:
-                unlocked, kept = await login_remembered(
-                    remote, self.account.email, self.creds, self.account.device
-                )
-                if kept != self.creds:
-                    kept.save(self.paths, self.account)
-            else:
-                assert self.password is not None
-                unlocked = await login(
-                    remote,
-                    self.account.email,
-                    self.password,
-                    self.account.device,
-                    code=code_source(self.totp_code),
-                    long_lived=True,
-                )
-            self.password = None
+            try:
+                keys = await self._unlock(remote)
+            except RemoteError as exc:
+                keys = await self._unlock_offline(remote, exc)
+                self.offline_reason = exc.detail
+                log.warning("the server cannot be reached (%s): starting offline", exc.detail)
+            finally:
+                self.password = None
 
             def ready() -> None:
                 self._write_pid_file()
@@ -303,23 +305,99 @@ class _MountJob:
             try:
                 await run_mount(
                     remote,
-                    unlocked.keys,
+                    keys,
                     self.mountpoint,
                     self.cache_dir,
                     cache_size=self.cache_size,
                     fsync_timeout=self.fsync_timeout,
                     allow_other=not self.private,
                     on_ready=ready,
+                    server_url=self.account.server,
+                    email=self.account.email,
                 )
             finally:
                 self.paths.pid_file(self.mountpoint).unlink(missing_ok=True)
-                if self.creds is None:  # the remembered session outlives the mount
+                remote.login_on_demand = None  # no login just to log out
+                if self.creds is None and remote.token is not None:
+                    # (The remembered session outlives the mount.)
                     with (
                         trio.CancelScope(shield=True),
                         trio.move_on_after(5),
                         contextlib.suppress(MegafsError),
                     ):
                         await remote.logout()
+
+    async def _unlock(self, remote: RemoteClient) -> AccountKeys:
+        """Log in (remembered session, or password and code) and keep what an
+        offline start needs."""
+        from megafs.cli.account import login, login_remembered
+        from megafs.cli.security import code_source
+
+        if self.creds is not None:
+            unlocked, kept = await login_remembered(
+                remote, self.account.email, self.creds, self.account.device
+            )
+            if kept != self.creds:
+                kept.save(self.paths, self.account)
+        else:
+            assert self.password is not None
+            unlocked = await login(
+                remote,
+                self.account.email,
+                self.password,
+                self.account.device,
+                code=code_source(self.totp_code),
+                long_lived=True,
+            )
+        self.keep_for_offline(unlocked.account)
+        return unlocked.keys
+
+    async def _unlock_offline(self, remote: RemoteClient, exc: RemoteError) -> AccountKeys:
+        """The account's keys without the server (``exc``: why not with it).
+
+        Remembered: the kept key and session, used as they are once the
+        server answers. Password: Argon2id with the kept parameters (checked
+        against the client minimum, as the server's are) opens the kept
+        keyblob, so a wrong password fails here as it would online; the auth
+        secret waits in memory for the first contact (:class:`_DeferredLogin`).
+        """
+        from megafs.cli.account import open_keyblob
+
+        if self.creds is not None:
+            if self.creds.session is None:
+                # An entry from an earlier megafs: it must be traded for a
+                # session first, which needs the server.
+                raise exc
+            remote.token = self.creds.session
+            return AccountKeys.from_master(self.creds.master_key, self.creds.root_id)
+        kept = self.account.offline
+        if kept is None:
+            raise RemoteError(
+                f"{exc.detail}; this machine cannot start offline before one mount or "
+                "login has reached the server"
+            ) from exc
+        assert self.password is not None
+        params = KdfParams.from_json(kept.kdf)
+        pw = await trio.to_thread.run_sync(derive_password_keys, self.password, params)
+        server = Account(self.account.email, kept.kdf, kept.keyblob, kept.root_id, 0, 0)
+        keys = open_keyblob(pw.kek, server)
+        remote.login_on_demand = _DeferredLogin(
+            self, remote, pw.auth_secret, keys.root_id, self.totp_code
+        )
+        return keys
+
+    def keep_for_offline(self, server: Account) -> None:
+        """Record the server's KDF parameters and keyblob in the account
+        config, unless the user has logged out or into another account
+        meanwhile (a deferred login must not bring the config back)."""
+        current = AccountConfig.load(self.paths)
+        if current is None or (current.server, current.email) != (
+            self.account.server,
+            self.account.email,
+        ):
+            return
+        self.account = current.with_offline(server.kdf, server.keyblob, server.root_id)
+        self.account.save(self.paths)
 
     def _write_pid_file(self) -> None:
         self.paths.mounts_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
@@ -340,6 +418,8 @@ class _MountJob:
                 file=sys.stderr,
                 flush=True,
             )
+            if self.offline_reason is not None:
+                print(_offline_line(self.offline_reason), file=sys.stderr, flush=True)
             _notify_systemd()
 
         return _run_guarded(lambda: self.serve(ready))
@@ -356,7 +436,8 @@ class _MountJob:
             report = os.fdopen(write_fd, "w")
 
             def ready() -> None:
-                report.write("OK\n")
+                offline = self.offline_reason
+                report.write("OK\n" if offline is None else f"OK offline {offline}\n")
                 report.flush()
                 report.close()
 
@@ -370,6 +451,8 @@ class _MountJob:
                 f"megafs: {self.mountpoint} is mounted (daemon pid {pid}); "
                 f"`megafs umount {self.mountpoint}` to stop"
             )
+            if message.startswith("OK offline "):
+                print(_offline_line(message.removeprefix("OK offline ").strip()), file=sys.stderr)
             return EXIT_OK
         _, status = os.waitpid(pid, 0)
         if message.startswith("ERR "):
@@ -391,6 +474,85 @@ class _MountJob:
         os.close(null)
         os.close(log_fd)
         _configure_logging(verbose=logging.getLogger().level <= logging.DEBUG, daemon=True)
+
+
+def _offline_line(reason: str) -> str:
+    """The one line that says a mount started without the server."""
+    return (
+        f"megafs: started offline, from the local cache (the server cannot be reached: "
+        f"{reason}); changes upload once it is back"
+    )
+
+
+#: After a failed attempt, a deferred login lets this long pass before the
+#: next (every request meanwhile fails at once, as offline).
+_LOGIN_RETRY = 2.0
+
+
+class _DeferredLogin:
+    """The login a mount started offline with the password owes the server
+    (``RemoteClient.login_on_demand``): the first request that reaches the
+    server opens the mount's session, whichever part of the daemon makes it.
+
+    The auth secret lives in this object only, in memory, and is dropped
+    once the session is open or the login is refused. A refusal (the
+    account needs a two-factor code, or the password was changed elsewhere)
+    is final: trying again unattended would only count failed logins
+    against the account. The mount then keeps working from the local cache
+    and every request fails with RemoteError naming the reason, which
+    ``megafs status`` shows as its last error.
+    """
+
+    def __init__(
+        self,
+        job: _MountJob,
+        remote: RemoteClient,
+        auth_secret: bytes,
+        root_id: bytes,
+        code: str | None,
+    ) -> None:
+        self._job = job
+        self._remote = remote
+        self._secret: bytes | None = auth_secret
+        self._root_id = root_id
+        #: A code given with the mount is tried once (it expires in a minute).
+        self._code = code
+        self._refused: str | None = None
+        self._quiet_until = -math.inf
+        self._last_error = ""
+
+    async def __call__(self) -> None:
+        if self._refused is not None:
+            raise RemoteError(self._refused)
+        if trio.current_time() < self._quiet_until:
+            raise RemoteError(self._last_error)
+        assert self._secret is not None
+        account = self._job.account
+        code, self._code = self._code, None
+        try:
+            session = await self._remote.login(
+                account.email, self._secret, account.device, code=code, long_lived=True
+            )
+        except SecondFactorRequired:
+            self._refuse("the account needs a two-factor code: mount again with --totp-code")
+        except AuthFailed as exc:
+            self._refuse(f"the server refused the login ({exc.detail}): mount again")
+        except (RemoteError, RateLimited) as exc:
+            self._quiet_until = trio.current_time() + _LOGIN_RETRY
+            self._last_error = f"not logged in yet: {exc.detail}"
+            raise RemoteError(self._last_error) from exc
+        self._secret = None
+        if session.account.root_id != self._root_id:
+            self._remote.token = None
+            self._refuse("the server names another root folder than the account key")
+        log.info("the server is reachable: logged in")
+        await trio.to_thread.run_sync(self._job.keep_for_offline, session.account)
+
+    def _refuse(self, reason: str) -> NoReturn:
+        self._secret = None
+        self._refused = f"not logged in: {reason}"
+        log.error("%s; the mount keeps working locally", self._refused)
+        raise RemoteError(self._refused)
 
 
 def _notify_systemd() -> None:
@@ -448,6 +610,7 @@ def cmd_umount(args: argparse.Namespace, paths: Paths) -> int:
 
     mountpoint = Path(args.mountpoint).absolute()
     pid = _daemon_pid(paths, mountpoint)
+    cache_dir = _daemon_cache_dir(paths, mountpoint)
     if not _is_mounted(mountpoint):
         if pid is None:
             raise CliError(f"{mountpoint} is not mounted", EXIT_MOUNTPOINT)
@@ -477,8 +640,43 @@ def cmd_umount(args: argparse.Namespace, paths: Paths) -> int:
             print("waiting for pending changes to reach the server...", file=sys.stderr)
             told = True
         time.sleep(0.1)
+    left = _journal_left(cache_dir)
+    if left:
+        # The daemon stopped without uploading them: its session was refused
+        # (or a second signal stopped it); its log says which.
+        raise CliError(
+            f"unmounted, but {left} changes did not reach the server (the daemon stopped: "
+            f"see {cache_dir / 'daemon.log' if cache_dir else 'its log'}); they stay in the "
+            "journal and upload on the next mount (if the session ended, log in again first)",
+            EXIT_PENDING,
+        )
     print(f"{mountpoint} unmounted; every change is on the server")
     return EXIT_OK
+
+
+def _daemon_cache_dir(paths: Paths, mountpoint: Path) -> Path | None:
+    """The cache directory the mount's pid file names (None if unknown)."""
+    try:
+        return Path(json.loads(paths.pid_file(mountpoint).read_text())["cache_dir"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def _journal_left(cache_dir: Path | None) -> int:
+    """Changes an exited daemon left in its journal (0 if none or unknown):
+    a daemon whose session the server refused stops without them."""
+    import sqlite3
+
+    if cache_dir is None or not (cache_dir / "state.sqlite3").exists():
+        return 0
+    try:
+        db = sqlite3.connect(f"{(cache_dir / 'state.sqlite3').as_uri()}?mode=ro", uri=True)
+        try:
+            return int(db.execute("SELECT count(*) FROM journal").fetchone()[0])
+        finally:
+            db.close()
+    except sqlite3.Error:
+        return 0
 
 
 def _daemon_pid(paths: Paths, mountpoint: Path) -> int | None:
@@ -507,6 +705,12 @@ def _alive(pid: int) -> bool:
             return f.read().split(") ", 1)[1][0] != "Z"
     except (OSError, IndexError):
         return False
+
+
+def cmd_status(args: argparse.Namespace, paths: Paths) -> int:
+    from megafs.cli.status import cmd_status as status
+
+    return status(args, paths)
 
 
 def cmd_server(args: argparse.Namespace, paths: Paths) -> int:
@@ -653,7 +857,8 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="SIZE",
         type=parse_size,
         default=parse_size("5G"),
-        help="limit for cached data, e.g. 10G (default 5G); data not yet uploaded is never evicted",
+        help="limit for cached data, e.g. 10G (default 5G); data not yet uploaded is never "
+        "evicted, and writes get ENOSPC once it fills the cache while the server is unreachable",
     )
     p.add_argument(
         "--fsync-timeout",
@@ -690,6 +895,28 @@ def build_parser() -> argparse.ArgumentParser:
         "finish on the next mount (default: wait)",
     )
     p.set_defaults(func=cmd_umount)
+
+    p = sub.add_parser(
+        "status",
+        help="show how mounts are doing: pending uploads, cache, errors",
+        description="Ask the daemon of MOUNTPOINT (default: of every megafs mount of "
+        "this user) whether it is online, what waits for upload, how full the cache "
+        "is, the last error and any conflicts. Exit code 9 if a daemon does not answer.",
+    )
+    p.add_argument("mountpoint", nargs="?", help="a megafs mount (default: all of them)")
+    p.add_argument(
+        "--json",
+        action="store_true",
+        help="print JSON for scripts (keys documented in docs/cli.md)",
+    )
+    p.add_argument(
+        "--timeout",
+        metavar="SECONDS",
+        type=float,
+        default=5.0,
+        help="how long to wait for each daemon's answer (default 5)",
+    )
+    p.set_defaults(func=cmd_status)
 
     p = sub.add_parser(
         "server",

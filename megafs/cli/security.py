@@ -189,7 +189,7 @@ async def _password_keys(remote: RemoteClient, password: bytes) -> tuple[bytes, 
         derive_password_keys, password, KdfParams.from_json(account.kdf)
     )
     assert remote.token is not None
-    return pw.auth_secret, Unlocked(open_keyblob(pw.kek, account), remote.token)
+    return pw.auth_secret, Unlocked(open_keyblob(pw.kek, account), remote.token, account)
 
 
 def _read_new_password(password_file: str | None) -> bytes:
@@ -338,6 +338,9 @@ def cmd_passwd(args: argparse.Namespace, paths: Paths) -> int:
             pw = await trio.to_thread.run_sync(derive_password_keys, new, params)
             keyblob = wrap_master_key(pw.kek, unlocked.keys.master_key, unlocked.keys.root_id)
             await s.remote.change_password(old_auth, params.to_json(), pw.auth_secret, keyblob)
+            # The keyblob kept for offline mounts must open with the new
+            # password only, as the server's does.
+            s.account.with_offline(params.to_json(), keyblob, unlocked.keys.root_id).save(paths)
 
     trio.run(run)
     print(
@@ -445,9 +448,11 @@ def login_with_recovery_key(args: argparse.Namespace, paths: Paths) -> int:
             if session.account.root_id != root_id:
                 raise IntegrityError("the server names another root folder than the account key")
             await forget_remembered(paths, AccountConfig.load(paths), insecure=args.insecure)
-            account.save(paths)
+            account.with_offline(params.to_json(), keyblob, root_id).save(paths)
             if args.remember:
-                unlocked = Unlocked(open_keyblob(pw.kek, session.account), session.token)
+                unlocked = Unlocked(
+                    open_keyblob(pw.kek, session.account), session.token, session.account
+                )
                 print(f"account keys remembered in {remember(paths, account, unlocked)}")
             else:
                 await remote.logout()

@@ -1,8 +1,10 @@
 """The mount daemon: owns every long-lived task of one mount.
 
 ``run_mount`` opens the local state, takes over any journal an earlier run
-left, mounts, and runs in one nursery: the FUSE request loop, the uploader
-and the periodic flusher. Shutdown order when the filesystem is unmounted
+left, mounts, and runs in one nursery: the FUSE request loop, the uploader,
+the read-ahead (cache/readahead.py), the change follower (fs/follow.py), the
+periodic flusher and the status socket (``megafs status``, see
+fs/status.py). Shutdown order when the filesystem is unmounted
 (``fusermount3 -u``, ``megafs umount``, SIGTERM or SIGINT):
 
 1. the kernel stops sending requests and ``pyfuse3.main`` returns;
@@ -14,6 +16,7 @@ and the periodic flusher. Shutdown order when the filesystem is unmounted
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import fcntl
 import logging
@@ -26,10 +29,12 @@ from pathlib import Path
 import pyfuse3
 import trio
 
-from megafs.cache import ChunkCache, LocalState, Uploader
+from megafs.cache import ChunkCache, LocalState, ReadAhead, Uploader
 from megafs.crypto import AccountKeys
 from megafs.errors import MegafsError
+from megafs.fs.follow import ChangeFollower
 from megafs.fs.operations import Operations
+from megafs.fs.status import StatusService
 from megafs.fs.tree import Tree
 from megafs.remote import RemoteClient
 
@@ -57,6 +62,8 @@ async def run_mount(
     fsync_timeout: float = 60.0,
     allow_other: bool = True,
     on_ready: Callable[[], None] | None = None,
+    server_url: str = "",
+    email: str = "",
 ) -> None:
     """Mount the drive at ``mountpoint`` and serve it until unmounted.
 
@@ -65,23 +72,57 @@ async def run_mount(
     checks permission bits as on ext4 (``default_permissions``); without it
     only the mounting user may enter it.
     """
+    # A peer that hangs up (the server, a `megafs status` client) must be an
+    # EPIPE for that connection, not a silent death of the daemon: the CLI
+    # sets SIGPIPE to its default for `megafs ... | head`, and a forked
+    # daemon inherits that.
+    signal.signal(signal.SIGPIPE, signal.SIG_IGN)
     lock = _lock_cache_dir(cache_dir)
     try:
         async with AsyncExitStack() as stack:
             state = await LocalState.open(cache_dir / "state.sqlite3")
             stack.push_async_callback(state.aclose)
-            chunks = ChunkCache(cache_dir / "chunks", state, remote, keys, limit_bytes=cache_size)
+
+            def uploads_failing() -> bool:
+                # (Called only once the mount serves writes: ``uploader`` is set.)
+                return uploader.failing_for > 0
+
+            chunks = ChunkCache(
+                cache_dir / "chunks",
+                state,
+                remote,
+                keys,
+                limit_bytes=cache_size,
+                uploads_failing=uploads_failing,
+            )
             await chunks.load()
             uploader = Uploader(remote, state, chunks, relogin=relogin)
             journal = await uploader.load()
             if journal:
                 log.info("%d changes from an earlier run wait in the journal", len(journal))
             tree = Tree(remote, uploader, chunks, keys, state)
+            uploader.on_conflict = tree.resolve_conflict
+            follower = ChangeFollower(remote, tree)
+            # Before loading: a change made meanwhile is then in the feed.
+            with trio.move_on_after(10), contextlib.suppress(MegafsError):
+                await follower.start_cursor()
             await tree.load_root()
-            ops = Operations(tree, uploader, remote, fsync_timeout=fsync_timeout)
+            ops = Operations(
+                tree, uploader, remote, read_ahead=ReadAhead(chunks), fsync_timeout=fsync_timeout
+            )
+            status = StatusService(
+                mountpoint,
+                uploader,
+                chunks,
+                cache_limit=cache_size,
+                server_url=server_url,
+                email=email,
+            )
             await _serve(
                 ops,
                 uploader,
+                follower,
+                status,
                 mountpoint,
                 on_ready,
                 allow_other=allow_other and other_users_permitted(),
@@ -93,6 +134,8 @@ async def run_mount(
 async def _serve(
     ops: Operations,
     uploader: Uploader,
+    follower: ChangeFollower,
+    status: StatusService,
     mountpoint: Path,
     on_ready: Callable[[], None] | None,
     *,
@@ -110,6 +153,9 @@ async def _serve(
     try:
         async with trio.open_nursery() as nursery:
             await nursery.start(uploader.run)
+            await nursery.start(ops.read_ahead.run)
+            await nursery.start(status.run)  # `megafs status`
+            await nursery.start(follower.run)  # other devices' changes
             nursery.start_soon(_flusher, ops)
             signals = _Signals()
             nursery.start_soon(signals.run)
@@ -119,18 +165,22 @@ async def _serve(
             await pyfuse3.main()
             pyfuse3.close(unmount=True)
             mounted = False
+            status.unmounting = True
             log.info("unmounted; saving pending changes")
             await ops.flush_all()
             with trio.CancelScope() as drain:
                 signals.on_signal = drain.cancel
-                await uploader.wait_idle()
-            if drain.cancelled_caught:
-                stats = uploader.statistics()
+                # A refused session cannot come back in this daemon: waiting
+                # would only hold the cache directory from the next mount.
+                await uploader.wait_idle(unless_session_ended=True)
+            stats = uploader.statistics()
+            if drain.cancelled_caught or stats.pending_nodes or stats.pending_chunks:
                 log.warning(
                     "stopped with %d changes and %d chunks still in the journal; "
-                    "they upload on the next mount",
+                    "they upload on the next mount%s",
                     stats.pending_nodes,
                     stats.pending_chunks,
+                    " (log in again first)" if uploader.session_ended else "",
                 )
             else:
                 log.info("all changes are on the server")
@@ -157,6 +207,7 @@ class _Signals:
 async def _flusher(ops: Operations) -> None:
     while True:
         await trio.sleep(FLUSH_INTERVAL)
+        await ops.refresh_usage()
         try:
             await ops.flush_all()
         except MegafsError as exc:  # pragma: no cover - flush_all logs per file

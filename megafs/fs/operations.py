@@ -24,9 +24,9 @@ from typing import Any, ParamSpec, TypeVar
 import pyfuse3
 import trio
 
-from megafs.cache import Uploader
+from megafs.cache import ReadAhead, Reader, Uploader
 from megafs.crypto import Kind
-from megafs.errors import MegafsError, RemoteError
+from megafs.errors import MegafsError
 from megafs.fs.tree import Inode, Tree
 from megafs.remote import RemoteClient
 
@@ -90,6 +90,8 @@ def _refuse_into_own_subtree(inode: Inode, new_parent: Inode) -> None:
 class _Handle:
     inode: Inode
     flags: int
+    #: This handle's reads of the file's content, with their read-ahead.
+    reader: Reader
 
 
 class Operations(pyfuse3.Operations):
@@ -99,17 +101,27 @@ class Operations(pyfuse3.Operations):
         uploader: Uploader,
         remote: RemoteClient,
         *,
+        read_ahead: ReadAhead,
         fsync_timeout: float = 60.0,
     ) -> None:
         super().__init__()
         self._tree = tree
+        #: Started by the daemon (``read_ahead.run``); until then reads work
+        #: without it.
+        self.read_ahead = read_ahead
         self._uploader = uploader
         self._remote = remote
         self._fsync_timeout = fsync_timeout
         self._handles: dict[int, _Handle] = {}
-        self._dir_handles: dict[int, list[tuple[int, bytes, Inode]]] = {}
+        self._dir_handles: dict[int, list[tuple[bytes, Inode]]] = {}
         self._next_fh = 1
         self._statfs: tuple[float, int, int] | None = None
+        #: Per closed file, the content key it had when its last handle was
+        #: released: what the kernel's page cache holds (see _open_handle).
+        self._released_keys: dict[int, bytes] = {}
+        #: Bytes of file growth accepted that the account's ``used`` (as last
+        #: asked) does not count yet.
+        self._accepted = 0
 
     # -- helpers ------------------------------------------------------------
 
@@ -184,6 +196,8 @@ class Operations(pyfuse3.Operations):
             inode = self._tree.inodes.get(ino)
             if inode is not None:
                 inode.lookups = max(0, inode.lookups - count)
+                if inode.lookups == 0:
+                    self._released_keys.pop(ino, None)  # its page cache went too
 
     @_errors
     async def getattr(
@@ -235,15 +249,8 @@ class Operations(pyfuse3.Operations):
 
     @_errors
     async def statfs(self, ctx: pyfuse3.RequestContext) -> pyfuse3.StatvfsData:
-        now = trio.current_time()
-        if self._statfs is None or now - self._statfs[0] > 10:
-            try:
-                with trio.fail_after(3):
-                    account = await self._remote.account()
-                self._statfs = (now, account.quota, account.used)
-            except (RemoteError, trio.TooSlowError):
-                if self._statfs is None:
-                    self._statfs = (now, 0, 0)
+        await self.refresh_usage()
+        assert self._statfs is not None
         _, quota, used = self._statfs
         s = pyfuse3.StatvfsData()
         s.f_bsize = s.f_frsize = _STATFS_BLOCK
@@ -254,6 +261,40 @@ class Operations(pyfuse3.Operations):
         s.f_namemax = 255
         return s
 
+    async def refresh_usage(self) -> None:
+        """The account's quota and use, asked at most every 10 s: for
+        statfs (``df``), and so writes can check the quota without asking
+        (the daemon's flusher calls this too)."""
+        now = trio.current_time()
+        if self._statfs is None or now - self._statfs[0] > 10:
+            try:
+                with trio.fail_after(3):
+                    account = await self._remote.account()
+                self._statfs = (now, account.quota, account.used)
+                # What the server has not counted yet: sealed chunks waiting
+                # to upload (writes not yet sealed are a few MiB at most).
+                self._accepted = self._uploader.pending_bytes
+            except (MegafsError, trio.TooSlowError):
+                if self._statfs is None:
+                    self._statfs = (now, 0, 0)
+
+    def _check_room(self, growth: int) -> None:
+        """ENOSPC for a write that would take the account past its quota,
+        before any of it is accepted: what the mount accepts must fit on
+        the server. Counts the account's use as last asked plus what waits
+        to upload and what was accepted since; the server's refusal
+        (``quota_full``) is the last word."""
+        if growth <= 0:
+            return
+        if self._uploader.quota_full:
+            raise _fail(errno.ENOSPC)
+        if self._statfs is None or self._statfs[1] == 0:
+            return  # not known yet (or offline): the server will say
+        _, quota, used = self._statfs
+        if used + self._accepted + growth > quota:
+            raise _fail(errno.ENOSPC)
+        self._accepted += growth
+
     # -- folders ----------------------------------------------------------------
 
     @_errors
@@ -262,7 +303,10 @@ class Operations(pyfuse3.Operations):
         if node.kind != Kind.DIR:
             raise _fail(errno.ENOTDIR)
         children = await self._tree.children(node)
-        entries = sorted((c.ino, name, c) for name, c in children.items())
+        # A copy in the folder's own order, not a sorted one: at 100 000
+        # entries sorting held up every other request for a tenth of a second
+        # per opendir, and no order is promised to readdir's callers.
+        entries = list(children.items())
         fh = self._next_fh
         self._next_fh += 1
         self._dir_handles[fh] = entries
@@ -274,7 +318,7 @@ class Operations(pyfuse3.Operations):
         # in it) stays valid however the folder changes meanwhile.
         entries = self._dir_handles[fh]
         for index in range(start_id, len(entries)):
-            _, name, inode = entries[index]
+            name, inode = entries[index]
             if not pyfuse3.readdir_reply(token, name, self._attrs(inode), index + 1):
                 break
             inode.lookups += 1
@@ -475,11 +519,31 @@ class Operations(pyfuse3.Operations):
     # -- files ------------------------------------------------------------------
 
     def _open_handle(self, inode: Inode, flags: int) -> pyfuse3.FileInfo:
+        """Count the open and make its handle.
+
+        ``keep_cache`` (the kernel keeps the file's page cache) when the
+        file is open already (the cache is shared with that handle) or when
+        its content key is the one it had at its last release: unchanged
+        since then. Changes this mount made before that release went through
+        the kernel, which updated its cache as they passed; a change from
+        another device (a new content key) did not, so the cache is dropped.
+        The first open after a mount, or after the kernel forgot the inode
+        (and its cache with it), has nothing to keep.
+        """
         fh = self._next_fh
         self._next_fh += 1
-        self._handles[fh] = _Handle(inode, flags)
+        self._handles[fh] = _Handle(inode, flags, self.read_ahead.reader())
+        keep = inode.opens > 0 or self._released_keys.pop(inode.ino, None) == inode.record.key
         inode.opens += 1
-        return pyfuse3.FileInfo(fh=fh, keep_cache=True)
+        return pyfuse3.FileInfo(fh=fh, keep_cache=keep)
+
+    def _close_handle(self, fh: int) -> _Handle | None:
+        """Forget a handle: stop its read-ahead and uncount its open."""
+        handle = self._handles.pop(fh, None)
+        if handle is not None:
+            handle.reader.close()
+            handle.inode.opens -= 1
+        return handle
 
     @_errors
     async def create(
@@ -498,11 +562,21 @@ class Operations(pyfuse3.Operations):
         if node.kind != Kind.FILE:
             raise _fail(errno.EISDIR if node.kind == Kind.DIR else errno.EINVAL)
         content = await self._tree.content(node)
+        info = self._open_handle(node, flags)
         if flags & os.O_TRUNC and flags & (os.O_WRONLY | os.O_RDWR):
-            await content.truncate(0)
+            # Only once the open counts: truncating awaits the file's lock,
+            # and a release of the last other handle meanwhile would drop an
+            # uncounted content, and the truncation with it.
+            truncated = False
+            try:
+                await content.truncate(0)
+                truncated = True
+            finally:
+                if not truncated:
+                    self._close_handle(info.fh)
             now = time.time_ns()
             node.record = node.record.evolve(mtime_ns=now, ctime_ns=now)
-        return self._open_handle(node, flags)
+        return info
 
     def _handle(self, fh: int) -> _Handle:
         try:
@@ -511,9 +585,11 @@ class Operations(pyfuse3.Operations):
             raise _fail(errno.EBADF) from None
 
     @_errors
-    async def read(self, fh: int, off: int, size: int) -> bytes:
-        inode = self._handle(fh).inode
-        return await (await self._tree.content(inode)).read(off, size)
+    async def read(self, fh: int, off: int, size: int) -> bytes | memoryview:
+        # A view of cached plaintext is answered without a copy: pyfuse3
+        # replies from any contiguous buffer.
+        handle = self._handle(fh)
+        return await handle.reader.read(await self._tree.content(handle.inode), off, size)
 
     @_errors
     async def write(self, fh: int, off: int, buf: bytes) -> int:
@@ -522,6 +598,7 @@ class Operations(pyfuse3.Operations):
         content = await self._tree.content(inode)
         if handle.flags & os.O_APPEND:
             off = content.size
+        self._check_room(off + len(buf) - content.size)
         written = await content.write(off, buf)
         now = time.time_ns()
         inode.record = inode.record.evolve(mtime_ns=now, ctime_ns=now)
@@ -536,11 +613,10 @@ class Operations(pyfuse3.Operations):
 
     @_errors
     async def release(self, fh: int) -> None:
-        handle = self._handles.pop(fh, None)
+        handle = self._close_handle(fh)
         if handle is None:
             return
         inode = handle.inode
-        inode.opens -= 1
         content = inode.content
         if content is not None and content.changed:
             await self._tree.commit(inode)
@@ -548,6 +624,8 @@ class Operations(pyfuse3.Operations):
             # Saved and closed: the manifest is enough to open it again, so a
             # tree of many small files does not keep their bytes in memory.
             inode.content = None
+        if inode.opens == 0:
+            self._released_keys[inode.ino] = inode.record.key
 
     @_errors
     async def fsync(self, fh: int, datasync: bool) -> None:
@@ -565,6 +643,8 @@ class Operations(pyfuse3.Operations):
             with trio.move_on_after(1):
                 await self._uploader.wait_committed(inode.id, seq)
                 return
+            if self._uploader.quota_full:
+                raise _fail(errno.ENOSPC)  # kept in the journal until room is made
             if self._uploader.failing_for > self._fsync_timeout:
                 log.error("fsync: server unreachable for %.0f s", self._uploader.failing_for)
                 raise _fail(errno.EIO)

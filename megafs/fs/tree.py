@@ -16,12 +16,14 @@ uploader.
 from __future__ import annotations
 
 import logging
+import math
+import socket
 import time
 from dataclasses import dataclass, field
 
 import trio
 
-from megafs.cache import ChunkCache, FileContent, LocalState, Uploader
+from megafs.cache import ChunkCache, FileContent, JournalEntry, LocalState, Uploader
 from megafs.crypto import (
     CHUNK_SIZE,
     NO_PARENT,
@@ -36,10 +38,10 @@ from megafs.crypto import (
     seal_manifest,
     seal_record,
 )
-from megafs.errors import IntegrityError, NotFound
-from megafs.remote import RemoteClient
+from megafs.errors import IntegrityError, NotFound, RemoteError
+from megafs.remote import RemoteClient, RemoteNode
 
-__all__ = ["ROOT_INODE", "Inode", "Tree"]
+__all__ = ["ROOT_INODE", "Forget", "Inode", "Tree"]
 
 log = logging.getLogger(__name__)
 
@@ -47,6 +49,8 @@ ROOT_INODE = 1
 #: Name of the hidden folder of hard-linked nodes (never shown).
 LINKS_NAME = b".megafs-links"
 _EMPTY_MANIFEST = Manifest(size=0, chunk_size=CHUNK_SIZE, chunks=())
+#: Seconds reads keep to the local cache after the server failed to answer.
+OFFLINE_RETRY = 5.0
 #: Sealed manifests that carry content are kept in memory up to this size
 #: (a chunk list always is), so a big tree of small files does not live in
 #: memory; a larger one is fetched again when needed.
@@ -92,6 +96,18 @@ class Children(dict[bytes, "Inode"]):
         return inode
 
 
+@dataclass(frozen=True)
+class Forget:
+    """What the kernel must drop after a change from another device: a
+    name in a folder (``name``), or an inode's attributes and cached data."""
+
+    ino: int
+    name: bytes | None = None
+    #: For an open file, only attributes: dropping its cached pages could
+    #: block while the kernel writes them back.
+    attr_only: bool = False
+
+
 @dataclass(eq=False)
 class Inode:
     """One node as the kernel knows it. ``record`` is the decrypted record;
@@ -113,10 +129,19 @@ class Inode:
     #: Journal seq of this node's latest change (0: none this run).
     seq: int = 0
     unlinked: bool = False
-    lock: trio.Lock = field(default_factory=trio.Lock)
+    #: Made on first use (see ``lock``): a trio.Lock costs ~340 bytes, half
+    #: of an inode, and most inodes of a big listed folder never need one.
+    _lock: trio.Lock | None = field(default=None, repr=False)
     #: Folders: names that are LINK nodes (further names of a hard-linked
     #: node), by name.
     links: dict[bytes, LinkName] = field(default_factory=dict)
+
+    @property
+    def lock(self) -> trio.Lock:
+        """Serialises this node's commits and the loading of its content."""
+        if self._lock is None:
+            self._lock = trio.Lock()
+        return self._lock
 
     @property
     def kind(self) -> Kind:
@@ -148,6 +173,13 @@ class Tree:
         self._loading: dict[int, trio.Event] = {}
         #: The hidden folder of hard-linked nodes, once seen or created.
         self._links_dir: Inode | None = None
+        #: Until then, reads do not try the server (it just failed).
+        self._offline_until = -math.inf
+        #: Every node in memory by id (the change feed names nodes by id).
+        self._by_id: dict[bytes, Inode] = {}
+        #: What the kernel must forget after changes from other devices; a
+        #: dedicated task (fs/follow.py) tells it, never a FUSE handler.
+        self._forget_send, self.forgotten = trio.open_memory_channel[Forget](math.inf)
 
     # -- loading ------------------------------------------------------------------
 
@@ -179,7 +211,7 @@ class Tree:
         if pending is not None and pending.op == "put" and pending.meta is not None:
             meta = pending.meta
         else:
-            node = await self._remote.get_node(root_id)
+            node = await self._fetch_node(root_id)
             self._uploader.note_version(root_id, node.version)
             meta = node.meta
         record = open_record(self._keys.root_folder_key, root_id, NO_PARENT, meta)
@@ -187,12 +219,14 @@ class Tree:
             raise IntegrityError()
         root = Inode(ino=ROOT_INODE, id=root_id, parent=None, record=record)
         self.inodes[ROOT_INODE] = root
+        self._by_id[root_id] = root
         return root
 
     def _new_inode(self, node_id: bytes, parent: Inode, record: NodeRecord) -> Inode:
         inode = Inode(ino=self._next_ino, id=node_id, parent=parent, record=record)
         self._next_ino += 1
         self.inodes[inode.ino] = inode
+        self._by_id[node_id] = inode
         return inode
 
     async def children(self, folder: Inode) -> Children:
@@ -214,10 +248,7 @@ class Tree:
         return folder.children
 
     async def _load_children(self, folder: Inode) -> Children:
-        try:
-            listed = await self._remote.list_children(folder.id)
-        except NotFound:
-            listed = []  # journaled in an earlier run, not on the server yet
+        listed = await self._fetch_children(folder.id)
         key = folder.record.key
         found: dict[bytes, tuple[NodeRecord, bytes | None]] = {}
         for node in listed:
@@ -357,7 +388,9 @@ class Tree:
 
     async def _put_link(self, folder: Inode, link: LinkName) -> None:
         meta = seal_record(folder.record.key, link.id, folder.id, link.record)
-        await self._uploader.put(link.id, parent=folder.id, meta=meta, content=None, chunks=())
+        await self._uploader.put(
+            link.id, parent=folder.id, meta=meta, content=None, chunks=(), rev=link.record.rev
+        )
 
     async def remove_name(self, folder: Inode, name: bytes) -> Inode:
         """Remove one name from a folder; the node goes when its last name
@@ -420,12 +453,13 @@ class Tree:
         """The file's committed manifest, sealed and opened (so verified):
         from memory, the journal or the server."""
         blob = inode.sealed_content or inode.listed_content
+        inode.listed_content = None  # used once: a bad one is fetched anew next time
         if blob is None:
             pending = self._uploader.pending(inode.id)
             if pending is not None and pending.op == "put":
                 blob = pending.content
             else:
-                blob = (await self._remote.get_node(inode.id)).content
+                blob = (await self._fetch_node(inode.id)).content
         if blob is None:
             raise IntegrityError("file without content")
         manifest = open_manifest(inode.record.key, inode.id, blob)
@@ -434,13 +468,227 @@ class Tree:
 
     def _remember_manifest(self, inode: Inode, blob: bytes, manifest: Manifest) -> None:
         """Keep what a later metadata-only commit needs (``_KEEP_INLINE_MAX``)."""
-        inode.listed_content = None
         inode.chunk_ids = self._ids(manifest)
         keep = manifest.inline is None or len(blob) <= _KEEP_INLINE_MAX
         inode.sealed_content = blob if keep else None
 
     def _ids(self, manifest: Manifest) -> tuple[bytes, ...]:
         return tuple(dict.fromkeys(self._keys.chunk_id(s) for s in manifest.chunks if s))
+
+    # -- the server, or the local copy of what it showed ------------------------
+
+    async def _fetch_node(self, node_id: bytes) -> RemoteNode:
+        """A node from the server (kept for offline use), or as last seen
+        while the server is unreachable."""
+        if trio.current_time() >= self._offline_until:
+            try:
+                node = await self._remote.get_node(node_id)
+            except RemoteError:
+                self._went_offline()
+            else:
+                await self._state.save_node(node)
+                return node
+        cached = await self._state.cached_node(node_id)
+        if cached is None:
+            raise RemoteError("the server is unreachable and this is not in the local cache")
+        return cached
+
+    async def _fetch_children(self, folder_id: bytes) -> list[RemoteNode]:
+        """A folder's children, as ``_fetch_node`` fetches a node. A folder
+        the server does not have yet (journaled in an earlier run) has
+        none there."""
+        if trio.current_time() >= self._offline_until:
+            try:
+                listed = await self._remote.list_children(folder_id)
+            except NotFound:
+                return []
+            except RemoteError:
+                self._went_offline()
+            else:
+                await self._state.save_listing(folder_id, listed)
+                return listed
+        cached = await self._state.cached_children(folder_id)
+        if cached is None:
+            pending = self._uploader.pending(folder_id)
+            if pending is not None and pending.op == "put" and pending.base_version == 0:
+                # Made here and not on the server yet (a mount restarted
+                # offline): whatever it holds is in the journal.
+                return []
+            raise RemoteError("the server is unreachable and this folder is not in the local cache")
+        return cached
+
+    def _went_offline(self) -> None:
+        if trio.current_time() >= self._offline_until:
+            log.warning("server unreachable: working from the local cache")
+        self._offline_until = trio.current_time() + OFFLINE_RETRY
+
+    # -- changes from other devices ------------------------------------------------
+
+    async def apply_remote(self, node_id: bytes, version: int, *, deleted: bool) -> None:
+        """Bring a node another device changed up to date in memory. A node
+        with a change of ours not yet on the server is left alone: our
+        commit meets theirs on the server, which refuses the older base (a
+        conflict, see ``resolve_conflict``)."""
+        if self._uploader.busy(node_id):
+            return
+        inode = self._by_id.get(node_id)
+        if deleted and (inode is None or inode.unlinked):
+            return  # (a delete names the version it removed, so no version test)
+        if not deleted and version <= self._uploader.known_version(node_id):
+            return
+        if not deleted:
+            try:
+                node = await self._remote.get_node(node_id)
+            except NotFound:
+                pass
+            else:
+                await self._apply_node(node)
+                return
+        await self._state.drop_node(node_id)
+        if inode is not None:
+            self._detach(inode, deleted=True)
+
+    async def reload_folders(self) -> None:
+        """List every loaded folder again and apply what changed (after the
+        change feed lost track)."""
+        for folder in [i for i in self._by_id.values() if i.children is not None]:
+            try:
+                listed = await self._remote.list_children(folder.id)
+            except NotFound:
+                continue
+            await self._state.save_listing(folder.id, listed)
+            present = {node.id for node in listed}
+            for node in listed:
+                if node.version > self._uploader.known_version(node.id):
+                    await self._apply_node(node)
+            assert folder.children is not None
+            for inode in list(folder.children.values()):
+                gone = inode.id not in present and self._uploader.known_version(inode.id) > 0
+                if gone and inode.parent is folder and not self._uploader.busy(inode.id):
+                    self._detach(inode, deleted=True)
+
+    async def _apply_node(self, node: RemoteNode) -> None:
+        if self._uploader.busy(node.id):
+            return
+        parent = self._by_id.get(node.parent) if node.parent is not None else None
+        inode = self._by_id.get(node.id)
+        if parent is None or parent.children is None:
+            # Not in a folder loaded here: it is listed when its folder is.
+            if inode is not None:
+                self._detach(inode)
+            return
+        try:
+            record = open_record(parent.record.key, node.id, parent.id, node.meta)
+        except IntegrityError:
+            log.error("changed node %s fails authentication; ignored", node.id.hex())
+            return
+        if record.kind in (Kind.LINK, Kind.LINKS) or await self._check_revisions({node.id: record}):
+            # (Hard links made elsewhere show after the folder is listed again.)
+            return
+        self._uploader.note_version(node.id, node.version)
+        await self._state.save_node(node)
+        taken = parent.children.get(record.name)
+        if inode is None or inode.parent is not parent or taken is not inode:
+            if taken is not None:
+                log.error("node %s: its name is taken here; shown after a remount", node.id.hex())
+                return
+            if inode is None:
+                inode = self._new_inode(node.id, parent, record)
+            else:
+                self._detach(inode)
+                inode.parent = parent
+            inode.unlinked = False
+            parent.children[record.name] = inode
+            touch(parent, time.time_ns())
+            self._forget(Forget(parent.ino, record.name), Forget(parent.ino))
+        if record.key != inode.record.key:
+            # New content: open handles read it from their next read on.
+            inode.content = None
+            inode.sealed_content = None
+            inode.chunk_ids = ()
+        inode.record = record
+        small = node.content is not None and len(node.content) <= _KEEP_INLINE_MAX
+        inode.listed_content = node.content if small else None
+        self._forget(Forget(inode.ino, attr_only=inode.opens > 0))
+
+    def _detach(self, inode: Inode, *, deleted: bool = False) -> None:
+        """Take a node out of its folder (it moved away, or was deleted)."""
+        parent = inode.parent
+        if parent is None:
+            return
+        name = inode.record.name
+        if parent.children is not None and parent.children.get(name) is inode:
+            del parent.children[name]
+            touch(parent, time.time_ns())
+        if deleted:
+            inode.unlinked = True
+        self._forget(Forget(parent.ino, name), Forget(parent.ino))
+
+    def _forget(self, *items: Forget) -> None:
+        for item in items:
+            self._forget_send.send_nowait(item)
+
+    async def resolve_conflict(self, entry: JournalEntry) -> None:
+        """Our change of a node lost the race against another device's: keep
+        ours as "NAME (conflicted copy, HOST, DATE).EXT" next to it, then
+        show theirs under the original name. Called by the uploader (not
+        from a FUSE handler) for the entry it holds."""
+        inode = self._by_id.get(entry.node_id)
+        parent = inode.parent if inode is not None else None
+        if inode is None or parent is None or parent.children is None:
+            log.error("node %s: conflict with another device; retrying", entry.node_id.hex())
+            return
+        if inode.content is not None and inode.content.changed:
+            return  # written since: that change is journaled first, then settled
+        try:
+            server = await self._remote.get_node(entry.node_id)
+        except NotFound:
+            return  # deleted meanwhile: the next round saves ours again
+        if entry.meta is None:
+            # We deleted what another device changed: the change wins.
+            log.warning("%s was changed on another device; not deleted", inode.record.name)
+            await self._uploader.drop(entry, server.version)
+            await self._forget_own_revisions(entry.node_id)
+            await self._apply_node(server)
+            return
+        record = open_record(parent.record.key, entry.node_id, parent.id, entry.meta)
+        if record.kind == Kind.DIR:
+            # A folder's own record (name, mode, times): theirs wins; what
+            # is inside it is committed node by node and settles itself.
+            log.warning("folder %s was changed on two devices; keeping the other's", record.name)
+            await self._uploader.drop(entry, server.version)
+            await self._forget_own_revisions(entry.node_id)
+            await self._apply_node(server)
+            return
+        name = _unique(parent.children, conflict_name(record.name, socket.gethostname()))
+        mine = record.evolve(name=name, key=new_key(), rev=0)
+        copy = self._new_inode(new_node_id(), parent, mine)
+        if record.kind == Kind.FILE and entry.content is not None:
+            manifest = open_manifest(record.key, entry.node_id, entry.content)
+            sealed = seal_manifest(mine.key, copy.id, manifest)
+            self._remember_manifest(copy, sealed, manifest)
+        parent.children[name] = copy
+        await self.commit(copy)
+        await self._uploader.drop(entry, server.version)
+        await self._forget_own_revisions(entry.node_id)
+        self._uploader.note_conflict(self._path(copy))
+        log.warning("conflict with another device: kept this device's version as %s", name)
+        self._forget(Forget(parent.ino, name), Forget(parent.ino))
+        await self._apply_node(server)
+
+    async def _forget_own_revisions(self, node_id: bytes) -> None:
+        """The revisions we made of a node never reached the server: the
+        other device's, numbered from the same base, must not look older."""
+        self._seen.pop(node_id, None)
+        await self._state.forget_seen(node_id)
+
+    def _path(self, inode: Inode) -> str:
+        parts = []
+        node: Inode | None = inode
+        while node is not None and node.parent is not None:
+            parts.append(node.record.name.decode(errors="replace"))
+            node = node.parent
+        return "/" + "/".join(reversed(parts))
 
     # -- creating -----------------------------------------------------------------
 
@@ -510,13 +758,15 @@ class Tree:
             parent = inode.parent
             meta = seal_record(parent.record.key, inode.id, parent.id, record)
             inode.record = record
-            await self._check_revisions({inode.id: record})
+            # Our own new revision: remembered as seen with the journal entry.
+            self._seen[inode.id] = max(record.rev, self._seen.get(inode.id, 0))
             inode.seq = await self._uploader.put(
                 inode.id,
                 parent=parent.id,
                 meta=meta,
                 content=sealed,
                 chunks=inode.chunk_ids,
+                rev=record.rev,
                 durable=durable,
             )
             return inode.seq
@@ -534,3 +784,27 @@ def touch(inode: Inode, now_ns: int) -> None:
     """A folder's mtime/ctime after a change of its entries (kept in memory;
     see docs/format.md on folder times)."""
     inode.record = inode.record.evolve(mtime_ns=now_ns, ctime_ns=now_ns)
+
+
+def conflict_name(name: bytes, host: str, when: float | None = None) -> bytes:
+    """``NAME (conflicted copy, HOST, DATE).EXT``, at most 255 bytes (the
+    name part is shortened, never the extension or the marker)."""
+    stamp = time.strftime("%Y-%m-%d %H-%M-%S", time.localtime(when))
+    stem, dot, ext = name.rpartition(b".")
+    if not stem:  # no extension, or a dot-file such as ".bashrc"
+        stem, dot, ext = name, b"", b""
+    marker = f" (conflicted copy, {host[:64]}, {stamp})".encode()
+    room = 255 - len(marker) - len(dot) - len(ext)
+    return stem[: max(room, 1)] + marker + dot + ext
+
+
+def _unique(children: Children, name: bytes) -> bytes:
+    """``name``, or ``name`` with " 2", " 3"... before the extension if taken."""
+    candidate, n = name, 1
+    while candidate in children:
+        n += 1
+        stem, dot, ext = name.rpartition(b".")
+        if not stem:
+            stem, dot, ext = name, b"", b""
+        candidate = stem[: 250 - len(dot) - len(ext)] + b" %d" % n + dot + ext
+    return candidate

@@ -81,9 +81,13 @@ class KeyHolder:
         self.root = root
 
     @classmethod
-    async def login(cls, remote: RemoteClient, email: str, password: bytes) -> KeyHolder:
-        """Log in as a device would, and open the root folder's record."""
-        unlocked = await login(remote, email, password, "key-holder")
+    async def login(
+        cls, remote: RemoteClient, email: str, password: bytes, *, code: str | None = None
+    ) -> KeyHolder:
+        """Log in as a device would (with a two-factor ``code`` if the
+        account needs one), and open the root folder's record."""
+        source = None if code is None else lambda: code
+        unlocked = await login(remote, email, password, "key-holder", code=source)
         keys = unlocked.keys
         node = await remote.get_node(keys.root_id)
         record = open_record(keys.root_folder_key, keys.root_id, NO_PARENT, node.meta)

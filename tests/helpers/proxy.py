@@ -1,7 +1,7 @@
 """A man-in-the-middle for tests: a reverse HTTP proxy between a real megafs
 client (``RemoteClient``, the CLI, a mount daemon) and a real megafs server.
 
-The threat model (/work/shared/design/threat-model.md) says the server and
+The threat model (docs/security.md) says the server and
 the network are the attacker: they may read everything, answer anything,
 replay old answers, drop, reorder, and answer two devices differently. This
 proxy lets a test *be* that attacker without touching megafs itself: the

@@ -15,6 +15,16 @@ What is *meant* to be there is not searched for: the email (the account's
 name on the server), the auth secret (sent to log in) and public values
 (ids, commitments).
 
+The account turns two-factor authentication on (``megafs 2fa enable``) and
+every later login (the mounts) sends a code. The TOTP secret is meant to be
+in exactly one place of the traffic: the server's answer to ``POST
+/2fa/setup`` (the server checks the codes, so it must know it; the user
+types it into an app). The client never sends it back, and it is nowhere
+else in the traffic, the server's log or the local cache; the recovery
+codes are in the answer to ``POST /2fa/enable`` only, never sent, never in
+the server's files (it keeps hashes). The codes themselves are sent, as
+they must be.
+
 It also checks the local cache (rule: a stolen laptop with the daemon
 stopped reveals nothing without the password).
 """
@@ -28,6 +38,8 @@ import hashlib
 import hmac
 import json
 import os
+import re
+import time
 import uuid
 from collections.abc import Iterable, Iterator
 from pathlib import Path
@@ -45,10 +57,12 @@ from megafs.crypto import (
     open_record,
 )
 from megafs.remote import RemoteClient
+from megafs.wire import TOTP_STEP
 from tests.helpers.drive import Drive
 from tests.helpers.keyholder import KeyHolder
 from tests.helpers.proxy import Record, running_proxy
 from tests.helpers.server import ServerProcess
+from tests.integration.users import totp_code
 
 MARK = uuid.uuid4().hex[:12]
 PASSWORD = f"pw-{MARK}-correct horse battery"
@@ -126,15 +140,39 @@ def _leaks(haystacks: Iterable[tuple[str, bytes]], secrets: dict[str, bytes]) ->
     return [f"{name} in {where}" for where, hay in haystacks for name, enc in needles if enc in hay]
 
 
+class _Authenticator:
+    """An authenticator app: each code is for a time step newer than the
+    last one used (the server refuses a step twice) and within the server's
+    skew of one step either side. The earliest step the server takes comes
+    first, so that a few logins in a row need not wait for the clock."""
+
+    def __init__(self, secret: str) -> None:
+        self.secret = secret
+        self.last_step = -1
+
+    def code(self) -> str:
+        now = time.time()
+        current = int(now // TOTP_STEP)
+        # The step before still counts for a while (15 s is plenty for the
+        # CLI to start and send it, even on a loaded machine).
+        earliest = current - 1 if now % TOTP_STEP < TOTP_STEP - 15 else current
+        step = max(earliest, self.last_step + 1)
+        while step > time.time() // TOTP_STEP + 1:  # all used up ahead: wait
+            time.sleep(1)
+        self.last_step = step
+        return totp_code(self.secret, step * TOTP_STEP)
+
+
 def _sub(key: bytes, label: bytes) -> bytes:
     return hmac.new(key, label, hashlib.sha256).digest()
 
 
-async def _key_material(url: str, email: str) -> dict[str, bytes]:
+async def _key_material(url: str, email: str, code: str) -> dict[str, bytes]:
     """Every secret of the account, found the way a device finds them:
-    from the password down through every folder and manifest."""
+    from the password (and a two-factor ``code``) down through every folder
+    and manifest."""
     async with RemoteClient(url) as remote:
-        holder = await KeyHolder.login(remote, email, PASSWORD.encode())
+        holder = await KeyHolder.login(remote, email, PASSWORD.encode(), code=code)
         account = await remote.account()
         keys = holder.keys
         pw = derive_password_keys(PASSWORD.encode(), KdfParams.from_json(account.kdf))
@@ -181,15 +219,24 @@ def test_no_plaintext_or_key_reaches_the_server(own_server: ServerProcess, tmp_p
         drive = Drive(tmp_path / "alice", proxy.url, password=PASSWORD)
         try:
             drive.signup()
-            drive.mount()
+            shown = drive.cli("2fa", "enable", "--password-file", str(drive.password_file))
+            found = re.search(r"enter the key ([A-Z2-7]+)", shown.stdout)
+            assert found, shown.stdout
+            app = _Authenticator(found.group(1))
+            enabled = drive.cli(
+                "2fa", "enable", "--code", app.code(), "--password-file", str(drive.password_file)
+            )
+            recovery_codes = re.findall(r"^  (\S+)$", enabled.stdout, re.MULTILINE)
+            assert len(recovery_codes) == 10, enabled.stdout
+            drive.mount("--totp-code", app.code())
             folder = drive.mnt / NAMES["folder"]
             folder.mkdir()
             (folder / NAMES["file"]).write_bytes(CONTENT)
             (folder / NAMES["big"]).write_bytes(BIG)
             os.symlink(NAMES["target"], folder / NAMES["link"])
             os.setxattr(folder / NAMES["file"], NAMES["xattr_name"], NAMES["xattr_value"].encode())
-            drive.umount()  # every change is on the server
-            drive.mount()  # and read back through the proxy
+            drive.umount()  # every change is on the server; logs out
+            drive.mount("--totp-code", app.code())  # and read back through the proxy
             assert (folder / NAMES["file"]).read_bytes() == CONTENT
             assert (folder / NAMES["big"]).read_bytes() == BIG
             assert os.readlink(folder / NAMES["link"]) == NAMES["target"]
@@ -198,13 +245,24 @@ def test_no_plaintext_or_key_reaches_the_server(own_server: ServerProcess, tmp_p
             drive.cleanup()
         records = proxy.records
 
-    assert {("POST", "/v1/signup"), ("POST", "/v1/login"), ("PUT", "/v1/chunks/")} <= {
+    assert {
+        ("POST", "/v1/signup"),
+        ("POST", "/v1/login"),
+        ("PUT", "/v1/chunks/"),
+        ("POST", "/v1/2fa/setup"),
+        ("POST", "/v1/2fa/enable"),
+        ("POST", "/v1/logout"),
+    } <= {
         (r.method, r.route[:11] if r.route.startswith("/v1/chunks/") else r.route) for r in records
     }
+    # Logins with the password alone (the 2FA commands; each mount's first
+    # try), and with a code (the mounts, once the server asks for one).
+    codes_sent = [r.request_json().get("code") for r in records if r.route == "/v1/login"]
+    assert len([c for c in codes_sent if c]) >= 2 and None in codes_sent, codes_sent
     secrets: dict[str, bytes] = {"password": PASSWORD.encode()}
     secrets |= {f"plaintext {k}": v.encode() for k, v in NAMES.items()}
     secrets |= {"file content": CONTENT[:64], "big file content": BIG[1000:1064]}
-    secrets |= trio.run(_key_material, own_server.url, drive.email)
+    secrets |= trio.run(_key_material, own_server.url, drive.email, app.code())
     assert len(secrets) > 20
 
     leaks = _leaks(_haystacks(records), secrets)
@@ -215,3 +273,25 @@ def test_no_plaintext_or_key_reaches_the_server(own_server: ServerProcess, tmp_p
     # A lost laptop: the daemon is stopped, the cache stays.
     leaks = _leaks(_files(drive.cache), secrets)
     assert leaks == [], "secrets in the local cache:\n" + "\n".join(leaks[:20])
+
+    # Two-factor secrets: where they must be, and nowhere else.
+    totp = {"TOTP secret": app.secret.encode()}
+    totp["TOTP key"] = base64.b32decode(app.secret + "=" * (-len(app.secret) % 8))
+    recovery = {f"recovery code {i}": c.encode() for i, c in enumerate(recovery_codes)}
+    (setup,) = [r for r in records if r.route == "/v1/2fa/setup"]
+    (enable,) = [r for r in records if r.route == "/v1/2fa/enable"]
+    assert app.secret.encode() in (setup.response_body or b"")
+    assert all(c in (enable.response_body or b"") for c in recovery.values())
+    shown = {(setup.method, setup.path), (enable.method, enable.path)}
+    elsewhere = [
+        (where, hay)
+        for where, hay in _haystacks(records)
+        if not ("response" in where and tuple(where.split(" ", 2)[:2]) in shown)
+    ]
+    leaks = _leaks(elsewhere, totp | recovery)
+    assert leaks == [], "2FA secrets sent or answered again:\n" + "\n".join(leaks[:20])
+    # The server keeps the TOTP secret (it checks the codes) but only hashes
+    # of the recovery codes; neither is in its log.
+    leaks = _leaks(_files(own_server.data_dir), recovery)
+    leaks += _leaks(_files(own_server.log_path, drive.cache, drive.config), totp | recovery)
+    assert leaks == [], "2FA secrets on disk:\n" + "\n".join(leaks[:20])

@@ -1,0 +1,96 @@
+"""Following the account's change feed, so a mount sees other devices' work.
+
+One task (``ChangeFollower.run``, owned by the daemon's nursery) long-polls
+the server's feed (``GET /changes``), brings each changed node up to date in
+the tree, then tells the kernel to forget what it cached about it. The
+kernel is told from this task, through a worker thread, never from a FUSE
+handler: an invalidation can block until the kernel finishes a request on
+the same folder, which would deadlock a handler (docs/architecture.md).
+
+Our own commits come back through the feed too; the tree skips them (their
+version is one it already knows). If the server has pruned the feed past our
+cursor, every loaded folder is listed again.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import random
+
+import pyfuse3
+import trio
+
+from megafs.errors import CursorExpired, MegafsError
+from megafs.fs.tree import Forget, Tree
+from megafs.remote import RemoteClient
+from megafs.wire import CHANGES_WAIT_MAX
+
+__all__ = ["ChangeFollower"]
+
+log = logging.getLogger(__name__)
+
+#: Seconds the server may hold one long poll open.
+POLL_WAIT = float(CHANGES_WAIT_MAX)
+_BACKOFF_MAX = 30.0
+
+
+class ChangeFollower:
+    def __init__(self, remote: RemoteClient, tree: Tree) -> None:
+        self._remote = remote
+        self._tree = tree
+        self._cursor: int | None = None
+
+    async def start_cursor(self) -> None:
+        """Take the feed's current position; called before the tree loads,
+        so nothing that happens after loading is missed."""
+        self._cursor = await self._remote.change_cursor()
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(self._poll)
+            nursery.start_soon(self._tell_kernel)
+            task_status.started()
+
+    async def _poll(self) -> None:
+        failures = 0
+        while True:
+            try:
+                if self._cursor is None:
+                    await self.start_cursor()
+                    await self._tree.reload_folders()
+                assert self._cursor is not None
+                changes, cursor = await self._remote.changes(self._cursor, wait=POLL_WAIT)
+            except CursorExpired:
+                log.warning("the change feed moved past this mount; listing folders again")
+                self._cursor = None
+                continue
+            except MegafsError as exc:
+                failures += 1
+                delay = min(_BACKOFF_MAX, 0.5 * 2 ** min(failures, 6)) * (0.5 + random.random())
+                log.debug("change feed: %s; again in %.1f s", exc.detail, delay)
+                await trio.sleep(delay)
+                continue
+            failures = 0
+            for change in changes:
+                try:
+                    await self._tree.apply_remote(change.id, change.version, deleted=change.deleted)
+                except MegafsError as exc:
+                    log.error("change of node %s: %s", change.id.hex(), exc.detail)
+            self._cursor = cursor
+
+    async def _tell_kernel(self) -> None:
+        async for item in self._tree.forgotten:
+            await trio.to_thread.run_sync(_invalidate, item)
+
+
+def _invalidate(item: Forget) -> None:
+    try:
+        if item.name is None:
+            pyfuse3.invalidate_inode(item.ino, attr_only=item.attr_only)
+        else:
+            pyfuse3.invalidate_entry(item.ino, item.name)
+    except OSError as exc:
+        # ENOENT: the kernel holds nothing of it, which is just as good.
+        if exc.errno != errno.ENOENT:
+            log.warning("could not invalidate inode %d: %s", item.ino, exc)

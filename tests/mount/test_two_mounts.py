@@ -1,0 +1,161 @@
+"""Two devices of one account, mounted at once (two config dirs, two caches):
+each sees the other's changes through the server's change feed, and edits
+of one file on both produce exactly one conflicted copy, on both."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.helpers.drive import Drive
+from tests.helpers.server import ServerProcess
+
+#: The issue's bound is 2 s; the polls allow for a loaded CI machine and say
+#: how long it took when they fail.
+DEADLINE = 10.0
+
+
+@pytest.fixture
+def devices(tmp_path: Path, server: ServerProcess) -> Iterator[tuple[Drive, Drive]]:
+    laptop = Drive(tmp_path / "laptop", server.url)
+    desktop = Drive(tmp_path / "desktop", server.url)
+    laptop.signup()
+    desktop.login()
+    try:
+        laptop.mount()
+        desktop.mount()
+        yield laptop, desktop
+    finally:
+        laptop.cleanup()
+        desktop.cleanup()
+
+
+def _eventually(check: Callable[[], bool], what: str) -> float:
+    """Seconds until ``check()`` holds; fails after DEADLINE."""
+    start = time.monotonic()
+    while True:
+        try:
+            if check():
+                return time.monotonic() - start
+        except OSError:
+            pass
+        if time.monotonic() - start > DEADLINE:
+            raise AssertionError(f"{what}: not seen within {DEADLINE} s")
+        time.sleep(0.05)
+
+
+def _read(path: Path) -> bytes | None:
+    try:
+        return path.read_bytes()
+    except FileNotFoundError:
+        return None
+
+
+def test_changes_on_one_device_show_on_the_other(devices: tuple[Drive, Drive]) -> None:
+    laptop, desktop = devices
+    a, b = laptop.mnt, desktop.mnt
+    # The desktop has looked at the root (its listing is cached in memory
+    # and in the kernel): what follows must still show there.
+    assert os.listdir(b) == []
+    waits = []
+
+    (a / "notes.txt").write_bytes(b"first\n")
+    waits.append(_eventually(lambda: _read(b / "notes.txt") == b"first\n", "create"))
+
+    (a / "notes.txt").write_bytes(b"second version\n")
+    waits.append(_eventually(lambda: _read(b / "notes.txt") == b"second version\n", "modify"))
+
+    os.mkdir(a / "docs")
+    os.rename(a / "notes.txt", a / "docs" / "renamed.txt")
+    waits.append(
+        _eventually(
+            lambda: not (b / "notes.txt").exists()
+            and _read(b / "docs" / "renamed.txt") == b"second version\n",
+            "rename into a new folder",
+        )
+    )
+
+    os.chmod(a / "docs" / "renamed.txt", 0o600)
+    waits.append(
+        _eventually(
+            lambda: os.stat(b / "docs" / "renamed.txt").st_mode & 0o777 == 0o600, "chmod"
+        )
+    )
+
+    os.unlink(a / "docs" / "renamed.txt")
+    waits.append(_eventually(lambda: os.listdir(b / "docs") == [], "delete"))
+
+    # And the other way round.
+    (b / "docs" / "from-desktop").write_bytes(b"hello laptop\n")
+    waits.append(
+        _eventually(lambda: _read(a / "docs" / "from-desktop") == b"hello laptop\n", "reverse")
+    )
+    print("seconds until seen:", [round(w, 2) for w in waits])
+
+
+def _status(drive: Drive) -> dict[str, object]:
+    return json.loads(drive.cli("status", str(drive.mnt), "--json").stdout)
+
+
+def test_concurrent_edits_keep_both_as_one_conflicted_copy(
+    devices: tuple[Drive, Drive], server: ServerProcess
+) -> None:
+    laptop, desktop = devices
+    a, b = laptop.mnt, desktop.mnt
+    (a / "report.txt").write_bytes(b"base\n")
+    _eventually(lambda: _read(b / "report.txt") == b"base\n", "base version")
+
+    # Both change it while the server is away, so neither sees the other's
+    # change before committing its own.
+    server.stop()
+    (a / "report.txt").write_bytes(b"laptop's edit\n")
+    (b / "report.txt").write_bytes(b"desktop's edit\n")
+    server.start()
+
+    def settled(root: Path) -> Callable[[], bool]:
+        def check() -> bool:
+            names = sorted(os.listdir(root))
+            return len(names) == 2 and "report.txt" in names
+
+        return check
+
+    _eventually(settled(a), "conflicted copy on the laptop")
+    _eventually(settled(b), "conflicted copy on the desktop")
+    laptop.umount()
+    desktop.umount()
+    laptop.mount()
+    desktop.mount()
+    for root in (a, b):
+        names = sorted(os.listdir(root))
+        assert len(names) == 2, names
+        (copy,) = [n for n in names if n != "report.txt"]
+        assert copy.startswith("report (conflicted copy, ") and copy.endswith(").txt"), copy
+        contents = {_read(root / "report.txt"), _read(root / copy)}
+        assert contents == {b"laptop's edit\n", b"desktop's edit\n"}
+    # The device whose commit lost lists the copy it made.
+    listed = [c for d in (laptop, desktop) for c in _status(d)["conflicts"]]  # type: ignore[union-attr]
+    assert len(listed) <= 1  # (the status of a remounted daemon starts afresh)
+
+
+def test_delete_on_one_device_while_editing_on_the_other_keeps_the_edit(
+    devices: tuple[Drive, Drive], server: ServerProcess
+) -> None:
+    laptop, desktop = devices
+    a, b = laptop.mnt, desktop.mnt
+    (a / "draft.txt").write_bytes(b"v1\n")
+    _eventually(lambda: _read(b / "draft.txt") == b"v1\n", "draft")
+    server.stop()
+    os.unlink(a / "draft.txt")
+    (b / "draft.txt").write_bytes(b"v2, still wanted\n")
+    server.start()
+    laptop.umount()
+    desktop.umount()
+    desktop.mount()
+    laptop.mount()
+    for root in (a, b):
+        assert _read(root / "draft.txt") == b"v2, still wanted\n"
