@@ -1050,7 +1050,11 @@ def main(argv: list[str] | None = None) -> NoReturn:
     args = parser.parse_args(argv)
     daemon_like = args.command == "server" or getattr(args, "foreground", False)
     _configure_logging(verbose=args.verbose, daemon=daemon_like)
-    signal.signal(signal.SIGPIPE, signal.SIG_DFL)
+    if args.command != "server":
+        # `megafs ... | head` ends quietly. Not the server: with SIGPIPE at its
+        # default, a client closing its connection while the server wrote an
+        # answer killed the whole server (exit -13) instead of one request.
+        signal.signal(signal.SIGPIPE, signal.SIG_DFL)
     paths = Paths.from_option(args.config_dir)
     try:
         code = args.func(args, paths)
