@@ -541,7 +541,10 @@ CREATE TABLE IF NOT EXISTS nodes (
     seq        INTEGER NOT NULL DEFAULT 0, -- the account's change_seq of that write
     PRIMARY KEY (account_id, id)
 );
-CREATE INDEX IF NOT EXISTS nodes_parent ON nodes(account_id, parent);
+-- A folder's children in id order: one listing page is one index range scan
+-- (an index on (account_id, parent) alone made every page scan the account).
+DROP INDEX IF EXISTS nodes_parent;
+CREATE INDEX IF NOT EXISTS nodes_children ON nodes(account_id, parent, id);
 CREATE INDEX IF NOT EXISTS nodes_seq ON nodes(account_id, seq);
 
 -- Deleted nodes, for the change feed: a client that saw a node must learn
