@@ -148,7 +148,10 @@ class Operations(pyfuse3.Operations):
         a.st_rdev = rec.rdev
         a.st_size = inode.size
         a.st_blksize = 128 * 1024
-        allocated = inode.content.allocated_bytes() if inode.content is not None else inode.size
+        if inode.content is not None:
+            allocated = inode.content.allocated_bytes()
+        else:
+            allocated = inode.allocated if inode.allocated is not None else inode.size
         a.st_blocks = -(-allocated // 512)
         a.st_atime_ns = rec.atime_ns
         a.st_mtime_ns = rec.mtime_ns

@@ -124,6 +124,9 @@ class Inode:
     #: The sealed manifest as last committed or loaded, and its chunk ids.
     sealed_content: bytes | None = None
     chunk_ids: tuple[bytes, ...] = ()
+    #: Bytes of the committed content that are not holes (for st_blocks
+    #: while ``content`` is not loaded); None if not known.
+    allocated: int | None = None
     #: Inline content from a listing, kept until the file is opened.
     listed_content: bytes | None = None
     #: Journal seq of this node's latest change (0: none this run).
@@ -471,6 +474,8 @@ class Tree:
         inode.chunk_ids = self._ids(manifest)
         keep = manifest.inline is None or len(blob) <= _KEEP_INLINE_MAX
         inode.sealed_content = blob if keep else None
+        stored = 1 if manifest.inline is not None else sum(1 for c in manifest.chunks if c)
+        inode.allocated = min(manifest.size, stored * manifest.chunk_size)
 
     def _ids(self, manifest: Manifest) -> tuple[bytes, ...]:
         return tuple(dict.fromkeys(self._keys.chunk_id(s) for s in manifest.chunks if s))
@@ -606,6 +611,7 @@ class Tree:
             inode.content = None
             inode.sealed_content = None
             inode.chunk_ids = ()
+            inode.allocated = None
         inode.record = record
         small = node.content is not None and len(node.content) <= _KEEP_INLINE_MAX
         inode.listed_content = node.content if small else None
