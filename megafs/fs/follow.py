@@ -21,7 +21,7 @@ import random
 import pyfuse3
 import trio
 
-from megafs.errors import CursorExpired, MegafsError
+from megafs.errors import CursorExpired, MegafsError, RemoteError
 from megafs.fs.tree import Forget, Tree
 from megafs.remote import RemoteClient
 from megafs.wire import CHANGES_WAIT_MAX
@@ -57,9 +57,10 @@ class ChangeFollower:
         while True:
             try:
                 if self._cursor is None:
-                    await self.start_cursor()
+                    # The cursor counts only once the folders are listed again.
+                    start = await self._remote.change_cursor()
                     await self._tree.reload_folders()
-                assert self._cursor is not None
+                    self._cursor = start
                 changes, cursor = await self._remote.changes(self._cursor, wait=POLL_WAIT)
             except CursorExpired:
                 log.warning("the change feed moved past this mount; listing folders again")
@@ -72,12 +73,23 @@ class ChangeFollower:
                 await trio.sleep(delay)
                 continue
             failures = 0
+            retry = False
             for change in changes:
                 try:
                     await self._tree.apply_remote(change.id, change.version, deleted=change.deleted)
+                except RemoteError as exc:
+                    # Not applied: ask for it again (from here) after a pause,
+                    # rather than step over it.
+                    log.info("change of node %s: %s; retrying", change.id.hex(), exc.detail)
+                    retry = True
+                    break
                 except MegafsError as exc:
                     log.error("change of node %s: %s", change.id.hex(), exc.detail)
-            self._cursor = cursor
+                self._cursor = change.seq
+            if retry:
+                await trio.sleep(1 + random.random())
+            else:
+                self._cursor = cursor
 
     async def _tell_kernel(self) -> None:
         async for item in self._tree.forgotten:

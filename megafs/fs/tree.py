@@ -462,12 +462,34 @@ class Tree:
             if pending is not None and pending.op == "put":
                 blob = pending.content
             else:
-                blob = (await self._fetch_node(inode.id)).content
+                node = await self._fetch_node(inode.id)
+                blob = node.content
+                self._adopt_record(inode, node)
         if blob is None:
             raise IntegrityError("file without content")
         manifest = open_manifest(inode.record.key, inode.id, blob)
         self._remember_manifest(inode, blob, manifest)
         return blob, manifest
+
+    def _adopt_record(self, inode: Inode, node: RemoteNode) -> None:
+        """A file's content fetched from the server belongs to the record
+        fetched with it: if another device changed the file since this
+        mount read its record (and the change feed has not said so yet),
+        take the newer record, so the content opens under its own key. An
+        older or unverifiable record changes nothing (the content then fails
+        its check, as it should)."""
+        parent = inode.parent
+        if parent is None or node.parent != parent.id or self._uploader.busy(inode.id):
+            return
+        try:
+            record = open_record(parent.record.key, inode.id, parent.id, node.meta)
+        except IntegrityError:
+            return
+        newer = record.key != inode.record.key and record.rev >= self._seen.get(inode.id, 0)
+        if newer and record.kind == inode.kind and record.name == inode.record.name:
+            inode.record = record
+            self._seen[inode.id] = record.rev
+            self._uploader.note_version(inode.id, node.version)
 
     def _remember_manifest(self, inode: Inode, blob: bytes, manifest: Manifest) -> None:
         """Keep what a later metadata-only commit needs (``_KEEP_INLINE_MAX``)."""
