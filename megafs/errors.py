@@ -150,9 +150,22 @@ class RemoteTimeout(RemoteError):
 _BY_CODE: dict[str, type[MegafsError]] = {
     cls.code: cls
     for cls in (
-        NotFound, AlreadyExists, NotEmpty, VersionConflict, PermissionDenied, AuthFailed,
-        SecondFactorRequired, RateLimited, InvalidRequest, TooLarge, QuotaExceeded,
-        CursorExpired, IntegrityError, FormatError, RemoteError, RemoteTimeout,
+        NotFound,
+        AlreadyExists,
+        NotEmpty,
+        VersionConflict,
+        PermissionDenied,
+        AuthFailed,
+        SecondFactorRequired,
+        RateLimited,
+        InvalidRequest,
+        TooLarge,
+        QuotaExceeded,
+        CursorExpired,
+        IntegrityError,
+        FormatError,
+        RemoteError,
+        RemoteTimeout,
     )
 }
 

@@ -77,8 +77,8 @@ Semantics:
 - ``PUT /nodes/{id}`` is compare-and-set: ``expect_version`` 0 creates (409
   ``already_exists`` if the node exists), N>0 replaces version N (409
   ``version_conflict`` otherwise). A retry of a commit that already landed
-  (same ``commit_id`` as the node's current version) answers that version,
-  so a lost response never turns into a conflict. ``parent`` must be an
+  (same ``commit_id`` as a version of the node, even one replaced since)
+  answers that version, so a lost response never turns into a conflict. ``parent`` must be an
   existing node of the same account, not the node itself or below it.
   ``chunks`` lists every chunk id the content references; each must already
   be stored (409 ``not_found`` otherwise) so a committed node never points

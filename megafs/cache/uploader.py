@@ -499,7 +499,8 @@ class Uploader:
         current = self._entries.get(entry.node_id)
         if current is not entry:
             return True  # superseded meanwhile; the next round decides
-        if entry.sent_commit_id is not None and isinstance(exc, VersionConflict | AlreadyExists):
+        sent = entry.op == "put" and entry.sent_commit_id is not None
+        if sent and isinstance(exc, VersionConflict | AlreadyExists):
             return await self._ask_about_sent(entry)
         if isinstance(exc, VersionConflict) and self.on_conflict is not None:
             await self.on_conflict(entry)

@@ -33,6 +33,8 @@ log = logging.getLogger(__name__)
 #: Seconds the server may hold one long poll open.
 POLL_WAIT = float(CHANGES_WAIT_MAX)
 _BACKOFF_MAX = 30.0
+#: How often changes put off behind our own pending ones are looked at.
+DEFERRED_INTERVAL = 0.5
 
 
 class ChangeFollower:
@@ -50,6 +52,7 @@ class ChangeFollower:
         async with trio.open_nursery() as nursery:
             nursery.start_soon(self._poll)
             nursery.start_soon(self._tell_kernel)
+            nursery.start_soon(self._deferred)
             task_status.started()
 
     async def _poll(self) -> None:
@@ -90,6 +93,12 @@ class ChangeFollower:
                 await trio.sleep(1 + random.random())
             else:
                 self._cursor = cursor
+
+    async def _deferred(self) -> None:
+        """Changes put off while a change of ours to the node was pending."""
+        while True:
+            await trio.sleep(DEFERRED_INTERVAL)
+            await self._tree.apply_deferred()
 
     async def _tell_kernel(self) -> None:
         async for item in self._tree.forgotten:

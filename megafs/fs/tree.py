@@ -178,6 +178,9 @@ class Tree:
         self._links_dir: Inode | None = None
         #: Until then, reads do not try the server (it just failed).
         self._offline_until = -math.inf
+        #: Changes from other devices put off while ours to the same node
+        #: were pending: node id -> (version, deleted).
+        self._deferred: dict[bytes, tuple[int, bool]] = {}
         #: Every node in memory by id (the change feed names nodes by id).
         self._by_id: dict[bytes, Inode] = {}
         #: What the kernel must forget after changes from other devices; a
@@ -557,6 +560,9 @@ class Tree:
         commit meets theirs on the server, which refuses the older base (a
         conflict, see ``resolve_conflict``)."""
         if self._uploader.busy(node_id):
+            # Our change meets theirs on the server; if ours lands first as
+            # an earlier version, theirs is still to show: see apply_deferred.
+            self._deferred[node_id] = (version, deleted)
             return
         inode = self._by_id.get(node_id)
         if deleted and (inode is None or inode.unlinked):
@@ -574,6 +580,16 @@ class Tree:
         await self._state.drop_node(node_id)
         if inode is not None:
             self._detach(inode, deleted=True)
+
+    async def apply_deferred(self) -> None:
+        """Apply the changes ``apply_remote`` put off while a change of ours
+        to the same node was pending, once it no longer is."""
+        for node_id in [i for i in self._deferred if not self._uploader.busy(i)]:
+            version, deleted = self._deferred.pop(node_id)
+            try:
+                await self.apply_remote(node_id, version, deleted=deleted)
+            except RemoteError:
+                self._deferred.setdefault(node_id, (version, deleted))
 
     async def reload_folders(self) -> None:
         """List every loaded folder again and apply what changed (after the
@@ -672,6 +688,17 @@ class Tree:
             server = await self._remote.get_node(entry.node_id)
         except NotFound:
             return  # deleted meanwhile: the next round saves ours again
+        if entry.meta is None and inode.parent is not None:
+            try:
+                theirs = open_record(parent.record.key, entry.node_id, parent.id, server.meta)
+            except IntegrityError:
+                theirs = None
+            if theirs == inode.record:
+                # The server's version is our own last write, whose answer
+                # was lost: no conflict, delete that version.
+                entry.base_version = server.version
+                entry.sent_commit_id = None
+                return
         if entry.meta is None:
             # We deleted what another device changed: the change wins.
             log.warning("%s was changed on another device; not deleted", inode.record.name)

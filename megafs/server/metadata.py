@@ -356,8 +356,9 @@ class MetadataStore(ABC):
     async def put_node(self, account_id: int, node_id: str, write: NodeWrite, *, now: int) -> int:
         """Create or replace a node (compare-and-set); returns its new version.
 
-        A retry of the write that made the current version (same
-        ``commit_id``) returns that version. Raises AlreadyExists,
+        A retry of a write that landed (same ``commit_id``) returns the
+        version it made, even if later writes replaced it (within the
+        change feed's retention). Raises AlreadyExists,
         NotFound, VersionConflict, MissingReference (parent or chunk),
         InvalidRequest (root rules, cycles) or QuotaExceeded.
         """
@@ -406,8 +407,9 @@ class MetadataStore(ABC):
 
     @abstractmethod
     async def prune_tombstones(self, *, before: int) -> int:
-        """Forget deletes made at ``before`` (Unix seconds) or earlier;
-        returns how many. Cursors older than a forgotten delete expire."""
+        """Forget deletes made at ``before`` (Unix seconds) or earlier, and
+        which writes made which versions then; returns how many deletes.
+        Cursors older than a forgotten delete expire."""
 
     # -- chunks -------------------------------------------------------------------
 
@@ -546,6 +548,21 @@ CREATE TABLE IF NOT EXISTS nodes (
 DROP INDEX IF EXISTS nodes_parent;
 CREATE INDEX IF NOT EXISTS nodes_children ON nodes(account_id, parent, id);
 CREATE INDEX IF NOT EXISTS nodes_seq ON nodes(account_id, seq);
+
+-- Which write made which version of a node, so a retry of a write that landed
+-- but lost its answer is recognised even after another device replaced it
+-- or deleted it (the client then knows its write is in: not a conflict, and
+-- not a reason to create the node again). Kept for the change feed's
+-- retention period.
+CREATE TABLE IF NOT EXISTS commits (
+    account_id INTEGER NOT NULL,
+    node_id    TEXT NOT NULL,
+    commit_id  BLOB NOT NULL,
+    version    INTEGER NOT NULL,
+    at         INTEGER NOT NULL,    -- Unix seconds of the write: drives pruning
+    PRIMARY KEY (account_id, node_id, commit_id)
+);
+CREATE INDEX IF NOT EXISTS commits_at ON commits(at);
 
 -- Deleted nodes, for the change feed: a client that saw a node must learn
 -- it is gone. Kept for a retention period, then pruned (accounts.pruned_seq).
@@ -1167,6 +1184,13 @@ class SQLiteMetadataStore(MetadataStore):
         ).fetchone()
         if current is not None and bytes(current[1]) == w.commit_id:
             return int(current[0])  # a retry of the write that is already in
+        earlier = db.execute(
+            "SELECT version FROM commits WHERE account_id = ? AND node_id = ? AND commit_id = ?",
+            (account_id, node_id, w.commit_id),
+        ).fetchone()
+        if earlier is not None:
+            # In, and replaced (or deleted) since by a later write.
+            return int(earlier[0])
         if w.expect_version == 0:
             if current is not None:
                 raise AlreadyExists("the node exists")
@@ -1191,6 +1215,10 @@ class SQLiteMetadataStore(MetadataStore):
             " meta = excluded.meta, content = excluded.content, commit_id = excluded.commit_id,"
             " updated = excluded.updated, seq = excluded.seq",
             (account_id, node_id, w.parent, version, w.meta, w.content, w.commit_id, now, seq),
+        )
+        db.execute(
+            "INSERT OR IGNORE INTO commits VALUES (?, ?, ?, ?, ?)",
+            (account_id, node_id, w.commit_id, version, now),
         )
         if current is None:
             db.execute(
@@ -1344,6 +1372,7 @@ class SQLiteMetadataStore(MetadataStore):
                 " WHERE id IN (SELECT account_id FROM tombstones WHERE deleted <= ?)",
                 (before, before),
             )
+            db.execute("DELETE FROM commits WHERE at <= ?", (before,))
             return int(db.execute("DELETE FROM tombstones WHERE deleted <= ?", (before,)).rowcount)
 
         return await self._write(prune)

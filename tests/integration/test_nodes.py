@@ -71,15 +71,26 @@ async def test_create_replace_and_conflicts(alice: User) -> None:
 
 async def test_retried_commit_answers_the_version_it_made(alice: User) -> None:
     """A commit whose answer was lost is retried with the same commit id: the
-    server answers the version that commit made instead of a conflict."""
+    server answers the version that commit made instead of a conflict, even
+    after another write replaced it (the other device saw it first)."""
     node, commit = new_id(), os.urandom(16)
     assert await put(alice, node, parent=alice.root, commit_id=commit) == 1
     assert await put(alice, node, parent=alice.root, commit_id=commit) == 1
     replace = os.urandom(16)
     assert await put(alice, node, parent=alice.root, version=1, commit_id=replace) == 2
     assert await put(alice, node, parent=alice.root, version=1, commit_id=replace) == 2
-    with pytest.raises(VersionConflict):  # an older commit id is no longer current
-        await put(alice, node, parent=alice.root, commit_id=commit, version=1)
+    assert await put(alice, node, parent=alice.root, commit_id=commit, version=1) == 1
+    assert await put(alice, node, parent=alice.root, commit_id=commit) == 1
+    with pytest.raises(VersionConflict):  # a write that never landed, on a stale base
+        await put(alice, node, parent=alice.root, version=1)
+    # Deleted since: a retry of a write that landed does not bring it back...
+    await alice.client.delete_node(node, expect_version=2)
+    assert await put(alice, node, parent=alice.root, commit_id=commit) == 1
+    assert await put(alice, node, parent=alice.root, commit_id=replace, version=1) == 2
+    with pytest.raises(NotFound):
+        await alice.client.get_node(node)
+    # ...but a new write creates it again.
+    assert await put(alice, node, parent=alice.root) == 1
 
 
 async def test_parent_rules(alice: User) -> None:
