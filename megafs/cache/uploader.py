@@ -415,16 +415,7 @@ class Uploader:
         ops: dict[int, PutNode | DeleteNode] = {}
         for i, entry in enumerate(batch):
             if entry.op == "put":
-                assert entry.parent is not None and entry.meta is not None
-                ops[i] = PutNode(
-                    entry.node_id,
-                    entry.parent,
-                    entry.base_version,
-                    entry.meta,
-                    entry.content,
-                    entry.chunks,
-                    entry.commit_id,
-                )
+                ops[i] = _put_op(entry, entry.commit_id)
                 continue
             version = entry.base_version
             if version == 0:
@@ -532,22 +523,15 @@ class Uploader:
         made if it did (this state is then sent again on top of it), or
         applies this state (sending it again on top is harmless), or refuses
         it as a conflict, a real one then (settled in the next round)."""
-        assert entry.sent_commit_id is not None and entry.parent is not None
-        assert entry.meta is not None
+        assert entry.sent_commit_id is not None
         try:
-            version = await self._remote.put_node(
-                entry.node_id,
-                parent=entry.parent,
-                expect_version=entry.base_version,
-                meta=entry.meta,
-                content=entry.content,
-                chunks=entry.chunks,
-                commit_id=entry.sent_commit_id,
-            )
-        except (VersionConflict, AlreadyExists):
+            (version,) = await self._remote.commit_batch([_put_op(entry, entry.sent_commit_id)])
+        except MegafsError:
+            return False
+        if isinstance(version, VersionConflict | AlreadyExists):
             entry.sent_commit_id = None
             return True
-        except MegafsError:
+        if isinstance(version, MegafsError):
             return False
         entry.base_version = version
         entry.sent_commit_id = None
@@ -631,3 +615,17 @@ class Uploader:
         delay = min(_BACKOFF_MAX, 0.2 * 2 ** min(tries, 8)) * (0.5 + random.random() / 2)
         with trio.move_on_after(delay):
             await self._work.wait()
+
+
+def _put_op(entry: JournalEntry, commit_id: bytes) -> PutNode:
+    """The batch op that commits a journaled put under ``commit_id``."""
+    assert entry.parent is not None and entry.meta is not None
+    return PutNode(
+        entry.node_id,
+        entry.parent,
+        entry.base_version,
+        entry.meta,
+        entry.content,
+        entry.chunks,
+        commit_id,
+    )

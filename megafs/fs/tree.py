@@ -19,7 +19,10 @@ import logging
 import math
 import socket
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
+from functools import partial
+from typing import TypeVar
 
 import trio
 
@@ -44,6 +47,7 @@ from megafs.remote import RemoteClient, RemoteNode
 __all__ = ["ROOT_INODE", "Forget", "Inode", "Tree"]
 
 log = logging.getLogger(__name__)
+_T = TypeVar("_T")
 
 ROOT_INODE = 1
 #: Name of the hidden folder of hard-linked nodes (never shown).
@@ -510,42 +514,57 @@ class Tree:
     async def _fetch_node(self, node_id: bytes) -> RemoteNode:
         """A node from the server (kept for offline use), or as last seen
         while the server is unreachable."""
-        if trio.current_time() >= self._offline_until:
-            try:
-                node = await self._remote.get_node(node_id)
-            except RemoteError:
-                self._went_offline()
-            else:
-                await self._state.save_node(node)
-                return node
-        cached = await self._state.cached_node(node_id)
-        if cached is None:
+        node = await self._server_or_cache(
+            partial(self._remote.get_node, node_id),
+            self._state.save_node,
+            partial(self._state.cached_node, node_id),
+        )
+        if node is None:
             raise RemoteError("the server is unreachable and this is not in the local cache")
-        return cached
+        return node
 
     async def _fetch_children(self, folder_id: bytes) -> list[RemoteNode]:
         """A folder's children, as ``_fetch_node`` fetches a node. A folder
         the server does not have yet (journaled in an earlier run) has
         none there."""
-        if trio.current_time() >= self._offline_until:
+
+        async def listing() -> list[RemoteNode]:
             try:
-                listed = await self._remote.list_children(folder_id)
+                return await self._remote.list_children(folder_id)
             except NotFound:
                 return []
-            except RemoteError:
-                self._went_offline()
-            else:
-                await self._state.save_listing(folder_id, listed)
-                return listed
-        cached = await self._state.cached_children(folder_id)
-        if cached is None:
+
+        children = await self._server_or_cache(
+            listing,
+            partial(self._state.save_listing, folder_id),
+            partial(self._state.cached_children, folder_id),
+        )
+        if children is None:
             pending = self._uploader.pending(folder_id)
             if pending is not None and pending.op == "put" and pending.base_version == 0:
                 # Made here and not on the server yet (a mount restarted
                 # offline): whatever it holds is in the journal.
                 return []
             raise RemoteError("the server is unreachable and this folder is not in the local cache")
-        return cached
+        return children
+
+    async def _server_or_cache(
+        self,
+        fetch: Callable[[], Awaitable[_T]],
+        save: Callable[[_T], Awaitable[None]],
+        cached: Callable[[], Awaitable[_T | None]],
+    ) -> _T | None:
+        """``fetch()`` from the server and ``save`` it locally; while the
+        server is unreachable, ``cached()`` instead (None: not cached)."""
+        if trio.current_time() >= self._offline_until:
+            try:
+                value = await fetch()
+            except RemoteError:
+                self._went_offline()
+            else:
+                await save(value)
+                return value
+        return await cached()
 
     def _went_offline(self) -> None:
         if trio.current_time() >= self._offline_until:
@@ -688,7 +707,7 @@ class Tree:
             server = await self._remote.get_node(entry.node_id)
         except NotFound:
             return  # deleted meanwhile: the next round saves ours again
-        if entry.meta is None and inode.parent is not None:
+        if entry.meta is None:
             try:
                 theirs = open_record(parent.record.key, entry.node_id, parent.id, server.meta)
             except IntegrityError:
@@ -699,7 +718,6 @@ class Tree:
                 entry.base_version = server.version
                 entry.sent_commit_id = None
                 return
-        if entry.meta is None:
             # We deleted what another device changed: the change wins.
             log.warning("%s was changed on another device; not deleted", inode.record.name)
             await self._uploader.drop(entry, server.version)
@@ -845,21 +863,23 @@ def conflict_name(name: bytes, host: str, when: float | None = None) -> bytes:
     """``NAME (conflicted copy, HOST, DATE).EXT``, at most 255 bytes (the
     name part is shortened, never the extension or the marker)."""
     stamp = time.strftime("%Y-%m-%d %H-%M-%S", time.localtime(when))
-    stem, dot, ext = name.rpartition(b".")
-    if not stem:  # no extension, or a dot-file such as ".bashrc"
-        stem, dot, ext = name, b"", b""
+    stem, ext = _split_extension(name)
     marker = f" (conflicted copy, {host[:64]}, {stamp})".encode()
-    room = 255 - len(marker) - len(dot) - len(ext)
-    return stem[: max(room, 1)] + marker + dot + ext
+    return stem[: max(255 - len(marker) - len(ext), 1)] + marker + ext
 
 
 def _unique(children: Children, name: bytes) -> bytes:
     """``name``, or ``name`` with " 2", " 3"... before the extension if taken."""
+    stem, ext = _split_extension(name)
     candidate, n = name, 1
     while candidate in children:
         n += 1
-        stem, dot, ext = name.rpartition(b".")
-        if not stem:
-            stem, dot, ext = name, b"", b""
-        candidate = stem[: 250 - len(dot) - len(ext)] + b" %d" % n + dot + ext
+        candidate = stem[: 250 - len(ext)] + b" %d" % n + ext
     return candidate
+
+
+def _split_extension(name: bytes) -> tuple[bytes, bytes]:
+    """``(stem, ".ext")``; no extension for a name without a dot or a
+    dot-file such as ".bashrc"."""
+    stem, dot, ext = name.rpartition(b".")
+    return (stem, dot + ext) if stem else (name, b"")
