@@ -17,6 +17,11 @@ while the uploads are failing (the server is unreachable) or have made no
 progress for ``ROOM_WAIT`` seconds. A writer gets an error it can act on,
 never a hang, and no change waiting for upload is ever dropped.
 
+A small read of a chunk that is not in memory (a random reader) does not
+decrypt the whole chunk: once a chunk has been verified whole, the cache
+keeps a MAC of each 16 KiB piece of its file in memory, and reads, checks
+and decrypts only the pieces the read needs (docs/format.md §14).
+
 Disk I/O and crypto run in worker threads; the event loop thread only does
 bookkeeping.
 """
@@ -35,6 +40,7 @@ import trio
 
 from megafs.cache.state import LocalState
 from megafs.crypto import AccountKeys, open_chunk, seal_chunk
+from megafs.crypto.chunks import PieceMarks, mark_pieces, open_piece
 from megafs.errors import IntegrityError, MegafsError, NotFound, QuotaExceeded, RemoteError
 from megafs.remote import RemoteClient
 
@@ -44,6 +50,8 @@ log = logging.getLogger(__name__)
 
 #: Below this size, sealing or opening inline beats a hop to a worker thread.
 _INLINE_CRYPTO = 64 * 1024
+#: Memory for piece marks: 1 KiB per chunk, so 8 GiB of cached chunks.
+_MARKS_BYTES = 8 << 20
 #: Seconds a new chunk waits for room in a cache full of chunks waiting for
 #: upload while no upload finishes, before it fails with ENOSPC.
 ROOM_WAIT = 30.0
@@ -97,6 +105,12 @@ class ChunkCache:
         self._disk_bytes = 0
         #: chunk id -> the load in progress (disk or server), shared by every reader.
         self._loads: dict[bytes, _Load] = {}
+        #: chunk id -> marks of its cache file's pieces; a key that lives
+        #: and dies with this process, so no file can carry a valid mark.
+        self._marks: cachetools.LRUCache[bytes, PieceMarks] = cachetools.LRUCache(
+            maxsize=_MARKS_BYTES, getsizeof=lambda m: len(m.macs) + 128
+        )
+        self._mac_key = os.urandom(32)
         self._crypto = trio.CapacityLimiter(max(2, os.cpu_count() or 2))
         self._disk = trio.CapacityLimiter(4)
 
@@ -130,7 +144,7 @@ class ChunkCache:
 
     # -- reading ------------------------------------------------------------
 
-    async def read(self, secret: bytes) -> bytes:
+    async def read(self, secret: bytes, *, mark: bool = False) -> bytes:
         """The plaintext of the chunk ``secret`` names, verified.
 
         From the plaintext LRU if there (no copy, no second check: it was
@@ -147,6 +161,9 @@ class ChunkCache:
         themselves); once a download has arrived and been verified, its cache
         write finishes shielded, so the disk cache and its index never
         disagree.
+
+        ``mark``: also take the piece marks of the chunk's cache file, so
+        later small reads can use :meth:`read_range` without a whole chunk.
         """
         plain = self._plain.get(secret)
         if plain is not None:
@@ -161,7 +178,7 @@ class ChunkCache:
                 return plain
         load = self._loads[chunk_id] = _Load()
         try:
-            plain = await self._load(secret, chunk_id)
+            plain = await self._load(secret, chunk_id, mark)
         except MegafsError as exc:
             load.error = exc
             raise
@@ -170,8 +187,59 @@ class ChunkCache:
             load.done.set()
         return plain
 
-    async def _load(self, secret: bytes, chunk_id: bytes) -> bytes:
-        """Disk cache, else server; verified, and kept in the LRU."""
+    async def read_range(
+        self, secret: bytes, start: int, n: int, length: int
+    ) -> bytes | memoryview:
+        """``n`` bytes from ``start`` of the chunk ``secret`` names, which
+        holds ``length`` bytes (IntegrityError otherwise).
+
+        For small reads of chunks not in memory: from the cache file, only
+        the pieces the range touches, each checked against the marks taken
+        when the whole chunk was last verified. Without marks (the first
+        such read of a chunk since the mount) the chunk is read whole and
+        marked. A piece that no longer matches (the file changed on disk) is
+        not an answer: the whole chunk is then read and verified again.
+        """
+        plain = self._plain.get(secret)
+        chunk_id = self._keys.chunk_id(secret)
+        marks = self._marks.get(chunk_id)
+        if plain is None and marks is not None and chunk_id not in self._loads:
+            if marks.length != length:
+                raise IntegrityError()
+            piece = await self._read_piece(chunk_id, secret, marks, start, n)
+            if piece is not None:
+                self._index.move_to_end(chunk_id)
+                return piece
+            self._marks.pop(chunk_id, None)
+        if plain is None:
+            plain = await self.read(secret, mark=True)
+        if len(plain) != length:
+            raise IntegrityError()
+        return memoryview(plain)[start : start + n]
+
+    async def _read_piece(
+        self, chunk_id: bytes, secret: bytes, marks: PieceMarks, start: int, n: int
+    ) -> bytes | None:
+        """The range from the chunk's cache file, or None if the file is gone
+        or does not match its marks."""
+        offset, size = marks.span(start, n)
+        path = self._path(chunk_id)
+
+        def read() -> bytes | None:
+            try:
+                with open(path, "rb", buffering=0) as f:
+                    data = os.pread(f.fileno(), size, offset)
+                return open_piece(secret, marks, self._mac_key, data, start, n)
+            except (FileNotFoundError, IntegrityError):
+                return None
+
+        if chunk_id not in self._index:
+            return None
+        return await trio.to_thread.run_sync(read, limiter=self._disk)
+
+    async def _load(self, secret: bytes, chunk_id: bytes, mark: bool) -> bytes:
+        """Disk cache, else server; verified, and kept in the LRU (and
+        marked, if ``mark``)."""
         if chunk_id in self._index:
             blob = await self._read_file(chunk_id)
             if blob is None:
@@ -180,7 +248,7 @@ class ChunkCache:
                 await self._drop(chunk_id)
             else:
                 try:
-                    plain = await self._open(secret, blob)
+                    plain = await self._open(secret, blob, chunk_id if mark else None)
                 except IntegrityError:
                     if chunk_id in self._dirty:
                         raise
@@ -196,18 +264,27 @@ class ChunkCache:
             # A manifest names it, so the server must have it: withheld or
             # lost, it is an I/O error of this file, not "no such file".
             raise RemoteError(f"the server does not have chunk {chunk_id.hex()[:16]}") from None
-        plain = await self._open(secret, blob)
+        plain = await self._open(secret, blob, chunk_id if mark else None)
         with trio.CancelScope(shield=True):
             await self._write_file(chunk_id, blob, dirty=False)
         self._plain[secret] = plain
         return plain
 
-    async def _open(self, secret: bytes, blob: bytes) -> bytes:
+    async def _open(self, secret: bytes, blob: bytes, mark: bytes | None = None) -> bytes:
+        """Open a chunk; with ``mark`` (its id), also mark the pieces of
+        ``blob``, which is then its cache file's content."""
+
+        def run() -> tuple[bytes, PieceMarks | None]:
+            plain = open_chunk(self._keys, secret, blob)
+            return plain, None if mark is None else mark_pieces(blob, self._mac_key)
+
         if len(blob) <= _INLINE_CRYPTO:
-            return open_chunk(self._keys, secret, blob)
-        return await trio.to_thread.run_sync(
-            open_chunk, self._keys, secret, blob, limiter=self._crypto
-        )
+            plain, marks = run()
+        else:
+            plain, marks = await trio.to_thread.run_sync(run, limiter=self._crypto)
+        if mark is not None and marks is not None:
+            self._marks[mark] = marks
+        return plain
 
     # -- writing ------------------------------------------------------------
 
@@ -332,6 +409,7 @@ class ChunkCache:
         await self._evict()
 
     async def _drop(self, chunk_id: bytes) -> None:
+        self._marks.pop(chunk_id, None)
         size = self._index.pop(chunk_id, None)
         if size is None:
             return
@@ -358,6 +436,7 @@ class ChunkCache:
             excess -= size
         for chunk_id in victims:
             self._disk_bytes -= self._index.pop(chunk_id)
+            self._marks.pop(chunk_id, None)
         paths = [self._path(i) for i in victims]
         await trio.to_thread.run_sync(lambda: [_unlink(p) for p in paths], limiter=self._disk)
         await self._state.forget_chunks(victims)

@@ -82,13 +82,18 @@ class FileContent:
 
     # -- reading ----------------------------------------------------------------
 
-    async def read(self, offset: int, length: int) -> bytes | memoryview:
+    async def read(self, offset: int, length: int, *, whole: bool = True) -> bytes | memoryview:
         """Up to ``length`` bytes at ``offset`` (fewer at the end of the file).
 
         A range within one stored chunk comes back as a view of the cached
         plaintext, without a copy (pyfuse3 replies from any buffer); a range
         across chunks is joined, and a dirty buffer is copied, since a writer
         may change it once this returns.
+
+        ``whole=False`` is for random readers: a stored chunk not in memory
+        is read in pieces (:meth:`ChunkCache.read_range`) rather than
+        decrypted whole into the LRU, which a sequential reader would need
+        next but a random one would not.
         """
         end = min(offset + length, self.size)
         if offset >= end:
@@ -98,7 +103,13 @@ class FileContent:
         while pos < end:
             index, within = divmod(pos, CHUNK_SIZE)
             n = min(CHUNK_SIZE - within, end - pos)
-            parts.append(_piece(await self._chunk_plaintext(index), within, n))
+            secret = self.stored_secret(index)
+            if whole or secret is None:
+                parts.append(_piece(await self._chunk_plaintext(index), within, n))
+            else:
+                parts.append(
+                    await self._cache.read_range(secret, within, n, self._chunk_length(index))
+                )
             pos += n
         return parts[0] if len(parts) == 1 else b"".join(parts)
 

@@ -163,7 +163,7 @@ class Reader:
         this read waits for its own chunk, so they overlap with it.
         """
         await self._follow(content, offset, length)
-        return await content.read(offset, length)
+        return await content.read(offset, length, whole=self._streak >= _SEQUENTIAL)
 
     def close(self) -> None:
         """Cancel what is in flight for this handle (on release)."""

@@ -25,11 +25,20 @@ import hmac
 import os
 
 from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from megafs.errors import IntegrityError
 
-__all__ = ["ALG_AES256GCM_HMAC_COMMIT", "FORMAT_VERSION", "OVERHEAD", "seal", "unseal"]
+__all__ = [
+    "ALG_AES256GCM_HMAC_COMMIT",
+    "FORMAT_VERSION",
+    "HEADER",
+    "OVERHEAD",
+    "decrypt_opened_piece",
+    "seal",
+    "unseal",
+]
 
 FORMAT_VERSION = 1
 ALG_AES256GCM_HMAC_COMMIT = 1
@@ -39,11 +48,14 @@ _TAG = 16
 _HEADER = 2 + _NONCE + _COMMIT
 #: Bytes a sealed object adds to its plaintext.
 OVERHEAD = _HEADER + _TAG
+#: Where the ciphertext starts: plaintext byte i is sealed at ``HEADER + i``.
+HEADER = _HEADER
 
 
 @functools.lru_cache(maxsize=4096)
-def _subkeys(key: bytes) -> tuple[AESGCM, bytes]:
-    """The encryption cipher and the commitment for an object key.
+def _subkeys(key: bytes) -> tuple[AESGCM, bytes, bytes]:
+    """The encryption cipher, the commitment and the encryption key for an
+    object key.
 
     Cached because folder and file keys seal many objects in a row; the
     cache holds keys only in this process's memory.
@@ -52,7 +64,7 @@ def _subkeys(key: bytes) -> tuple[AESGCM, bytes]:
         raise ValueError("object keys are 32 bytes")
     enc = hmac.new(key, b"megafs/v1/enc", hashlib.sha256).digest()
     commit = hmac.new(key, b"megafs/v1/commit", hashlib.sha256).digest()
-    return AESGCM(enc), commit
+    return AESGCM(enc), commit, enc
 
 
 def seal(key: bytes, plaintext: bytes, ad: bytes, *, nonce: bytes | None = None) -> bytes:
@@ -62,7 +74,7 @@ def seal(key: bytes, plaintext: bytes, ad: bytes, *, nonce: bytes | None = None)
     bytes, which is safe because every megafs key seals far fewer than 2**32
     objects (keys are per file revision, per folder, or per chunk).
     """
-    cipher, commit = _subkeys(key)
+    cipher, commit, _ = _subkeys(key)
     if nonce is None:
         nonce = os.urandom(_NONCE)
     elif len(nonce) != _NONCE:
@@ -75,7 +87,7 @@ def unseal(key: bytes, blob: bytes, ad: bytes) -> bytes:
     """Check and decrypt a sealed object; any failure is IntegrityError."""
     if len(blob) < OVERHEAD or blob[0] != FORMAT_VERSION or blob[1] != ALG_AES256GCM_HMAC_COMMIT:
         raise IntegrityError()
-    cipher, commit = _subkeys(key)
+    cipher, commit, _ = _subkeys(key)
     header = bytes(blob[:_HEADER])
     if not hmac.compare_digest(header[2 + _NONCE :], commit):
         raise IntegrityError()
@@ -83,3 +95,23 @@ def unseal(key: bytes, blob: bytes, ad: bytes) -> bytes:
         return cipher.decrypt(header[2 : 2 + _NONCE], bytes(blob[_HEADER:]), header + ad)
     except InvalidTag:
         raise IntegrityError() from None
+
+
+def decrypt_opened_piece(key: bytes, nonce: bytes, piece: bytes | memoryview, offset: int) -> bytes:
+    """Decrypt ``piece``, a sealed object's ciphertext from plaintext byte
+    ``offset`` (a multiple of 16) on, WITHOUT checking the object's tag.
+
+    GCM encrypts with a counter-mode keystream, so any 16-byte-aligned piece
+    decrypts on its own, but only the whole object is authenticated. This is
+    for bytes the caller has already seen :func:`unseal` accept as part of
+    the whole object and has kept authenticated since, with a MAC of its own
+    (the chunk cache's pieces, docs/format.md §14); never for bytes that came
+    from anywhere else.
+    """
+    if offset % 16 or len(nonce) != _NONCE:
+        raise ValueError("a piece starts on a 16-byte block, under a 12-byte nonce")
+    _, _, enc = _subkeys(key)
+    # GCM's first keystream block is nonce || 2 (nonce || 1 masks the tag).
+    counter = nonce + (2 + offset // 16).to_bytes(4, "big")
+    decryptor = Cipher(algorithms.AES(enc), modes.CTR(counter)).decryptor()
+    return decryptor.update(piece) + decryptor.finalize()

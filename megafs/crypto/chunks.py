@@ -15,11 +15,20 @@ from __future__ import annotations
 import hashlib
 import hmac
 
-from megafs.crypto.aead import seal, unseal
+from megafs.crypto.aead import HEADER, OVERHEAD, decrypt_opened_piece, seal, unseal
 from megafs.crypto.keys import AccountKeys
 from megafs.errors import IntegrityError
 
-__all__ = ["CHUNK_SIZE", "SealedChunk", "open_chunk", "seal_chunk"]
+__all__ = [
+    "CHUNK_SIZE",
+    "PIECE",
+    "PieceMarks",
+    "SealedChunk",
+    "mark_pieces",
+    "open_chunk",
+    "open_piece",
+    "seal_chunk",
+]
 
 #: 1 MiB: the kernel's largest FUSE write (256 pages), a manifest of 32 bytes
 #: per MiB, seal+open measured as fast as 256 KiB and faster than 4 MiB
@@ -59,3 +68,67 @@ def open_chunk(keys: AccountKeys, secret: bytes, blob: bytes) -> bytes:
     if not hmac.compare_digest(keys.chunk_secret(plaintext), secret):
         raise IntegrityError()
     return plaintext
+
+
+#: A verified chunk kept on local disk can be read back in pieces of this
+#: many plaintext bytes (the last one shorter), each checked against a MAC
+#: taken when the whole chunk was verified: a 4 KiB random read then reads
+#: and decrypts 16 KiB instead of a whole chunk (docs/format.md §14).
+PIECE = 16 * 1024
+_MARK = 16
+
+
+class PieceMarks:
+    """What reading a verified chunk's blob in pieces needs: its nonce, its
+    plaintext length, and a MAC of each piece's ciphertext under a key that
+    never leaves the process (so nothing on disk can forge one)."""
+
+    __slots__ = ("length", "macs", "nonce")
+
+    def __init__(self, nonce: bytes, length: int, macs: bytes) -> None:
+        self.nonce = nonce
+        self.length = length
+        self.macs = macs
+
+    def span(self, start: int, n: int) -> tuple[int, int]:
+        """The blob bytes (offset, length) holding plaintext [start, start+n):
+        whole pieces, so each can be checked."""
+        first = start // PIECE * PIECE
+        end = min(-(-(start + n) // PIECE) * PIECE, self.length)
+        return HEADER + first, end - first
+
+
+def _mac(mac_key: bytes, piece: bytes | memoryview) -> bytes:
+    return hmac.digest(mac_key, piece, "sha256")[:_MARK]
+
+
+def mark_pieces(blob: bytes, mac_key: bytes) -> PieceMarks:
+    """The marks of a blob :func:`open_chunk` has just accepted."""
+    view = memoryview(blob)
+    length = len(blob) - OVERHEAD
+    macs = b"".join(
+        _mac(mac_key, view[HEADER + at : HEADER + min(at + PIECE, length)])
+        for at in range(0, length, PIECE)
+    )
+    return PieceMarks(bytes(blob[2:14]), length, macs)  # the nonce (§3)
+
+
+def open_piece(
+    secret: bytes, marks: PieceMarks, mac_key: bytes, data: bytes, start: int, n: int
+) -> bytes:
+    """Plaintext [start, start+n) of a marked chunk from ``data``, the blob
+    bytes :meth:`PieceMarks.span` names; IntegrityError if any piece differs
+    from the one marked."""
+    offset, length = marks.span(start, n)
+    if len(data) != length or start + n > marks.length:
+        raise IntegrityError()
+    first = (offset - HEADER) // PIECE
+    view = memoryview(data)
+    for i, at in enumerate(range(0, length, PIECE), start=first):
+        if not hmac.compare_digest(
+            _mac(mac_key, view[at : at + PIECE]), marks.macs[i * _MARK : (i + 1) * _MARK]
+        ):
+            raise IntegrityError()
+    plain = decrypt_opened_piece(_chunk_key(secret), marks.nonce, data, offset - HEADER)
+    within = start - (offset - HEADER)
+    return plain[within : within + n]

@@ -50,6 +50,8 @@ log = logging.getLogger(__name__)
 _T = TypeVar("_T")
 
 ROOT_INODE = 1
+#: Inode numbers are 63 bits: positive in a signed 64-bit ino_t too.
+_INO_MASK = (1 << 63) - 1
 #: Name of the hidden folder of hard-linked nodes (never shown).
 LINKS_NAME = b".megafs-links"
 _EMPTY_MANIFEST = Manifest(size=0, chunk_size=CHUNK_SIZE, chunks=())
@@ -176,7 +178,6 @@ class Tree:
         self._chunks = chunks
         self._keys = keys
         self.inodes: dict[int, Inode] = {}
-        self._next_ino = ROOT_INODE + 1
         self._loading: dict[int, trio.Event] = {}
         #: The hidden folder of hard-linked nodes, once seen or created.
         self._links_dir: Inode | None = None
@@ -233,8 +234,7 @@ class Tree:
         return root
 
     def _new_inode(self, node_id: bytes, parent: Inode, record: NodeRecord) -> Inode:
-        inode = Inode(ino=self._next_ino, id=node_id, parent=parent, record=record)
-        self._next_ino += 1
+        inode = Inode(ino=self._ino_for(node_id), id=node_id, parent=parent, record=record)
         self.inodes[inode.ino] = inode
         self._by_id[node_id] = inode
         return inode
@@ -256,6 +256,17 @@ class Tree:
             del self._loading[folder.ino]
             done.set()
         return folder.children
+
+    def _ino_for(self, node_id: bytes) -> int:
+        """A node's inode number: from its id, so it stays the same across
+        mounts and devices. Tools compare it with what they saw before (git's
+        index keeps every file's inode, and a changed one makes git read the
+        file again); node ids are random, so a clash with a live inode is a
+        one-in-2**63 event, resolved by taking the next free number."""
+        ino = int.from_bytes(node_id[:8], "big") & _INO_MASK
+        while ino <= ROOT_INODE or ino in self.inodes:
+            ino = (ino + 1) & _INO_MASK
+        return ino
 
     async def _load_children(self, folder: Inode) -> Children:
         listed = await self._fetch_children(folder.id)

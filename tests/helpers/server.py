@@ -30,9 +30,15 @@ class ServerProcess:
     are further server options (TLS, login limits).
     """
 
-    def __init__(self, data_dir: Path, *, quota: int | None = None,
-                 log_path: Path | None = None, host: str = "127.0.0.1",
-                 args: Sequence[str] = ()) -> None:
+    def __init__(
+        self,
+        data_dir: Path,
+        *,
+        quota: int | None = None,
+        log_path: Path | None = None,
+        host: str = "127.0.0.1",
+        args: Sequence[str] = (),
+    ) -> None:
         self.data_dir = data_dir
         self.quota = quota
         self.args = list(args)
@@ -52,14 +58,22 @@ class ServerProcess:
             raise RuntimeError("the server is already running")
         info = self.data_dir / "server.json"
         info.unlink(missing_ok=True)  # left behind by a killed server
-        args = [sys.executable, "-m", "megafs.server", "--data", str(self.data_dir),
-                "--listen", f"{self.host}:{self.port}"]
+        args = [
+            sys.executable,
+            "-m",
+            "megafs.server",
+            "--data",
+            str(self.data_dir),
+            "--listen",
+            f"{self.host}:{self.port}",
+        ]
         if self.quota is not None:
             args += ["--quota", str(self.quota)]
         args += self.args
         with open(self.log_path, "ab") as log:
-            self.proc = subprocess.Popen(args, stdin=subprocess.DEVNULL, stdout=log, stderr=log,
-                                         cwd=REPO)
+            self.proc = subprocess.Popen(
+                args, stdin=subprocess.DEVNULL, stdout=log, stderr=log, cwd=REPO
+            )
         deadline = time.monotonic() + timeout
         while True:
             try:
@@ -110,8 +124,12 @@ class ServerProcess:
         self.start()
         return self
 
-    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
-                 tb: TracebackType | None) -> None:
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
         if self.proc is not None:
             with contextlib.suppress(subprocess.TimeoutExpired):
                 self.stop(timeout=15)
@@ -119,11 +137,11 @@ class ServerProcess:
 
 
 @contextlib.contextmanager
-def running_server(data_dir: Path, *, quota: int | None = None,
-                   args: Sequence[str] = ()) -> Iterator[ServerProcess]:
+def running_server(
+    data_dir: Path, *, quota: int | None = None, args: Sequence[str] = ()
+) -> Iterator[ServerProcess]:
     """A started server, stopped (or killed) at the end whatever happens:
     the body of a pytest fixture."""
     data_dir.mkdir(parents=True, exist_ok=True)
     with ServerProcess(data_dir, quota=quota, args=args) as server:
         yield server
-

@@ -23,8 +23,7 @@ SHARED_SERVER_ARGS = ("--failed-logins-per-address", "1000000")
 @pytest.fixture(scope="session")
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
     """One server shared by the tests that do not stop it."""
-    with running_server(tmp_path_factory.mktemp("shared") / "data",
-                        args=SHARED_SERVER_ARGS) as srv:
+    with running_server(tmp_path_factory.mktemp("shared") / "data", args=SHARED_SERVER_ARGS) as srv:
         yield srv
 
 

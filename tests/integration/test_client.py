@@ -96,8 +96,14 @@ async def _read_request(stream: trio.SocketStream) -> bytes:
             break
         data += part
     head, _, body = data.partition(b"\r\n\r\n")
-    length = next((int(line.split(b":")[1]) for line in head.split(b"\r\n")
-                   if line.lower().startswith(b"content-length:")), 0)
+    length = next(
+        (
+            int(line.split(b":")[1])
+            for line in head.split(b"\r\n")
+            if line.lower().startswith(b"content-length:")
+        ),
+        0,
+    )
     while len(body) < length:
         part = await stream.receive_some()
         if not part:
@@ -116,8 +122,15 @@ def ok(value: Any) -> bytes:
 
 
 def node(**change: Any) -> dict[str, Any]:
-    return {"id": NODE.hex(), "parent": None, "version": 1, "meta": b64e(b"m"),
-            "content": None, "content_size": 0, **change}
+    return {
+        "id": NODE.hex(),
+        "parent": None,
+        "version": 1,
+        "meta": b64e(b"m"),
+        "content": None,
+        "content_size": 0,
+        **change,
+    }
 
 
 async def endless_chunked(stream: trio.SocketStream) -> None:
@@ -160,14 +173,14 @@ async def changes(client: RemoteClient) -> Any:
 
 
 def change(seq: int, **fields: Any) -> dict[str, Any]:
-    return {"id": NODE.hex(), "parent": None, "version": 1, "seq": seq, "deleted": False,
-            **fields}
+    return {"id": NODE.hex(), "parent": None, "version": 1, "seq": seq, "deleted": False, **fields}
 
 
 async def batch(client: RemoteClient) -> Any:
     """A put and a delete."""
-    return await client.commit_batch([PutNode(NODE, None, 0, b"m", None, (), bytes(16)),
-                                      DeleteNode(NODE, 1)])
+    return await client.commit_batch(
+        [PutNode(NODE, None, 0, b"m", None, (), bytes(16)), DeleteNode(NODE, 1)]
+    )
 
 
 HOSTILE = [
@@ -175,8 +188,7 @@ HOSTILE = [
     ("not JSON", http("200 OK", b"{nope"), get_node, FormatError),
     ("deep JSON", http("200 OK", b"[" * 100_000), get_node, FormatError),
     ("JSON list", ok([]), get_node, FormatError),
-    ("missing field", ok({k: v for k, v in node().items() if k != "meta"}), get_node,
-     FormatError),
+    ("missing field", ok({k: v for k, v in node().items() if k != "meta"}), get_node, FormatError),
     ("version as text", ok(node(version="1")), get_node, FormatError),
     ("version zero", ok(node(version=0)), get_node, FormatError),
     ("version as bool", ok(node(version=True)), get_node, FormatError),
@@ -187,42 +199,72 @@ HOSTILE = [
     ("size without content", ok(node(content_size=9)), get_node, FormatError),
     ("oversized meta", ok(node(meta=b64e(bytes(256 * 1024 + 1)))), get_node, FormatError),
     ("foreign child", ok({"nodes": [node(parent="ab" * 16)]}), list_children, FormatError),
-    ("duplicate child", ok({"nodes": [node(id="ab" * 16, parent=NODE.hex())] * 2}),
-     list_children, FormatError),
+    (
+        "duplicate child",
+        ok({"nodes": [node(id="ab" * 16, parent=NODE.hex())] * 2}),
+        list_children,
+        FormatError,
+    ),
     ("nodes not a list", ok({"nodes": {}}), list_children, FormatError),
     ("unasked missing id", ok({"missing": ["ef" * 32]}), missing, FormatError),
-    ("changes before the cursor", ok({"changes": [change(5)], "cursor": 5}), changes,
-     FormatError),
-    ("changes out of order", ok({"changes": [change(7), change(6)], "cursor": 6}), changes,
-     FormatError),
-    ("changes beyond the limit", ok({"changes": [change(6), change(7), change(8)],
-                                     "cursor": 8}), changes, FormatError),
-    ("cursor not the last change", ok({"changes": [change(6)], "cursor": 9}), changes,
-     FormatError),
+    ("changes before the cursor", ok({"changes": [change(5)], "cursor": 5}), changes, FormatError),
+    (
+        "changes out of order",
+        ok({"changes": [change(7), change(6)], "cursor": 6}),
+        changes,
+        FormatError,
+    ),
+    (
+        "changes beyond the limit",
+        ok({"changes": [change(6), change(7), change(8)], "cursor": 8}),
+        changes,
+        FormatError,
+    ),
+    ("cursor not the last change", ok({"changes": [change(6)], "cursor": 9}), changes, FormatError),
     ("empty page moves the cursor", ok({"changes": [], "cursor": 9}), changes, FormatError),
-    ("deleted as text", ok({"changes": [change(6, deleted="no")], "cursor": 6}), changes,
-     FormatError),
+    (
+        "deleted as text",
+        ok({"changes": [change(6, deleted="no")], "cursor": 6}),
+        changes,
+        FormatError,
+    ),
     ("batch results not a list", ok({"results": {}}), batch, FormatError),
     ("too few batch results", ok({"results": [{"version": 1}]}), batch, FormatError),
-    ("batch version as text", ok({"results": [{"version": "1"}, {"version": 0}]}), batch,
-     FormatError),
-    ("batch put version 0", ok({"results": [{"version": 0}, {"version": 0}]}), batch,
-     FormatError),
-    ("batch delete version", ok({"results": [{"version": 1}, {"version": 2}]}), batch,
-     FormatError),
-    ("batch unknown error", ok({"results": [{"error": "internal", "detail": "x"},
-                                            {"version": 0}]}), batch, FormatError),
-    ("batch error without detail", ok({"results": [{"error": "not_found"}, {"version": 0}]}),
-     batch, FormatError),
-    ("token with CRLF", ok({"token": "x" * 40 + "\r\nX-Evil: 1", "expires": 1, "account": {}}),
-     login, FormatError),
-    ("huge Content-Length", b"HTTP/1.1 200 OK\r\nContent-Length: 99999999999\r\n\r\n", get_chunk,
-     FormatError),
+    (
+        "batch version as text",
+        ok({"results": [{"version": "1"}, {"version": 0}]}),
+        batch,
+        FormatError,
+    ),
+    ("batch put version 0", ok({"results": [{"version": 0}, {"version": 0}]}), batch, FormatError),
+    ("batch delete version", ok({"results": [{"version": 1}, {"version": 2}]}), batch, FormatError),
+    (
+        "batch unknown error",
+        ok({"results": [{"error": "internal", "detail": "x"}, {"version": 0}]}),
+        batch,
+        FormatError,
+    ),
+    (
+        "batch error without detail",
+        ok({"results": [{"error": "not_found"}, {"version": 0}]}),
+        batch,
+        FormatError,
+    ),
+    (
+        "token with CRLF",
+        ok({"token": "x" * 40 + "\r\nX-Evil: 1", "expires": 1, "account": {}}),
+        login,
+        FormatError,
+    ),
+    (
+        "huge Content-Length",
+        b"HTTP/1.1 200 OK\r\nContent-Length: 99999999999\r\n\r\n",
+        get_chunk,
+        FormatError,
+    ),
     ("truncated body", http("200 OK", bytes(100))[:-90], get_chunk, RemoteError),
-    ("compressed", http("200 OK", b"\x1f\x8b", "Content-Encoding: gzip"), get_chunk,
-     FormatError),
-    ("redirect", http("302 Found", b"", "Location: http://example.org/"), get_chunk,
-     RemoteError),
+    ("compressed", http("200 OK", b"\x1f\x8b", "Content-Encoding: gzip"), get_chunk, FormatError),
+    ("redirect", http("302 Found", b"", "Location: http://example.org/"), get_chunk, RemoteError),
     ("HTML 404", http("404 Not Found", b"<html>gone</html>"), get_chunk, NotFound),
     ("HTML 401", http("401 Unauthorized", b"<html>no</html>"), get_chunk, AuthFailed),
 ]
@@ -234,13 +276,18 @@ HOSTILE = [
 ABANDONS_STREAM = pytest.mark.filterwarnings("ignore:Async generator 'http:ResourceWarning")
 
 
-@pytest.mark.parametrize("answer, call, expected", [
-    *(pytest.param(*case[1:], id=case[0]) for case in HOSTILE),
-    pytest.param(endless_chunked, get_chunk, FormatError, id="endless body",
-                 marks=ABANDONS_STREAM),
-])
-async def test_hostile_answers(answer: bytes | Handler, call: Call,
-                               expected: type[MegafsError]) -> None:
+@pytest.mark.parametrize(
+    "answer, call, expected",
+    [
+        *(pytest.param(*case[1:], id=case[0]) for case in HOSTILE),
+        pytest.param(
+            endless_chunked, get_chunk, FormatError, id="endless body", marks=ABANDONS_STREAM
+        ),
+    ],
+)
+async def test_hostile_answers(
+    answer: bytes | Handler, call: Call, expected: type[MegafsError]
+) -> None:
     async with hostile(answer) as (url, _), RemoteClient(url, TOKEN, retries=0) as client:
         with pytest.raises(expected) as info:
             await call(client)
@@ -249,55 +296,71 @@ async def test_hostile_answers(answer: bytes | Handler, call: Call,
 
 async def test_error_answers_carry_the_server_detail_made_printable() -> None:
     body = json.dumps({"error": "version_conflict", "detail": "at \x1b[31mversion 7\x07"})
-    async with hostile(http("409 Conflict", body.encode())) as (url, _), \
-            RemoteClient(url, TOKEN, retries=0) as client:
+    async with (
+        hostile(http("409 Conflict", body.encode())) as (url, _),
+        RemoteClient(url, TOKEN, retries=0) as client,
+    ):
         with pytest.raises(VersionConflict) as info:
             await client.delete_node(NODE, expect_version=1)
     assert info.value.detail == "at  [31mversion 7"
-    results = ok({"results": [{"error": "not_empty", "detail": "\x1b]0;owned\x07"},
-                              {"version": 0}]})
+    results = ok(
+        {"results": [{"error": "not_empty", "detail": "\x1b]0;owned\x07"}, {"version": 0}]}
+    )
     async with hostile(results) as (url, _), RemoteClient(url, TOKEN, retries=0) as client:
         error, deleted = await batch(client)
     assert isinstance(error, NotEmpty) and error.detail == "]0;owned" and deleted == 0
 
 
 async def test_server_errors_are_retried_then_reported() -> None:
-    async with hostile(http("503 Service Unavailable", b"busy")) as (url, requests), \
-            RemoteClient(url, TOKEN, retries=2) as client:
+    async with (
+        hostile(http("503 Service Unavailable", b"busy")) as (url, requests),
+        RemoteClient(url, TOKEN, retries=2) as client,
+    ):
         with pytest.raises(RemoteError, match="503"):
             await client.get_chunk(CHUNK)
     assert len(requests) == 3
-    async with hostile(http("504 Gateway Timeout", b"")) as (url, requests), \
-            RemoteClient(url, TOKEN, retries=0) as client:
+    async with (
+        hostile(http("504 Gateway Timeout", b"")) as (url, requests),
+        RemoteClient(url, TOKEN, retries=0) as client,
+    ):
         with pytest.raises(RemoteTimeout):
             await client.get_chunk(CHUNK)
-    async with hostile(http("400 Bad Request", b"")) as (url, requests), \
-            RemoteClient(url, TOKEN, retries=3) as client:
+    async with (
+        hostile(http("400 Bad Request", b"")) as (url, requests),
+        RemoteClient(url, TOKEN, retries=3) as client,
+    ):
         with pytest.raises(MegafsError):
             await client.get_chunk(CHUNK)
     assert len(requests) == 1  # a 4xx is never retried
 
 
 async def test_a_silent_server_times_out() -> None:
-    async with hostile(silent) as (url, _), \
-            RemoteClient(url, TOKEN, timeout=0.3, retries=1) as client:
+    async with (
+        hostile(silent) as (url, _),
+        RemoteClient(url, TOKEN, timeout=0.3, retries=1) as client,
+    ):
         with pytest.raises(RemoteTimeout) as info:
             await client.get_chunk(CHUNK)
     assert isinstance(info.value.__cause__, httpx.TimeoutException)
 
 
 async def test_the_token_travels_only_in_the_authorization_header() -> None:
-    async with hostile(http("204 No Content", b"")) as (url, requests), \
-            RemoteClient(url, TOKEN, retries=0) as client:
+    async with (
+        hostile(http("204 No Content", b"")) as (url, requests),
+        RemoteClient(url, TOKEN, retries=0) as client,
+    ):
         await client.delete_node(NODE, expect_version=3)
     request_line, *headers = requests[0].split(b"\r\n")
     assert request_line == f"DELETE /v1/nodes/{NODE.hex()}?expect_version=3 HTTP/1.1".encode()
-    assert [h for h in headers if TOKEN.encode() in h] == [f"Authorization: Bearer {TOKEN}"
-                                                          .encode()]
+    assert [h for h in headers if TOKEN.encode() in h] == [
+        f"Authorization: Bearer {TOKEN}".encode()
+    ]
 
 
 async def test_chunk_of_maximum_size_is_accepted() -> None:
     data = os.urandom(MAX_CHUNK_BYTES)
-    async with hostile(http("200 OK", data)) as (url, _), \
-            RemoteClient(url, TOKEN, retries=0) as client:
+    async with (
+        hostile(http("200 OK", data)) as (url, _),
+        RemoteClient(url, TOKEN, retries=0) as client,
+    ):
         assert await client.get_chunk(CHUNK) == data

@@ -26,8 +26,15 @@ async def test_sigterm_stops_cleanly_and_data_persists(own_server: ServerProcess
     node, chunk = os.urandom(16), os.urandom(32)
     async with user.client as client:
         await client.put_chunk(chunk, b"ciphertext")
-        await client.put_node(node, parent=user.root, expect_version=0, meta=b"m",
-                              content=b"c", chunks=[chunk], commit_id=os.urandom(16))
+        await client.put_node(
+            node,
+            parent=user.root,
+            expect_version=0,
+            meta=b"m",
+            content=b"c",
+            chunks=[chunk],
+            commit_id=os.urandom(16),
+        )
         url = own_server.url
         assert own_server.stop() == 0
         assert not (own_server.data_dir / "server.json").exists()
@@ -51,11 +58,17 @@ async def test_sigterm_lets_requests_in_flight_finish(own_server: ServerProcess)
         await trio.sleep(0.3)
         yield b"second half"
 
-    async with httpx.AsyncClient(base_url=own_server.url + API_PREFIX) as http, \
-            trio.open_nursery() as nursery:
+    async with (
+        httpx.AsyncClient(base_url=own_server.url + API_PREFIX) as http,
+        trio.open_nursery() as nursery,
+    ):
+
         async def upload() -> None:
-            answer = await http.put(f"/chunks/{'ab' * 32}", content=slow_body(),
-                                    headers={"Authorization": f"Bearer {user.session.token}"})
+            answer = await http.put(
+                f"/chunks/{'ab' * 32}",
+                content=slow_body(),
+                headers={"Authorization": f"Bearer {user.session.token}"},
+            )
             assert answer.status_code == 201, answer.text
 
         nursery.start_soon(upload)
@@ -70,8 +83,15 @@ async def test_crash_and_restart(own_server: ServerProcess) -> None:
     user = await new_user(own_server.url, retries=8)
     async with user.client as client:
         node = os.urandom(16)
-        await client.put_node(node, parent=user.root, expect_version=0, meta=b"m",
-                              content=None, chunks=[], commit_id=os.urandom(16))
+        await client.put_node(
+            node,
+            parent=user.root,
+            expect_version=0,
+            meta=b"m",
+            content=None,
+            chunks=[],
+            commit_id=os.urandom(16),
+        )
         own_server.kill()
         assert (own_server.data_dir / "server.json").exists()  # stale, as after any crash
         own_server.start()
@@ -79,18 +99,32 @@ async def test_crash_and_restart(own_server: ServerProcess) -> None:
 
 
 def _run_server(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "megafs.server", *args], capture_output=True,
-                          text=True, timeout=60, stdin=subprocess.DEVNULL)
+    return subprocess.run(
+        [sys.executable, "-m", "megafs.server", *args],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        stdin=subprocess.DEVNULL,
+    )
 
 
 def test_startup_errors_are_one_line(own_server: ServerProcess, tmp_path: Path) -> None:
     cases = [
-        (["--data", str(tmp_path / "other"), "--listen", f"127.0.0.1:{own_server.port}"],
-         1, "cannot listen on"),
-        (["--data", str(own_server.data_dir), "--listen", "127.0.0.1:0"],
-         1, "another megafs server is using"),
-        (["--data", str(tmp_path / "file" / "data"), "--listen", "127.0.0.1:0"],
-         1, "cannot use the data directory"),
+        (
+            ["--data", str(tmp_path / "other"), "--listen", f"127.0.0.1:{own_server.port}"],
+            1,
+            "cannot listen on",
+        ),
+        (
+            ["--data", str(own_server.data_dir), "--listen", "127.0.0.1:0"],
+            1,
+            "another megafs server is using",
+        ),
+        (
+            ["--data", str(tmp_path / "file" / "data"), "--listen", "127.0.0.1:0"],
+            1,
+            "cannot use the data directory",
+        ),
         (["--data", str(tmp_path / "d"), "--listen", "8377"], 2, "HOST:PORT"),
     ]
     (tmp_path / "file").write_text("not a directory")
@@ -111,10 +145,24 @@ async def test_garbage_collection_removes_only_old_unreferenced_chunks(
             await client.put_chunk(chunk, chunk * 10)
         a, b = os.urandom(16), os.urandom(16)
         for node, chunk in ((a, kept), (b, replaced)):
-            await client.put_node(node, parent=user.root, expect_version=0, meta=b"m",
-                                  content=b"c", chunks=[chunk], commit_id=os.urandom(16))
-        await client.put_node(b, parent=user.root, expect_version=1, meta=b"m", content=b"c",
-                              chunks=[deleted], commit_id=os.urandom(16))
+            await client.put_node(
+                node,
+                parent=user.root,
+                expect_version=0,
+                meta=b"m",
+                content=b"c",
+                chunks=[chunk],
+                commit_id=os.urandom(16),
+            )
+        await client.put_node(
+            b,
+            parent=user.root,
+            expect_version=1,
+            meta=b"m",
+            content=b"c",
+            chunks=[deleted],
+            commit_id=os.urandom(16),
+        )
         await client.delete_node(b, expect_version=2)
         used = (await client.account()).used
 
@@ -124,7 +172,10 @@ async def test_garbage_collection_removes_only_old_unreferenced_chunks(
         own_server.start()
 
         assert await client.missing_chunks([kept, loose, replaced, deleted]) == {
-            loose, replaced, deleted}
+            loose,
+            replaced,
+            deleted,
+        }
         assert await client.get_chunk(kept) == kept * 10
         assert (await client.account()).used == used - 3 * 320
         files = {p.name for p in (own_server.data_dir / "chunks").rglob("*") if p.is_file()}

@@ -36,9 +36,15 @@ PER_ADDRESS = 8
 
 @pytest.fixture
 def strict_server(tmp_path: Path) -> Iterator[ServerProcess]:
-    with running_server(tmp_path / "data", args=(
-            "--failed-logins-per-account", str(PER_ACCOUNT),
-            "--failed-logins-per-address", str(PER_ADDRESS))) as srv:
+    with running_server(
+        tmp_path / "data",
+        args=(
+            "--failed-logins-per-account",
+            str(PER_ACCOUNT),
+            "--failed-logins-per-address",
+            str(PER_ADDRESS),
+        ),
+    ) as srv:
         yield srv
 
 
@@ -67,9 +73,14 @@ async def test_an_account_is_locked_out_after_failures(strict_server: ServerProc
         await _login(url, alice.creds.email, alice.creds.auth_secret)
 
     async with httpx.AsyncClient(base_url=url + API_PREFIX) as http:
-        answer = await http.post("/login", json={
-            "email": alice.creds.email, "auth_secret": b64e(alice.creds.auth_secret),
-            "device": "d"})
+        answer = await http.post(
+            "/login",
+            json={
+                "email": alice.creds.email,
+                "auth_secret": b64e(alice.creds.auth_secret),
+                "device": "d",
+            },
+        )
     assert answer.status_code == 429
     assert answer.json()["error"] == "rate_limited"
     assert 0 < int(answer.headers["retry-after"]) <= 30
@@ -112,8 +123,7 @@ async def test_other_proofs_count_too(strict_server: ServerProcess) -> None:
             with pytest.raises(AuthFailed):
                 await client.login(user.creds.email, os.urandom(32), "d")
             with pytest.raises(RateLimited):
-                await client.login(user.creds.email, user.creds.auth_secret, "d",
-                                   code="000000")
+                await client.login(user.creds.email, user.creds.auth_secret, "d", code="000000")
 
 
 # -- the same steps for an unknown email and a wrong password ---------------------------
@@ -156,10 +166,19 @@ async def test_unknown_email_and_wrong_password_take_the_same_path(
     auth = Auth(cast(MetadataStore, recording), limits=LoginLimits(account_free=100))
     creds, with_2fa = Creds.random(), Creds.random()
     for c in (creds, with_2fa):
-        await auth.signup(c.email, c.kdf, c.auth_secret, c.keyblob, c.root_id.hex(),
-                          c.root_meta, "d", quota=1 << 20)
-    session = await auth.login(with_2fa.email, with_2fa.auth_secret, "d", code=None,
-                               long_lived=False, client="127.0.0.1")
+        await auth.signup(
+            c.email,
+            c.kdf,
+            c.auth_secret,
+            c.keyblob,
+            c.root_id.hex(),
+            c.root_meta,
+            "d",
+            quota=1 << 20,
+        )
+    session = await auth.login(
+        with_2fa.email, with_2fa.auth_secret, "d", code=None, long_lived=False, client="127.0.0.1"
+    )
     caller = await auth.authenticate(f"Bearer {session.token}")
     secret = await auth.begin_totp(caller)
     now = await clear_of_step_edge()
@@ -171,6 +190,7 @@ async def test_unknown_email_and_wrong_password_take_the_same_path(
         def wrapper(*args: Any, **kwargs: Any) -> Any:
             counts[name] += 1
             return fn(*args, **kwargs)
+
         return wrapper
 
     monkeypatch.setattr(hashlib, "sha256", counting("sha256", hashlib.sha256))
@@ -181,10 +201,12 @@ async def test_unknown_email_and_wrong_password_take_the_same_path(
         recording.calls.clear()
         counts.update(sha256=0, compare_digest=0)
         with pytest.raises(AuthFailed) as failed:
-            await auth.login(email, os.urandom(32), "d", code=None, long_lived=False,
-                             client="127.0.0.1")
-        traces.append((list(recording.calls), dict(counts), type(failed.value),
-                       failed.value.detail))
+            await auth.login(
+                email, os.urandom(32), "d", code=None, long_lived=False, client="127.0.0.1"
+            )
+        traces.append(
+            (list(recording.calls), dict(counts), type(failed.value), failed.value.detail)
+        )
     assert traces[0] == traces[1] == traces[2]
     calls, hashed, cls, detail = traces[0]
     assert "account_by_email" in calls and "throttle_failure" in calls
@@ -198,12 +220,13 @@ async def test_locked_out_attempts_check_nothing(store: SQLiteMetadataStore) -> 
     recording = _Recording(store)
     auth = Auth(cast(MetadataStore, recording), limits=LoginLimits(account_free=0))
     with pytest.raises(AuthFailed):
-        await auth.login("x@example.org", os.urandom(32), "d", code=None, long_lived=False,
-                         client="10.0.0.1")
+        await auth.login(
+            "x@example.org", os.urandom(32), "d", code=None, long_lived=False, client="10.0.0.1"
+        )
     recording.calls.clear()
     with pytest.raises(RateLimited) as limited:
-        await auth.login("x@example.org", os.urandom(32), "d", code=None, long_lived=False,
-                         client="10.0.0.2")
+        await auth.login(
+            "x@example.org", os.urandom(32), "d", code=None, long_lived=False, client="10.0.0.2"
+        )
     assert "account_by_email" not in recording.calls
     assert 0 < limited.value.retry_after <= 30
-

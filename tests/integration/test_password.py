@@ -40,22 +40,37 @@ async def test_passwd(server: ServerProcess, tmp_path: Path) -> None:
     drive.signup()
     old_password = drive.password_file.read_text().strip()
     before = await master_key(server.url, drive.email, old_password)
-    drive.cli("login", server.url, drive.email, "--password-file", str(drive.password_file),
-              "--remember")
+    drive.cli(
+        "login", server.url, drive.email, "--password-file", str(drive.password_file), "--remember"
+    )
     other = Drive(tmp_path / "b", server.url, email=drive.email)
-    other.cli("login", server.url, drive.email, "--password-file", str(other.password_file),
-              "--remember")
+    other.cli(
+        "login", server.url, drive.email, "--password-file", str(other.password_file), "--remember"
+    )
     new_file = write(tmp_path / "new", "a brand new passphrase")
 
-    wrong = drive.cli("passwd", "--password-file", write(tmp_path / "bad", "not it at all"),
-                      "--new-password-file", new_file, check=False)
+    wrong = drive.cli(
+        "passwd",
+        "--password-file",
+        write(tmp_path / "bad", "not it at all"),
+        "--new-password-file",
+        new_file,
+        check=False,
+    )
     assert wrong.returncode == 3, wrong.stderr
-    short = drive.cli("passwd", "--password-file", str(drive.password_file),
-                      "--new-password-file", write(tmp_path / "short", "short"), check=False)
+    short = drive.cli(
+        "passwd",
+        "--password-file",
+        str(drive.password_file),
+        "--new-password-file",
+        write(tmp_path / "short", "short"),
+        check=False,
+    )
     assert short.returncode == 1 and "at least 8" in short.stderr
 
-    drive.cli("passwd", "--password-file", str(drive.password_file),
-              "--new-password-file", new_file)
+    drive.cli(
+        "passwd", "--password-file", str(drive.password_file), "--new-password-file", new_file
+    )
     assert await master_key(server.url, drive.email, "a brand new passphrase") == before
     with pytest.raises(AuthFailed):
         await master_key(server.url, drive.email, old_password)
@@ -83,21 +98,36 @@ async def test_recovery_key_resets_a_forgotten_password(
     drive.signup()
     old_password = drive.password_file.read_text().strip()
     before = await master_key(server.url, drive.email, old_password)
-    drive.cli("login", server.url, drive.email, "--password-file", str(drive.password_file),
-              "--remember")
+    drive.cli(
+        "login", server.url, drive.email, "--password-file", str(drive.password_file), "--remember"
+    )
     shown = drive.cli("recovery-key", "--password-file", str(drive.password_file)).stdout
     key = shown.split("\n\n")[1].strip()
     assert len(key.split("-")) == 13, shown
 
     fresh = Drive(tmp_path / "b", server.url, email=drive.email)
     new_file = write(tmp_path / "new", "chosen after forgetting")
-    bad = fresh.cli("login", server.url, drive.email, "--recovery-key-file",
-                    write(tmp_path / "bad-key", key[:-4] + "AAAA"),
-                    "--password-file", new_file, check=False)
+    bad = fresh.cli(
+        "login",
+        server.url,
+        drive.email,
+        "--recovery-key-file",
+        write(tmp_path / "bad-key", key[:-4] + "AAAA"),
+        "--password-file",
+        new_file,
+        check=False,
+    )
     assert bad.returncode == 3 and "wrong email or recovery key" in bad.stderr
-    fresh.cli("login", server.url, drive.email, "--recovery-key-file",
-              write(tmp_path / "key", key.lower().replace("-", " ")),
-              "--password-file", new_file, "--remember")
+    fresh.cli(
+        "login",
+        server.url,
+        drive.email,
+        "--recovery-key-file",
+        write(tmp_path / "key", key.lower().replace("-", " ")),
+        "--password-file",
+        new_file,
+        "--remember",
+    )
 
     assert await master_key(server.url, drive.email, "chosen after forgetting") == before
     with pytest.raises(AuthFailed):

@@ -62,8 +62,10 @@ async def test_an_unused_session_expires_a_used_one_lives_on(
     now = int(time.time())
     with sqlite3.connect(server.data_dir / "meta.sqlite3") as db:
         db.execute("PRAGMA busy_timeout=10000")
-        db.execute("UPDATE sessions SET last_seen = ?, expires = ? WHERE token_hash = ?",
-                   (now - 3600, now + 5, token_hash))
+        db.execute(
+            "UPDATE sessions SET last_seen = ?, expires = ? WHERE token_hash = ?",
+            (now - 3600, now + 5, token_hash),
+        )
     db.close()
     await alice.client.account()  # used: pushed forward by its idle time
     (session,) = [s for s in await alice.client.sessions() if s.current]
@@ -74,10 +76,12 @@ async def test_a_version_1_database_is_upgraded(tmp_path: Path) -> None:
     """Sessions of a server from before session ids keep working."""
     path = tmp_path / "meta.sqlite3"
     meta = await trio.to_thread.run_sync(SQLiteMetadataStore, path)
-    account = await meta.create_account("a@example.org", {}, b"h", b"k", "00" * 16, b"m",
-                                        quota=1000, now=1)
-    await meta.add_session(b"t" * 32, "0123456789abcdef", account.id, "old", now=1,
-                           idle_seconds=10**9)
+    account = await meta.create_account(
+        "a@example.org", {}, b"h", b"k", "00" * 16, b"m", quota=1000, now=1
+    )
+    await meta.add_session(
+        b"t" * 32, "0123456789abcdef", account.id, "old", now=1, idle_seconds=10**9
+    )
     await meta.aclose()
     with sqlite3.connect(path) as db:  # what version 1 had
         for table in ("totp", "recovery_codes", "recovery_keys", "throttle"):
@@ -102,11 +106,13 @@ async def test_a_version_1_database_is_upgraded(tmp_path: Path) -> None:
 def test_cli_sessions(server: ServerProcess, tmp_path: Path) -> None:
     drive = Drive(tmp_path / "a", server.url, email="cli-sessions@example.org")
     drive.signup()
-    drive.cli("login", server.url, drive.email, "--password-file", str(drive.password_file),
-              "--remember")
+    drive.cli(
+        "login", server.url, drive.email, "--password-file", str(drive.password_file), "--remember"
+    )
     other = Drive(tmp_path / "b", server.url, email=drive.email)
-    other.cli("login", server.url, drive.email, "--password-file", str(other.password_file),
-              "--remember")
+    other.cli(
+        "login", server.url, drive.email, "--password-file", str(other.password_file), "--remember"
+    )
     listed = drive.cli("sessions").stdout
     rows = re.findall(r"^([* ]) ([0-9a-f]{16}) ", listed, re.MULTILINE)
     assert len(rows) == 2, listed

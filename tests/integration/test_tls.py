@@ -29,21 +29,28 @@ def self_signed(directory: Path) -> tuple[Path, Path]:
     now = datetime.datetime.now(datetime.UTC)
     cert = (
         x509.CertificateBuilder()
-        .subject_name(name).issuer_name(name)
+        .subject_name(name)
+        .issuer_name(name)
         .public_key(key.public_key())
         .serial_number(x509.random_serial_number())
         .not_valid_before(now - datetime.timedelta(minutes=5))
         .not_valid_after(now + datetime.timedelta(days=1))
-        .add_extension(x509.SubjectAlternativeName(
-            [x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]), critical=False)
+        .add_extension(
+            x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
+            critical=False,
+        )
         .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
         .sign(key, hashes.SHA256())
     )
     cert_path, key_path = directory / "cert.pem", directory / "key.pem"
     cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    key_path.write_bytes(key.private_bytes(serialization.Encoding.PEM,
-                                           serialization.PrivateFormat.PKCS8,
-                                           serialization.NoEncryption()))
+    key_path.write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+    )
     key_path.chmod(0o600)
     return cert_path, key_path
 
@@ -51,8 +58,9 @@ def self_signed(directory: Path) -> tuple[Path, Path]:
 @pytest.fixture
 def tls_server(tmp_path: Path) -> Iterator[tuple[ServerProcess, Path]]:
     cert, key = self_signed(tmp_path)
-    with running_server(tmp_path / "data", args=(
-            "--tls-cert", str(cert), "--tls-key", str(key))) as srv:
+    with running_server(
+        tmp_path / "data", args=("--tls-cert", str(cert), "--tls-key", str(key))
+    ) as srv:
         yield srv, cert
 
 
@@ -80,16 +88,34 @@ def test_tls_start_errors(tmp_path: Path) -> None:
     (tmp_path / "junk.pem").write_text("not a certificate")
     cases = [
         (["--tls-cert", str(cert)], 2, "go together"),
-        (["--tls-cert", str(tmp_path / "junk.pem"), "--tls-key", str(key)], 1,
-         "cannot use the TLS certificate"),
-        (["--tls-cert", str(cert), "--tls-key", str(tmp_path / "missing.pem")], 1,
-         "cannot use the TLS certificate"),
+        (
+            ["--tls-cert", str(tmp_path / "junk.pem"), "--tls-key", str(key)],
+            1,
+            "cannot use the TLS certificate",
+        ),
+        (
+            ["--tls-cert", str(cert), "--tls-key", str(tmp_path / "missing.pem")],
+            1,
+            "cannot use the TLS certificate",
+        ),
     ]
     for args, code, message in cases:
         proc = subprocess.run(
-            [sys.executable, "-m", "megafs.server", "--data", str(tmp_path / "d"),
-             "--listen", "127.0.0.1:0", *args],
-            capture_output=True, text=True, timeout=60, stdin=subprocess.DEVNULL)
+            [
+                sys.executable,
+                "-m",
+                "megafs.server",
+                "--data",
+                str(tmp_path / "d"),
+                "--listen",
+                "127.0.0.1:0",
+                *args,
+            ],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            stdin=subprocess.DEVNULL,
+        )
         lines = proc.stderr.strip().splitlines()
         assert proc.returncode == code, proc.stderr
         assert len(lines) == 1 and message in lines[0], proc.stderr

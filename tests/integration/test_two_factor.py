@@ -145,30 +145,62 @@ async def test_cli_enable_login_mount_credentials(server: ServerProcess, tmp_pat
     assert "otpauth://totp/" in shown.stdout and "not on yet" in shown.stdout
     secret = _secret_from(shown.stdout)
     now = await clear_of_step_edge()
-    on = drive.cli("2fa", "enable", "--password-file", str(drive.password_file),
-                   "--code", totp_code(secret, now - TOTP_STEP))
+    on = drive.cli(
+        "2fa",
+        "enable",
+        "--password-file",
+        str(drive.password_file),
+        "--code",
+        totp_code(secret, now - TOTP_STEP),
+    )
     codes = re.findall(r"^  ([a-z2-7-]{19})$", on.stdout, re.MULTILINE)
     assert len(codes) == RECOVERY_CODES, on.stdout
 
-    refused = drive.cli("login", server.url, drive.email, "--password-file",
-                        str(drive.password_file), check=False)
+    refused = drive.cli(
+        "login", server.url, drive.email, "--password-file", str(drive.password_file), check=False
+    )
     assert refused.returncode == 3
     assert refused.stderr.strip().splitlines() == [
         "megafs: this account uses two-factor authentication: give --totp-code CODE "
-        "(a code from the app, or a recovery code)"]
-    wrong = drive.cli("login", server.url, drive.email, "--password-file",
-                      str(drive.password_file), "--totp-code", "000000", check=False)
+        "(a code from the app, or a recovery code)"
+    ]
+    wrong = drive.cli(
+        "login",
+        server.url,
+        drive.email,
+        "--password-file",
+        str(drive.password_file),
+        "--totp-code",
+        "000000",
+        check=False,
+    )
     assert wrong.returncode == 3 and "wrong or already used" in wrong.stderr
-    drive.cli("login", server.url, drive.email, "--password-file", str(drive.password_file),
-              "--totp-code", totp_code(secret, now), "--remember")
+    drive.cli(
+        "login",
+        server.url,
+        drive.email,
+        "--password-file",
+        str(drive.password_file),
+        "--totp-code",
+        totp_code(secret, now),
+        "--remember",
+    )
     # The remembered login needs neither password nor code.
     listed = drive.cli("sessions")
     assert listed.stdout.count("\n* ") == 1
 
     other = Drive(tmp_path / "b", server.url, email=drive.email)
-    other.cli("login", server.url, drive.email, "--password-file", str(drive.password_file),
-              "--totp-code", codes[0])
-    off = other.cli("2fa", "disable", "--password-file", str(other.password_file),
-                    "--code", codes[1])
+    other.cli(
+        "login",
+        server.url,
+        drive.email,
+        "--password-file",
+        str(drive.password_file),
+        "--totp-code",
+        codes[0],
+    )
+    off = other.cli(
+        "2fa", "disable", "--password-file", str(other.password_file), "--code", codes[1]
+    )
     assert "off" in off.stdout
     other.login()  # no code needed any more

@@ -36,8 +36,13 @@ class Creds:
     def random(cls) -> Creds:
         return cls(
             email=f"user-{uuid.uuid4().hex[:12]}@example.org",
-            kdf={"alg": "argon2id", "memory_kib": 65536, "iterations": 3, "lanes": 4,
-                 "salt": b64e(os.urandom(16))},
+            kdf={
+                "alg": "argon2id",
+                "memory_kib": 65536,
+                "iterations": 3,
+                "lanes": 4,
+                "salt": b64e(os.urandom(16)),
+            },
             auth_secret=os.urandom(32),
             keyblob=os.urandom(76),
             root_id=os.urandom(16),
@@ -45,13 +50,22 @@ class Creds:
         )
 
     async def signup(self, client: RemoteClient) -> Session:
-        return await client.signup(self.email, self.kdf, self.auth_secret, self.keyblob,
-                                   self.root_id, self.root_meta, "test-device")
+        return await client.signup(
+            self.email,
+            self.kdf,
+            self.auth_secret,
+            self.keyblob,
+            self.root_id,
+            self.root_meta,
+            "test-device",
+        )
 
     def signup_json(self) -> dict[str, Any]:
         """The signup body as raw JSON, for tests that bend it."""
         return {
-            "email": self.email, "kdf": self.kdf, "auth_secret": b64e(self.auth_secret),
+            "email": self.email,
+            "kdf": self.kdf,
+            "auth_secret": b64e(self.auth_secret),
             "keyblob": b64e(self.keyblob),
             "root": {"id": self.root_id.hex(), "meta": b64e(self.root_meta)},
             "device": "test-device",

@@ -74,17 +74,17 @@ def test_changes_on_one_device_show_on_the_other(devices: tuple[Drive, Drive]) -
     os.rename(a / "notes.txt", a / "docs" / "renamed.txt")
     waits.append(
         _eventually(
-            lambda: not (b / "notes.txt").exists()
-            and _read(b / "docs" / "renamed.txt") == b"second version\n",
+            lambda: (
+                not (b / "notes.txt").exists()
+                and _read(b / "docs" / "renamed.txt") == b"second version\n"
+            ),
             "rename into a new folder",
         )
     )
 
     os.chmod(a / "docs" / "renamed.txt", 0o600)
     waits.append(
-        _eventually(
-            lambda: os.stat(b / "docs" / "renamed.txt").st_mode & 0o777 == 0o600, "chmod"
-        )
+        _eventually(lambda: os.stat(b / "docs" / "renamed.txt").st_mode & 0o777 == 0o600, "chmod")
     )
 
     os.unlink(a / "docs" / "renamed.txt")

@@ -10,6 +10,7 @@ import random
 import pytest
 
 from megafs.crypto import CHUNK_SIZE, OVERHEAD, AccountKeys, open_chunk, seal, seal_chunk
+from megafs.crypto.chunks import PIECE, mark_pieces, open_piece
 from megafs.errors import IntegrityError
 from tests.unit.crypto.util import (
     HEADER,
@@ -102,8 +103,20 @@ def test_full_chunk_header_bits_and_sampled_body_bits(account: AccountKeys, big:
 def test_full_chunk_truncations(account: AccountKeys, big: bytes) -> None:
     sealed = seal_chunk(account, big)
     n = len(sealed.blob)
-    lengths = [0, 1, HEADER - 1, HEADER, HEADER + 1, OVERHEAD - 1, OVERHEAD, n // 2, n - 17,
-               n - 16, n - 15, n - 1]
+    lengths = [
+        0,
+        1,
+        HEADER - 1,
+        HEADER,
+        HEADER + 1,
+        OVERHEAD - 1,
+        OVERHEAD,
+        n // 2,
+        n - 17,
+        n - 16,
+        n - 15,
+        n - 1,
+    ]
     opener = lambda b: open_chunk(account, sealed.secret, b)  # noqa: E731
     expect_integrity_error(opener, ((k, sealed.blob[:k]) for k in lengths))
     expect_integrity_error(opener, appended(sealed.blob))
@@ -164,3 +177,53 @@ def test_injected_chunk_made_by_the_server_is_refused(account: AccountKeys) -> N
         open_chunk(account, secret, seal(server_key, b"data", CHUNK_AD))
     with pytest.raises(IntegrityError):
         open_chunk(account, secret, seal(_chunk_key(bytes(32)), b"data", CHUNK_AD))
+
+
+# -- reading a verified chunk in pieces -------------------------------------------
+
+
+MAC_KEY = bytes(range(32, 64))
+
+
+@pytest.mark.parametrize("size", [1, 17, PIECE - 1, PIECE, PIECE + 1, 3 * PIECE + 5, CHUNK_SIZE])
+def test_every_range_of_a_marked_chunk_decrypts_as_the_whole(
+    account: AccountKeys, size: int
+) -> None:
+    plain = random.Random(size).randbytes(size)
+    sealed = seal_chunk(account, plain)
+    marks = mark_pieces(sealed.blob, MAC_KEY)
+    rng = random.Random(size + 1)
+    ranges = [(0, size), (size - 1, 1), (0, 1)]
+    ranges += [(s, rng.randint(1, size - s)) for s in (rng.randrange(size) for _ in range(40))]
+    for start, n in ranges:
+        offset, length = marks.span(start, n)
+        data = sealed.blob[offset : offset + length]
+        assert open_piece(sealed.secret, marks, MAC_KEY, data, start, n) == plain[start : start + n]
+
+
+def test_a_4k_read_touches_one_piece(account: AccountKeys, big: bytes) -> None:
+    marks = mark_pieces(seal_chunk(account, big).blob, MAC_KEY)
+    assert marks.span(5 * 4096, 4096) == (HEADER + PIECE, PIECE)
+    assert len(marks.macs) == 16 * (CHUNK_SIZE // PIECE)
+
+
+def test_a_changed_piece_is_refused(account: AccountKeys, big: bytes) -> None:
+    """Any bit of the bytes read, or a piece from elsewhere in the chunk,
+    is IntegrityError: the marks stand in for the tag the piece lacks."""
+    sealed = seal_chunk(account, big)
+    marks = mark_pieces(sealed.blob, MAC_KEY)
+    start, n = 3 * PIECE + 100, 4096
+    offset, length = marks.span(start, n)
+    data = sealed.blob[offset : offset + length]
+    for bit in range(0, 8 * length, 997):
+        with pytest.raises(IntegrityError):
+            open_piece(sealed.secret, marks, MAC_KEY, flip(data, bit), start, n)
+    other = sealed.blob[offset + PIECE : offset + PIECE + length]
+    with pytest.raises(IntegrityError):
+        open_piece(sealed.secret, marks, MAC_KEY, other, start, n)
+    with pytest.raises(IntegrityError):
+        open_piece(sealed.secret, marks, MAC_KEY, data[:-1], start, n)
+    with pytest.raises(IntegrityError):  # marks under another process's key
+        open_piece(sealed.secret, mark_pieces(sealed.blob, bytes(32)), MAC_KEY, data, start, n)
+    with pytest.raises(IntegrityError):  # past the chunk's end
+        open_piece(sealed.secret, marks, MAC_KEY, data, CHUNK_SIZE - 10, 11)

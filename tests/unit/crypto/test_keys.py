@@ -69,7 +69,9 @@ def test_minimum_and_default_parameters() -> None:
 def test_new_kdf_params_uses_defaults_and_a_random_salt() -> None:
     a, b = new_kdf_params(), new_kdf_params()
     assert (a.memory_kib, a.iterations, a.lanes) == (
-        DEFAULT_KDF.memory_kib, DEFAULT_KDF.iterations, DEFAULT_KDF.lanes,
+        DEFAULT_KDF.memory_kib,
+        DEFAULT_KDF.iterations,
+        DEFAULT_KDF.lanes,
     )
     assert len(a.salt) == 16 and a.salt != b.salt
     a.check()
@@ -149,7 +151,10 @@ def test_accepts_stronger_parameters_without_modifying_the_input() -> None:
     strong = _json(memory_kib=262144, iterations=4, lanes=8, salt=salt)
     params = KdfParams.from_json(strong)
     assert (params.memory_kib, params.iterations, params.lanes, params.salt) == (
-        262144, 4, 8, b"s" * 32,
+        262144,
+        4,
+        8,
+        b"s" * 32,
     )
     original = copy.deepcopy(strong)
     KdfParams.from_json(strong)
@@ -172,8 +177,7 @@ def test_password_keys_are_deterministic_and_independent() -> None:
     assert len(a.kek) == 32 and len(a.auth_secret) == 32
     assert a.kek != a.auth_secret
 
-    other_salt = KdfParams(FAST_KDF.memory_kib, FAST_KDF.iterations, FAST_KDF.lanes,
-                           b"\xff" * 16)
+    other_salt = KdfParams(FAST_KDF.memory_kib, FAST_KDF.iterations, FAST_KDF.lanes, b"\xff" * 16)
     c = derive_password_keys(b"correct horse", other_salt)
     assert c.kek != a.kek and c.auth_secret != a.auth_secret
 
@@ -225,8 +229,13 @@ def test_rewrap_with_a_new_password_keeps_the_master_key() -> None:
 
 
 @pytest.mark.parametrize(
-    ("master", "root"), [(MASTER[:31], ROOT_ID), (MASTER + b"\0", ROOT_ID),
-                         (MASTER, ROOT_ID[:15]), (MASTER, ROOT_ID + b"\0")]
+    ("master", "root"),
+    [
+        (MASTER[:31], ROOT_ID),
+        (MASTER + b"\0", ROOT_ID),
+        (MASTER, ROOT_ID[:15]),
+        (MASTER, ROOT_ID + b"\0"),
+    ],
 )
 def test_wrap_refuses_bad_lengths(master: bytes, root: bytes) -> None:
     with pytest.raises(ValueError):
@@ -252,7 +261,8 @@ def test_keyblob_is_bound_to_its_purpose() -> None:
         with pytest.raises(IntegrityError):
             unwrap_master_key(KEK, seal(KEK, payload, b"megafs/v1/keyblob"))
     assert unwrap_master_key(KEK, seal(KEK, MASTER + ROOT_ID, b"megafs/v1/keyblob")) == (
-        MASTER, ROOT_ID,
+        MASTER,
+        ROOT_ID,
     )
 
 
@@ -268,7 +278,9 @@ def test_account_subkeys_are_distinct_and_deterministic() -> None:
     assert a.root_id == ROOT_ID
     b = AccountKeys.from_master(bytes(range(1, 33)), ROOT_ID)
     assert not {a.chunk_mac_key, a.chunk_id_key, a.root_folder_key} & {
-        b.chunk_mac_key, b.chunk_id_key, b.root_folder_key,
+        b.chunk_mac_key,
+        b.chunk_id_key,
+        b.root_folder_key,
     }
 
 

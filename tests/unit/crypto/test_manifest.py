@@ -71,15 +71,23 @@ def test_encoding_matches_the_spec(name: str) -> None:
 
 
 def test_empty_file_manifest_layout() -> None:
-    assert MANIFESTS["empty"].encode() == bytes.fromhex("01" "00100000" "0000000000000000"
-                                                        "00000000")
+    assert MANIFESTS["empty"].encode() == bytes.fromhex("0100100000000000000000000000000000")
 
 
 @pytest.mark.parametrize(
     ("size", "count", "chunk_size"),
-    [(0, 1, CHUNK_SIZE), (1, 0, CHUNK_SIZE), (CHUNK_SIZE, 2, CHUNK_SIZE),
-     (CHUNK_SIZE + 1, 1, CHUNK_SIZE), (-1, 0, CHUNK_SIZE), (10, 1, 0), (10, 1, 4095),
-     (10, 1, 3 * 4096), (10, 1, 32 << 20), (10, 1, -4096)],
+    [
+        (0, 1, CHUNK_SIZE),
+        (1, 0, CHUNK_SIZE),
+        (CHUNK_SIZE, 2, CHUNK_SIZE),
+        (CHUNK_SIZE + 1, 1, CHUNK_SIZE),
+        (-1, 0, CHUNK_SIZE),
+        (10, 1, 0),
+        (10, 1, 4095),
+        (10, 1, 3 * 4096),
+        (10, 1, 32 << 20),
+        (10, 1, -4096),
+    ],
 )
 def test_inconsistent_geometry_cannot_be_built(size: int, count: int, chunk_size: int) -> None:
     with pytest.raises(ValueError):
@@ -126,8 +134,9 @@ def test_manifest_with_another_ad_is_refused() -> None:
     for ad in (b"megafs/v1/node" + NODE + NODE, b"megafs/v1/manifest", b""):
         with pytest.raises(IntegrityError):
             open_manifest(CONTENT_KEY, NODE, seal(CONTENT_KEY, plain, ad))
-    assert open_manifest(CONTENT_KEY, NODE, seal(CONTENT_KEY, plain, manifest_ad(NODE))) == (
-        MANIFESTS["one byte"]
+    assert (
+        open_manifest(CONTENT_KEY, NODE, seal(CONTENT_KEY, plain, manifest_ad(NODE)))
+        == (MANIFESTS["one byte"])
     )
 
 
@@ -302,8 +311,13 @@ def test_inline_content_round_trips_and_matches_the_spec(name: str) -> None:
 
 @pytest.mark.parametrize(
     ("size", "inline", "chunks"),
-    [(0, b"", ()), (2, b"x", ()), (1, b"xy", ()), (1, b"x", (S[0],)),
-     (MAX_INLINE + 1, bytes(MAX_INLINE + 1), ())],
+    [
+        (0, b"", ()),
+        (2, b"x", ()),
+        (1, b"xy", ()),
+        (1, b"x", (S[0],)),
+        (MAX_INLINE + 1, bytes(MAX_INLINE + 1), ()),
+    ],
 )
 def test_inconsistent_inline_content_cannot_be_built(
     size: int, inline: bytes, chunks: tuple[bytes, ...]

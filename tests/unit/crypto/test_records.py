@@ -50,33 +50,49 @@ RECORDS = {
     "file-xattrs": make_record(xattrs=XATTRS),
     "file-name-255": make_record(name=NAME_255),
     "empty-file": make_record(size=0, rev=0),
-    "symlink": make_record(kind=Kind.SYMLINK, name=b"link", mode=0o120777,
-                           target=b"../some/where \xff\xfe", size=17),
+    "symlink": make_record(
+        kind=Kind.SYMLINK, name=b"link", mode=0o120777, target=b"../some/where \xff\xfe", size=17
+    ),
     "fifo": make_record(kind=Kind.FIFO, name=b"pipe", mode=0o10600, size=0),
     "socket": make_record(kind=Kind.SOCKET, name=b"sock", mode=0o140755, size=0),
     "chardev": make_record(kind=Kind.CHARDEV, name=b"null", mode=0o20666, rdev=0x103),
-    "blockdev": make_record(kind=Kind.BLOCKDEV, name=b"sda", mode=0o60660,
-                            rdev=(8 << 8) | 0, xattrs={b"user.x": b"1"}),
+    "blockdev": make_record(
+        kind=Kind.BLOCKDEV, name=b"sda", mode=0o60660, rdev=(8 << 8) | 0, xattrs={b"user.x": b"1"}
+    ),
     "blockdev-rdev0": make_record(kind=Kind.BLOCKDEV, name=b"b0", mode=0o60660),
-    "extremes": make_record(mode=0xFFFFFFFF, uid=0xFFFFFFFF, gid=0, atime_ns=-(1 << 63),
-                            mtime_ns=(1 << 63) - 1, ctime_ns=-1, size=(1 << 64) - 1,
-                            rev=(1 << 64) - 1, rdev=(1 << 64) - 1),
-    "all-optional": make_record(kind=Kind.SYMLINK, name=b"x", target=b"t", rdev=1,
-                                xattrs={b"a": b"b"}, nlink=3),
+    "extremes": make_record(
+        mode=0xFFFFFFFF,
+        uid=0xFFFFFFFF,
+        gid=0,
+        atime_ns=-(1 << 63),
+        mtime_ns=(1 << 63) - 1,
+        ctime_ns=-1,
+        size=(1 << 64) - 1,
+        rev=(1 << 64) - 1,
+        rdev=(1 << 64) - 1,
+    ),
+    "all-optional": make_record(
+        kind=Kind.SYMLINK, name=b"x", target=b"t", rdev=1, xattrs={b"a": b"b"}, nlink=3
+    ),
     # Hard links: a further name (TARGET = the linked node's 16-byte id; its
     # KEY seals nothing), the hidden LINKS folder (KEY = its folder key), and
     # nodes living there, named by their id in hex, with their name count.
-    "link": make_record(kind=Kind.LINK, name=b"second name.txt", target=LINKED,
-                        key=bytes(range(200, 232))),
-    "link-to-device": make_record(kind=Kind.LINK, name=b"null2", mode=0o666, size=0,
-                                  target=LINKED, xattrs={b"user.k": b"v"}),
-    "links": make_record(kind=Kind.LINKS, name=b".megafs-links", mode=0o700, size=0, rev=1,
-                         key=LINKS_KEY),
+    "link": make_record(
+        kind=Kind.LINK, name=b"second name.txt", target=LINKED, key=bytes(range(200, 232))
+    ),
+    "link-to-device": make_record(
+        kind=Kind.LINK, name=b"null2", mode=0o666, size=0, target=LINKED, xattrs={b"user.k": b"v"}
+    ),
+    "links": make_record(
+        kind=Kind.LINKS, name=b".megafs-links", mode=0o700, size=0, rev=1, key=LINKS_KEY
+    ),
     "hard-linked": make_record(name=LINKED.hex().encode(), nlink=2),
-    "hard-linked-xattrs": make_record(name=LINKED.hex().encode(), nlink=(1 << 32) - 1,
-                                      xattrs=XATTRS),
-    "hard-linked-chardev": make_record(kind=Kind.CHARDEV, name=LINKED.hex().encode(),
-                                       mode=0o666, size=0, rdev=0x103, nlink=65000),
+    "hard-linked-xattrs": make_record(
+        name=LINKED.hex().encode(), nlink=(1 << 32) - 1, xattrs=XATTRS
+    ),
+    "hard-linked-chardev": make_record(
+        kind=Kind.CHARDEV, name=LINKED.hex().encode(), mode=0o666, size=0, rdev=0x103, nlink=65000
+    ),
 }
 
 
@@ -105,8 +121,15 @@ def test_encoding_matches_the_spec(name: str) -> None:
 def test_every_kind_round_trips() -> None:
     assert {r.kind for r in RECORDS.values()} == set(Kind)
     assert [(k.name, int(k)) for k in Kind] == [
-        ("DIR", 1), ("FILE", 2), ("SYMLINK", 3), ("FIFO", 4), ("SOCKET", 5), ("CHARDEV", 6),
-        ("BLOCKDEV", 7), ("LINK", 8), ("LINKS", 9),
+        ("DIR", 1),
+        ("FILE", 2),
+        ("SYMLINK", 3),
+        ("FIFO", 4),
+        ("SOCKET", 5),
+        ("CHARDEV", 6),
+        ("BLOCKDEV", 7),
+        ("LINK", 8),
+        ("LINKS", 9),
     ]
 
 
@@ -122,7 +145,10 @@ def test_nlink_is_written_last_and_only_when_not_one() -> None:
     assert data.endswith(bytes((T["NLINK"],)) + struct.pack(">II", 4, (1 << 32) - 1))
     assert record_fields(RECORDS["hard-linked-xattrs"])[-2][0] == T["XATTR"]
     assert [t for t, _ in record_fields(RECORDS["all-optional"])][-4:] == [
-        T["TARGET"], T["RDEV"], T["XATTR"], T["NLINK"],
+        T["TARGET"],
+        T["RDEV"],
+        T["XATTR"],
+        T["NLINK"],
     ]
 
 
@@ -172,9 +198,19 @@ def test_encode_refuses_invalid_records(changes: dict[str, object]) -> None:
         make_record(**changes).encode()
 
 
-@pytest.mark.parametrize("changes", [{"uid": -1}, {"mode": 1 << 32}, {"size": -1},
-                                     {"atime_ns": 1 << 63}, {"rdev": 1 << 64},
-                                     {"nlink": -1}, {"nlink": 1 << 32}], ids=repr)
+@pytest.mark.parametrize(
+    "changes",
+    [
+        {"uid": -1},
+        {"mode": 1 << 32},
+        {"size": -1},
+        {"atime_ns": 1 << 63},
+        {"rdev": 1 << 64},
+        {"nlink": -1},
+        {"nlink": 1 << 32},
+    ],
+    ids=repr,
+)
 def test_encode_refuses_out_of_range_integers(changes: dict[str, object]) -> None:
     with pytest.raises((ValueError, struct.error)):
         make_record(**changes).encode()
@@ -290,8 +326,10 @@ def test_record_sealed_with_another_purpose_is_refused() -> None:
     for ad in (b"megafs/v1/manifest" + NODE, b"megafs/v1/node" + NODE, b""):
         with pytest.raises(IntegrityError):
             open_record(FOLDER_KEY, NODE, PARENT, seal(FOLDER_KEY, data, ad))
-    assert open_record(FOLDER_KEY, NODE, PARENT,
-                       seal(FOLDER_KEY, data, record_ad(NODE, PARENT))) == RECORDS["file"]
+    assert (
+        open_record(FOLDER_KEY, NODE, PARENT, seal(FOLDER_KEY, data, record_ad(NODE, PARENT)))
+        == RECORDS["file"]
+    )
 
 
 def test_bad_id_lengths_are_programming_errors() -> None:
@@ -336,8 +374,7 @@ def test_hand_made_plaintext_control_opens() -> None:
     assert _open_plain(tlv([*F, _nlink(2)])) == BASE.evolve(nlink=2)
     assert _open_plain(tlv([*_without("XATTR"), _nlink(7)])) == BASE.evolve(xattrs={}, nlink=7)
     assert _open_plain(tlv([*F, _nlink(0xFFFFFFFF)])).nlink == 0xFFFFFFFF
-    assert _open_plain(tlv(_replace("KIND", bytes((Kind.LINKS,))))) == BASE.evolve(
-        kind=Kind.LINKS)
+    assert _open_plain(tlv(_replace("KIND", bytes((Kind.LINKS,))))) == BASE.evolve(kind=Kind.LINKS)
     # A LINK names its node by a 16-byte id, nothing else.
     link = [
         (t, bytes((Kind.LINK,)) if t == T["KIND"] else bytes(range(16)) if t == T["TARGET"] else v)
@@ -482,14 +519,23 @@ def _random_record(rng: random.Random) -> NodeRecord:
     for _ in range(rng.choice([0, 0, 1, 3, 8])):
         xattrs[rng.randbytes(rng.randint(1, 40))] = rng.randbytes(rng.randint(0, 300))
     return NodeRecord(
-        kind=kind, name=name, key=rng.randbytes(32), mode=rng.getrandbits(32),
-        uid=rng.getrandbits(32), gid=rng.getrandbits(32),
-        atime_ns=rng.getrandbits(64) - (1 << 63), mtime_ns=rng.getrandbits(64) - (1 << 63),
-        ctime_ns=rng.getrandbits(64) - (1 << 63), size=rng.getrandbits(64),
+        kind=kind,
+        name=name,
+        key=rng.randbytes(32),
+        mode=rng.getrandbits(32),
+        uid=rng.getrandbits(32),
+        gid=rng.getrandbits(32),
+        atime_ns=rng.getrandbits(64) - (1 << 63),
+        mtime_ns=rng.getrandbits(64) - (1 << 63),
+        ctime_ns=rng.getrandbits(64) - (1 << 63),
+        size=rng.getrandbits(64),
         rev=rng.getrandbits(rng.choice([1, 8, 64])),
         target=(
-            rng.randbytes(16) if kind == Kind.LINK
-            else rng.randbytes(rng.randint(0, 100)) if rng.random() < 0.4 else b""
+            rng.randbytes(16)
+            if kind == Kind.LINK
+            else rng.randbytes(rng.randint(0, 100))
+            if rng.random() < 0.4
+            else b""
         ),
         rdev=rng.getrandbits(64) if rng.random() < 0.3 else 0,
         xattrs=xattrs,

@@ -114,17 +114,31 @@ def ref_manifest(m: dict[str, Any]) -> bytes:
 
 def to_record(r: dict[str, Any]) -> NodeRecord:
     return NodeRecord(
-        kind=Kind(r["kind"]), name=x(r["name"]), key=x(r["key"]), mode=r["mode"], uid=r["uid"],
-        gid=r["gid"], atime_ns=r["atime_ns"], mtime_ns=r["mtime_ns"], ctime_ns=r["ctime_ns"],
-        size=r["size"], rev=r["rev"], target=x(r["target"]), rdev=r["rdev"],
-        xattrs={x(n): x(v) for n, v in r["xattrs"]}, nlink=r["nlink"],
+        kind=Kind(r["kind"]),
+        name=x(r["name"]),
+        key=x(r["key"]),
+        mode=r["mode"],
+        uid=r["uid"],
+        gid=r["gid"],
+        atime_ns=r["atime_ns"],
+        mtime_ns=r["mtime_ns"],
+        ctime_ns=r["ctime_ns"],
+        size=r["size"],
+        rev=r["rev"],
+        target=x(r["target"]),
+        rdev=r["rdev"],
+        xattrs={x(n): x(v) for n, v in r["xattrs"]},
+        nlink=r["nlink"],
     )
 
 
 def to_manifest(m: dict[str, Any]) -> Manifest:
-    return Manifest(size=m["size"], chunk_size=m["chunk_size"],
-                    chunks=tuple(None if c is None else x(c) for c in m["chunks"]),
-                    inline=x(m["inline"]) if "inline" in m else None)
+    return Manifest(
+        size=m["size"],
+        chunk_size=m["chunk_size"],
+        chunks=tuple(None if c is None else x(c) for c in m["chunks"]),
+        inline=x(m["inline"]) if "inline" in m else None,
+    )
 
 
 # -- the vectors -------------------------------------------------------------------
@@ -148,8 +162,13 @@ def test_password_keys() -> None:
     keys = derive_password_keys(x(v["password"]), params)
     assert keys.kek == x(v["kek"])
     assert keys.auth_secret == x(v["auth_secret"])
-    root = Argon2id(salt=params.salt, length=32, iterations=params.iterations,
-                    lanes=params.lanes, memory_cost=params.memory_kib).derive(x(v["password"]))
+    root = Argon2id(
+        salt=params.salt,
+        length=32,
+        iterations=params.iterations,
+        lanes=params.lanes,
+        memory_cost=params.memory_kib,
+    ).derive(x(v["password"]))
     assert root == x(v["argon2id_output"])
     assert ref_hkdf_expand(root, b"megafs/v1/kek") == x(v["kek"])
     assert ref_hkdf_expand(root, b"megafs/v1/auth") == x(v["auth_secret"])
@@ -167,9 +186,11 @@ def test_keyblob() -> None:
 def test_account_subkeys() -> None:
     v = V["account"]
     keys = AccountKeys.from_master(x(v["master_key"]), x(v["root_id"]))
-    for name, label in [("chunk_mac_key", b"megafs/v1/chunk-mac"),
-                        ("chunk_id_key", b"megafs/v1/chunk-id"),
-                        ("root_folder_key", b"megafs/v1/root-folder")]:
+    for name, label in [
+        ("chunk_mac_key", b"megafs/v1/chunk-mac"),
+        ("chunk_id_key", b"megafs/v1/chunk-id"),
+        ("root_folder_key", b"megafs/v1/root-folder"),
+    ]:
         assert getattr(keys, name) == x(v[name])
         assert ref_hkdf_expand(x(v["master_key"]), label) == x(v[name])
 
@@ -184,7 +205,9 @@ def test_chunk(v: dict[str, str]) -> None:
     plain = x(v["plaintext"])
     sealed = seal_chunk(keys, plain, nonce=x(v["nonce"]))
     assert (sealed.secret, sealed.chunk_id, sealed.blob) == (
-        x(v["secret"]), x(v["chunk_id"]), x(v["blob"]),
+        x(v["secret"]),
+        x(v["chunk_id"]),
+        x(v["blob"]),
     )
     assert open_chunk(keys, x(v["secret"]), x(v["blob"])) == plain
     secret = ref_hmac(x(V["account"]["chunk_mac_key"]), plain)

@@ -14,8 +14,20 @@ from megafs.errors import IntegrityError
 # Tags and AD prefixes exactly as docs/format.md states them (not imported
 # from the library, so a change there has to be a deliberate change here).
 TAGS = {
-    "KIND": 1, "NAME": 2, "KEY": 3, "MODE": 4, "UID": 5, "GID": 6, "ATIME": 7,
-    "MTIME": 8, "CTIME": 9, "SIZE": 10, "REV": 11, "TARGET": 12, "RDEV": 13, "XATTR": 14,
+    "KIND": 1,
+    "NAME": 2,
+    "KEY": 3,
+    "MODE": 4,
+    "UID": 5,
+    "GID": 6,
+    "ATIME": 7,
+    "MTIME": 8,
+    "CTIME": 9,
+    "SIZE": 10,
+    "REV": 11,
+    "TARGET": 12,
+    "RDEV": 13,
+    "XATTR": 14,
     "NLINK": 15,
 }
 REQUIRED = ["KIND", "NAME", "KEY", "MODE", "UID", "GID", "ATIME", "MTIME", "CTIME", "SIZE", "REV"]
@@ -71,8 +83,13 @@ def record_fields(r: NodeRecord) -> list[tuple[int, bytes]]:
     return fields
 
 
-def manifest_plain(chunk_size: int, size: int, chunks: list[bytes | None], count: int | None = None,
-                   version: int = 1) -> bytes:
+def manifest_plain(
+    chunk_size: int,
+    size: int,
+    chunks: list[bytes | None],
+    count: int | None = None,
+    version: int = 1,
+) -> bytes:
     n = len(chunks) if count is None else count
     body = b"".join(b"\0" * 32 if c is None else c for c in chunks)
     return struct.pack(">BIQI", version, chunk_size, size, n) + body
@@ -114,9 +131,16 @@ FAST_KDF = KdfParams(memory_kib=19456, iterations=2, lanes=1, salt=bytes(range(1
 
 def make_record(**changes: Any) -> NodeRecord:
     base = NodeRecord(
-        kind=Kind.FILE, name=b"report.txt", key=bytes(range(32, 64)), mode=0o100644,
-        uid=1000, gid=1000, atime_ns=1_700_000_000_123_456_789,
-        mtime_ns=1_700_000_001_000_000_000, ctime_ns=1_700_000_002_000_000_001,
-        size=12345, rev=7,
+        kind=Kind.FILE,
+        name=b"report.txt",
+        key=bytes(range(32, 64)),
+        mode=0o100644,
+        uid=1000,
+        gid=1000,
+        atime_ns=1_700_000_000_123_456_789,
+        mtime_ns=1_700_000_001_000_000_000,
+        ctime_ns=1_700_000_002_000_000_001,
+        size=12345,
+        rev=7,
     )
     return base.evolve(**changes)
