@@ -554,8 +554,16 @@ class Operations(pyfuse3.Operations):
     ) -> tuple[pyfuse3.FileInfo, pyfuse3.EntryAttributes]:
         parent = self._inode(parent_inode)
         await self._absent(parent, name)
+        # Journaled on close (flush), once with its content: one local
+        # transaction per new file instead of two.
         inode = await self._tree.create(
-            parent, name, Kind.FILE, mode & ~ctx.umask, ctx.uid, self._gid(parent, ctx)
+            parent,
+            name,
+            Kind.FILE,
+            mode & ~ctx.umask,
+            ctx.uid,
+            self._gid(parent, ctx),
+            journal=False,
         )
         return self._open_handle(inode, flags), self._reply(inode)
 

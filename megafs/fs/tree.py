@@ -787,7 +787,11 @@ class Tree:
         *,
         target: bytes = b"",
         rdev: int = 0,
+        journal: bool = True,
     ) -> Inode:
+        """A new node in ``parent``, journaled for upload unless ``journal``
+        is false: a file created open, which its close journals anyway
+        (until then it lives in this mount only, like any unsaved write)."""
         children = await self.children(parent)
         now = time.time_ns()
         record = NodeRecord(
@@ -815,7 +819,8 @@ class Tree:
             inode.content.changed = True
         children[name] = inode
         touch(parent, now)
-        await self.commit(inode)
+        if journal:
+            await self.commit(inode)
         return inode
 
     # -- committing ---------------------------------------------------------------
