@@ -38,6 +38,8 @@ MAX_DIRTY_CHUNKS = 8
 #: save, none to read after a listing (docs/performance.md has the measure).
 INLINE_THRESHOLD = 4096
 assert INLINE_THRESHOLD <= MAX_INLINE
+#: A chunk of zeros: chunks equal to (a prefix of) it are holes.
+_ZEROS = bytes(CHUNK_SIZE)
 #: 256 GiB: the largest file whose manifest (8 MiB) and chunk list fit one
 #: commit request (wire.MAX_JSON_BYTES). Larger sizes are EFBIG.
 MAX_FILE_SIZE = 256 << 30
@@ -244,7 +246,7 @@ class FileContent:
             length = self._chunk_length(index)
             if len(buf) < length:
                 buf.extend(bytes(length - len(buf)))
-            if buf.count(0) == len(buf):
+            if _ZEROS.startswith(buf):  # a memcmp; count(0) is 10x slower
                 secret = None
             else:
                 secret, chunk_id, new = await self._cache.store(bytes(buf))
