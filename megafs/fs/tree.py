@@ -271,7 +271,7 @@ class Tree:
     async def _load_children(self, folder: Inode) -> Children:
         listed = await self._fetch_children(folder.id)
         key = folder.record.key
-        found: dict[bytes, tuple[NodeRecord, bytes | None]] = {}
+        found: dict[bytes, tuple[NodeRecord, bytes | None, bool]] = {}
         for node in listed:
             if self._uploader.pending(node.id) is not None:
                 continue  # the journal's state wins, added below
@@ -284,9 +284,13 @@ class Tree:
                     node.id.hex(),
                 )
                 continue
-            self._uploader.note_version(node.id, node.version)
-            found[node.id] = (record, node.content)
-        for node_id in await self._check_revisions({i: r for i, (r, _) in found.items()}):
+            # Older than what this mount knows (the change feed already
+            # moved or changed it): this listing was made before that.
+            stale = node.version < self._uploader.known_version(node.id)
+            if not stale:
+                self._uploader.note_version(node.id, node.version)
+            found[node.id] = (record, node.content, stale)
+        for node_id in await self._check_revisions({i: r for i, (r, _, _) in found.items()}):
             del found[node_id]
         for entry in self._uploader.pending_children(folder.id):
             assert entry.meta is not None
@@ -295,11 +299,11 @@ class Tree:
             except IntegrityError:
                 log.error("journal entry %s does not open; hidden", entry.node_id.hex())
                 continue
-            found[entry.node_id] = (record, entry.content)
+            found[entry.node_id] = (record, entry.content, False)
         children = Children()
         link_names: list[tuple[bytes, NodeRecord]] = []
         for node_id in sorted(found):
-            record, content = found[node_id]
+            record, content, stale = found[node_id]
             if record.kind == Kind.LINK:
                 link_names.append((node_id, record))
                 continue
@@ -312,7 +316,21 @@ class Tree:
             if record.name in children:
                 log.error("folder %s: two children named alike; showing one", folder.id.hex())
                 continue
-            inode = self._new_inode(node_id, folder, record)
+            inode = self._by_id.get(node_id)
+            if inode is None:
+                inode = self._new_inode(node_id, folder, record)
+            elif stale:
+                continue
+            else:
+                # Shown in another folder: it moved here, and this listing
+                # came before the change feed said so. One node, one inode:
+                # it leaves its old place (else both names would show it,
+                # and the feed's move, finding it here, would leave the old
+                # name behind).
+                self._detach(inode)
+                inode.parent = folder
+                inode.unlinked = False
+                self._set_record(inode, record)
             if content is not None and len(content) <= _KEEP_INLINE_MAX:
                 inode.listed_content = content
             children[record.name] = inode
@@ -674,6 +692,14 @@ class Tree:
             parent.children[record.name] = inode
             touch(parent, time.time_ns())
             self._forget(Forget(parent.ino, record.name), Forget(parent.ino))
+        self._set_record(inode, record)
+        small = node.content is not None and len(node.content) <= _KEEP_INLINE_MAX
+        inode.listed_content = node.content if small else None
+        self._forget(Forget(inode.ino, attr_only=inode.opens > 0))
+
+    @staticmethod
+    def _set_record(inode: Inode, record: NodeRecord) -> None:
+        """A newer record of the node from the server."""
         if record.key != inode.record.key:
             # New content: open handles read it from their next read on.
             inode.content = None
@@ -681,9 +707,6 @@ class Tree:
             inode.chunk_ids = ()
             inode.allocated = None
         inode.record = record
-        small = node.content is not None and len(node.content) <= _KEEP_INLINE_MAX
-        inode.listed_content = node.content if small else None
-        self._forget(Forget(inode.ino, attr_only=inode.opens > 0))
 
     def _detach(self, inode: Inode, *, deleted: bool = False) -> None:
         """Take a node out of its folder (it moved away, or was deleted)."""

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -13,6 +14,7 @@ from pathlib import Path
 import pytest
 
 from tests.helpers.drive import Drive
+from tests.helpers.proxy import Forward, ProxyRequest, ProxyResponse, running_proxy
 from tests.helpers.server import ServerProcess
 
 #: The issue's bound is 2 s; the polls allow for a loaded CI machine and say
@@ -96,6 +98,56 @@ def test_changes_on_one_device_show_on_the_other(devices: tuple[Drive, Drive]) -
         _eventually(lambda: _read(a / "docs" / "from-desktop") == b"hello laptop\n", "reverse")
     )
     print("seconds until seen:", [round(w, 2) for w in waits])
+
+
+def test_a_folder_listed_before_the_feed_tells_of_a_move_shows_the_node_once(
+    tmp_path: Path, server: ServerProcess
+) -> None:
+    """The desktop lists a folder after the laptop moved a file into it but
+    before the change feed has told the desktop: the listing already holds
+    the file, which the desktop still shows under its old name. It must
+    leave the old name then, and stay gone once the feed catches up."""
+    with running_proxy(server.url) as proxy:
+        laptop = Drive(tmp_path / "laptop", server.url)
+        desktop = Drive(tmp_path / "desktop", proxy.url_for("desktop"))
+        laptop.signup()
+        desktop.login()
+        hold, release = threading.Event(), threading.Event()
+
+        def held_changes(request: ProxyRequest, forward: Forward) -> ProxyResponse:
+            answer = forward()
+            if hold.is_set():
+                release.wait(60)
+            return answer
+
+        proxy.on(held_changes, method="GET", path=r"/v1/changes", client="desktop")
+        try:
+            laptop.mount()
+            desktop.mount()
+            a, b = laptop.mnt, desktop.mnt
+            os.mkdir(a / "docs")
+            (a / "notes.txt").write_bytes(b"moving\n")
+            _eventually(lambda: _read(b / "notes.txt") == b"moving\n", "create")
+            assert (b / "docs").is_dir()  # known, not listed yet
+            hold.set()
+            os.rename(a / "notes.txt", a / "docs" / "notes.txt")
+            _eventually(lambda: _status(laptop)["pending_files"] == 0, "the move uploaded")
+            assert os.listdir(b / "docs") == ["notes.txt"]
+            _eventually(lambda: not (b / "notes.txt").exists(), "the old name leaves")
+            assert os.listdir(b) == ["docs"]
+            release.set()
+            hold.clear()
+            time.sleep(2)  # the feed's change arrives, and finds it in place
+            assert os.listdir(b) == ["docs"]
+            assert _read(b / "docs" / "notes.txt") == b"moving\n"
+            (b / "docs" / "notes.txt").write_bytes(b"edited on the desktop\n")
+            _eventually(
+                lambda: _read(a / "docs" / "notes.txt") == b"edited on the desktop\n", "edit"
+            )
+        finally:
+            release.set()
+            laptop.cleanup()
+            desktop.cleanup()
 
 
 def _status(drive: Drive) -> dict[str, object]:
