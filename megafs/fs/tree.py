@@ -660,6 +660,9 @@ class Tree:
 
     async def _apply_node(self, node: RemoteNode) -> None:
         if self._uploader.busy(node.id):
+            # A change of ours began while this one was fetched: like in
+            # apply_remote, it waits for ours to land.
+            self._deferred[node.id] = (node.version, False)
             return
         parent = self._by_id.get(node.parent) if node.parent is not None else None
         inode = self._by_id.get(node.id)
