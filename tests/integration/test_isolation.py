@@ -8,7 +8,7 @@ import os
 import pytest
 
 from megafs.errors import NotFound
-from tests.integration.users import User
+from tests.integration.users import User, put_file
 
 
 async def test_nodes_of_another_account_do_not_exist(alice: User, bob: User) -> None:
@@ -80,15 +80,7 @@ async def test_chunks_of_another_account_do_not_exist(alice: User, bob: User) ->
         await bob.client.get_chunk(chunk)
     assert await bob.client.missing_chunks([chunk]) == {chunk}
     with pytest.raises(NotFound, match="chunk"):
-        await bob.client.put_node(
-            os.urandom(16),
-            parent=bob.root,
-            expect_version=0,
-            meta=b"m",
-            content=b"c",
-            chunks=[chunk],
-            commit_id=os.urandom(16),
-        )
+        await put_file(bob.client, bob.root, chunk)
     # bob uploading the same id stores bob's bytes for bob only.
     await bob.client.put_chunk(chunk, b"bob's ciphertext")
     assert await bob.client.get_chunk(chunk) == b"bob's ciphertext"

@@ -18,7 +18,7 @@ from megafs.remote import RemoteClient
 from megafs.server import LocalChunkStore, SQLiteMetadataStore, collect_garbage
 from megafs.wire import API_PREFIX, CHUNK_GRACE_SECONDS
 from tests.helpers.server import ServerProcess
-from tests.integration.users import new_user
+from tests.integration.users import new_user, put_file
 
 
 async def test_sigterm_stops_cleanly_and_data_persists(own_server: ServerProcess) -> None:
@@ -26,15 +26,7 @@ async def test_sigterm_stops_cleanly_and_data_persists(own_server: ServerProcess
     node, chunk = os.urandom(16), os.urandom(32)
     async with user.client as client:
         await client.put_chunk(chunk, b"ciphertext")
-        await client.put_node(
-            node,
-            parent=user.root,
-            expect_version=0,
-            meta=b"m",
-            content=b"c",
-            chunks=[chunk],
-            commit_id=os.urandom(16),
-        )
+        await put_file(client, user.root, chunk, node)
         url = own_server.url
         assert own_server.stop() == 0
         assert not (own_server.data_dir / "server.json").exists()
@@ -145,15 +137,7 @@ async def test_garbage_collection_removes_only_old_unreferenced_chunks(
             await client.put_chunk(chunk, chunk * 10)
         a, b = os.urandom(16), os.urandom(16)
         for node, chunk in ((a, kept), (b, replaced)):
-            await client.put_node(
-                node,
-                parent=user.root,
-                expect_version=0,
-                meta=b"m",
-                content=b"c",
-                chunks=[chunk],
-                commit_id=os.urandom(16),
-            )
+            await put_file(client, user.root, chunk, node)
         await client.put_node(
             b,
             parent=user.root,

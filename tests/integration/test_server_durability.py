@@ -16,7 +16,7 @@ from megafs.errors import AlreadyExists, AuthFailed
 from megafs.remote import PutNode, RemoteClient
 from megafs.server import NodeWrite, SQLiteMetadataStore
 from tests.helpers.server import ServerProcess
-from tests.integration.users import User, new_user
+from tests.integration.users import User, new_user, put_file
 
 CONCURRENT = 48
 
@@ -32,15 +32,7 @@ async def test_acknowledged_writes_survive_a_crash(own_server: ServerProcess) ->
 
     async def upload(node: bytes, chunk: bytes) -> None:
         await client.put_chunk(chunk, chunks[chunk])
-        await client.put_node(
-            node,
-            parent=user.root,
-            expect_version=0,
-            meta=b"m",
-            content=b"c",
-            chunks=[chunk],
-            commit_id=os.urandom(16),
-        )
+        await put_file(client, user.root, chunk, node)
 
     async with client:
         async with trio.open_nursery() as nursery:

@@ -89,6 +89,25 @@ async def new_user(url: str, **client_options: Any) -> User:
     return User(creds, await creds.signup(client), client)
 
 
+async def put_file(
+    client: RemoteClient, parent: bytes, chunk: bytes, node: bytes | None = None
+) -> bytes:
+    """Create a node under ``parent`` that names one stored chunk (its record
+    and content are placeholders: the server cannot read them anyway);
+    returns the node's id."""
+    node = node or os.urandom(16)
+    await client.put_node(
+        node,
+        parent=parent,
+        expect_version=0,
+        meta=b"m",
+        content=b"c",
+        chunks=[chunk],
+        commit_id=os.urandom(16),
+    )
+    return node
+
+
 def totp_code(secret: str, at: float) -> str:
     """The TOTP code an authenticator app shows at Unix time ``at`` for the
     base32 ``secret`` the server handed out."""
