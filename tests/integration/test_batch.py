@@ -10,6 +10,7 @@ from pathlib import Path
 import httpx
 import pytest
 
+from megafs.crypto import new_node_id
 from megafs.errors import (
     AlreadyExists,
     InvalidRequest,
@@ -22,10 +23,6 @@ from megafs.remote import DeleteNode, PutNode
 from megafs.wire import MAX_BATCH_OPS, b64e
 from tests.helpers.server import running_server
 from tests.integration.users import User, new_user
-
-
-def new_id() -> bytes:
-    return os.urandom(16)
 
 
 def put(
@@ -43,7 +40,7 @@ def put(
 async def test_ops_apply_in_order(alice: User) -> None:
     """Later ops see earlier ones: a child of a folder made in the same
     batch, a replacement, a move, a delete."""
-    folder, sub, file = new_id(), new_id(), new_id()
+    folder, sub, file = new_node_id(), new_node_id(), new_node_id()
     results = await alice.client.commit_batch(
         [
             put(folder, alice.root),
@@ -62,7 +59,7 @@ async def test_ops_apply_in_order(alice: User) -> None:
 
 
 async def test_each_op_succeeds_or_fails_on_its_own(alice: User) -> None:
-    folder, child, loose = new_id(), new_id(), new_id()
+    folder, child, loose = new_node_id(), new_node_id(), new_node_id()
     stored, absent = os.urandom(32), os.urandom(32)
     await alice.client.put_chunk(stored, b"sealed")
     results = await alice.client.commit_batch(
@@ -70,12 +67,12 @@ async def test_each_op_succeeds_or_fails_on_its_own(alice: User) -> None:
             put(folder, alice.root),
             put(folder, alice.root),  # exists now
             put(child, folder, chunks=[stored]),
-            put(loose, new_id()),  # no such parent
+            put(loose, new_node_id()),  # no such parent
             put(loose, alice.root, chunks=[stored, absent]),  # a chunk is missing
             put(child, folder, version=7),  # stale
             DeleteNode(folder, 1),  # not empty
             DeleteNode(alice.root, 1),  # the root
-            put(new_id(), alice.root, version=1),  # replacing what does not exist
+            put(new_node_id(), alice.root, version=1),  # replacing what does not exist
             put(loose, loose),  # its own parent
         ]
     )
@@ -103,7 +100,7 @@ async def test_each_op_succeeds_or_fails_on_its_own(alice: User) -> None:
 async def test_a_retried_batch_answers_what_it_made(alice: User) -> None:
     """A batch whose answer was lost is sent again: the puts answer the
     versions their commit ids made, a landed delete is NotFound."""
-    a, b, c = new_id(), new_id(), new_id()
+    a, b, c = new_node_id(), new_node_id(), new_node_id()
     await alice.client.commit_batch([put(b, alice.root), put(c, alice.root)])
     ops = [put(a, alice.root), put(c, a, version=1), DeleteNode(b, 1)]
     assert await alice.client.commit_batch(ops) == [1, 2, 0]
@@ -112,8 +109,8 @@ async def test_a_retried_batch_answers_what_it_made(alice: User) -> None:
 
 
 async def test_large_batches_are_split_by_the_client(alice: User) -> None:
-    folder = new_id()
-    ids = [new_id() for _ in range(MAX_BATCH_OPS * 2 + 3)]
+    folder = new_node_id()
+    ids = [new_node_id() for _ in range(MAX_BATCH_OPS * 2 + 3)]
     ops = [put(folder, alice.root), *(put(node, folder) for node in ids)]
     assert await alice.client.commit_batch(ops) == [1] * len(ops)
     assert {n.id for n in await alice.client.list_children(folder)} == set(ids)
@@ -121,12 +118,12 @@ async def test_large_batches_are_split_by_the_client(alice: User) -> None:
 
 
 async def test_another_accounts_nodes_do_not_exist(alice: User, bob: User) -> None:
-    folder = new_id()
+    folder = new_node_id()
     await alice.client.commit_batch([put(folder, alice.root, meta=b"alice")])
     results = await bob.client.commit_batch(
         [
             put(folder, bob.root, version=1),  # replacing alice's node
-            put(new_id(), folder),  # alice's folder as the parent
+            put(new_node_id(), folder),  # alice's folder as the parent
             DeleteNode(folder, 1),
             put(folder, bob.root),  # ids are per account: bob may use it too
         ]
@@ -141,7 +138,7 @@ async def test_quota_counts_earlier_ops_of_the_batch(tmp_path: Path) -> None:
     with running_server(tmp_path / "data", quota=10_000) as server:
         user = await new_user(server.url)
         async with user.client as client:
-            a, b = new_id(), new_id()
+            a, b = new_node_id(), new_node_id()
             results = await client.commit_batch(
                 [
                     put(a, user.root, meta=bytes(6000)),
@@ -195,7 +192,7 @@ async def test_a_malformed_batch_is_refused_whole(
     valid ops before it."""
     valid = {
         "op": "put",
-        "id": new_id().hex(),
+        "id": new_node_id().hex(),
         "parent": alice.root.hex(),
         "expect_version": 0,
         "meta": b64e(b"m"),

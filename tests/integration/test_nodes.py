@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 import trio
 
+from megafs.crypto import new_node_id
 from megafs.errors import (
     AlreadyExists,
     InvalidRequest,
@@ -20,10 +21,6 @@ from megafs.errors import (
 from megafs.wire import INLINE_CONTENT_MAX
 from tests.helpers.server import running_server
 from tests.integration.users import User, new_user
-
-
-def new_id() -> bytes:
-    return os.urandom(16)
 
 
 async def put(
@@ -49,7 +46,7 @@ async def put(
 
 
 async def test_create_replace_and_conflicts(alice: User) -> None:
-    node = new_id()
+    node = new_node_id()
     assert await put(alice, node, parent=alice.root, meta=b"v1") == 1
     with pytest.raises(AlreadyExists):
         await put(alice, node, parent=alice.root)
@@ -57,7 +54,7 @@ async def test_create_replace_and_conflicts(alice: User) -> None:
     with pytest.raises(VersionConflict, match="version 2"):
         await put(alice, node, parent=alice.root, version=1, meta=b"stale")
     with pytest.raises(NotFound):
-        await put(alice, new_id(), parent=alice.root, version=3)
+        await put(alice, new_node_id(), parent=alice.root, version=3)
     got = await alice.client.get_node(node)
     assert (got.id, got.parent, got.version, got.meta, got.content, got.content_size) == (
         node,
@@ -73,7 +70,7 @@ async def test_retried_commit_answers_the_version_it_made(alice: User) -> None:
     """A commit whose answer was lost is retried with the same commit id: the
     server answers the version that commit made instead of a conflict, even
     after another write replaced it (the other device saw it first)."""
-    node, commit = new_id(), os.urandom(16)
+    node, commit = new_node_id(), os.urandom(16)
     assert await put(alice, node, parent=alice.root, commit_id=commit) == 1
     assert await put(alice, node, parent=alice.root, commit_id=commit) == 1
     replace = os.urandom(16)
@@ -95,20 +92,20 @@ async def test_retried_commit_answers_the_version_it_made(alice: User) -> None:
 
 async def test_parent_rules(alice: User) -> None:
     with pytest.raises(NotFound, match="parent"):
-        await put(alice, new_id(), parent=new_id())
+        await put(alice, new_node_id(), parent=new_node_id())
     with pytest.raises(InvalidRequest, match="own parent"):
-        node = new_id()
+        node = new_node_id()
         await put(alice, node, parent=node)
     with pytest.raises(InvalidRequest, match="no parent"):
-        await put(alice, new_id(), parent=None)
+        await put(alice, new_node_id(), parent=None)
     with pytest.raises(InvalidRequest, match="root"):
-        await put(alice, alice.root, parent=new_id(), version=1)
+        await put(alice, alice.root, parent=new_node_id(), version=1)
     # The root's record can be replaced in place.
     assert await put(alice, alice.root, parent=None, version=1, meta=b"root v2") == 2
 
 
 async def test_moving_a_folder_into_itself_is_refused(alice: User) -> None:
-    a, b, c = new_id(), new_id(), new_id()
+    a, b, c = new_node_id(), new_node_id(), new_node_id()
     await put(alice, a, parent=alice.root)
     await put(alice, b, parent=a)
     await put(alice, c, parent=b)
@@ -116,14 +113,14 @@ async def test_moving_a_folder_into_itself_is_refused(alice: User) -> None:
         with pytest.raises(InvalidRequest, match="into itself"):
             await put(alice, a, parent=target, version=1)
     # Moving down a sibling branch is fine.
-    d = new_id()
+    d = new_node_id()
     await put(alice, d, parent=alice.root)
     assert await put(alice, d, parent=c, version=1) == 2
     assert [n.id for n in await alice.client.list_children(c)] == [d]
 
 
 async def test_delete(alice: User) -> None:
-    folder, child = new_id(), new_id()
+    folder, child = new_node_id(), new_node_id()
     await put(alice, folder, parent=alice.root)
     await put(alice, child, parent=folder)
     with pytest.raises(NotEmpty):
@@ -142,7 +139,7 @@ async def test_delete(alice: User) -> None:
 
 
 async def test_listing_inlines_only_small_content(alice: User) -> None:
-    folder = new_id()
+    folder = new_node_id()
     await put(alice, folder, parent=alice.root)
     small, large, empty, none = (os.urandom(16) for _ in range(4))
     contents = {
@@ -163,13 +160,13 @@ async def test_listing_inlines_only_small_content(alice: User) -> None:
     assert (await alice.client.get_node(large)).content == contents[large]
     assert await alice.client.list_children(small) == []
     with pytest.raises(NotFound):
-        await alice.client.list_children(new_id())
+        await alice.client.list_children(new_node_id())
 
 
 async def test_node_must_reference_stored_chunks(alice: User) -> None:
     stored, missing = os.urandom(32), os.urandom(32)
     await alice.client.put_chunk(stored, b"sealed chunk")
-    node = new_id()
+    node = new_node_id()
     with pytest.raises(NotFound, match="chunk"):
         await put(alice, node, parent=alice.root, content=b"manifest", chunks=[stored, missing])
     with pytest.raises(NotFound):
@@ -196,7 +193,7 @@ async def _fill_quota(user: User) -> None:
     assert (await client.account()).used == used + 6000
     with pytest.raises(QuotaExceeded):
         await client.put_chunk(os.urandom(32), os.urandom(5000))
-    node = new_id()
+    node = new_node_id()
     with pytest.raises(QuotaExceeded):
         await put(user, node, parent=user.root, meta=os.urandom(4000), chunks=[chunk])
     with pytest.raises(NotFound):

@@ -421,6 +421,18 @@ def _failure(drive: Drive, message: str, problems: list[str]) -> str:
     )
 
 
+def check_new_device(drive: Drive, model: Model) -> dict[str, Seen]:
+    """Mount the unmounted drive on an empty cache, as a new device would,
+    and check it shows exactly what the model holds; returns the files."""
+    drive.drop_cache()
+    drive.mount()
+    files, dirs = scan(drive.mnt)
+    problems = model.check(files, dirs, None, False) + log_problems(drive)
+    assert not problems, _failure(drive, "on a new device", problems)
+    drive.umount()
+    return files
+
+
 # -- (a) kill -9 of the daemon ------------------------------------------------------------
 
 
@@ -454,12 +466,7 @@ def test_daemon_killed_during_copy(drive: Drive, tmp_path: Path) -> None:
         # and a new device (empty cache) sees exactly what the user saw.
         wait_uploaded(drive)
         drive.umount()
-        drive.drop_cache()
-        drive.mount()
-        files, dirs = scan(drive.mnt)
-        problems = model.check(files, dirs, None, False) + log_problems(drive)
-        assert not problems, _failure(drive, "on a new device", problems)
-        drive.umount()
+        check_new_device(drive, model)
     finally:
         if writer is not None:
             writer.kill()
@@ -575,13 +582,8 @@ def test_server_killed_during_uploads(drive: Drive, server: ServerProcess, tmp_p
         model.apply(progress)
     wait_uploaded(drive, timeout=180)
     drive.umount()
-    drive.drop_cache()
-    drive.mount()
-    files, dirs = scan(drive.mnt)
-    problems = model.check(files, dirs, None, False) + log_problems(drive)
-    assert not problems, _failure(drive, "on a new device", problems)
+    files = check_new_device(drive, model)
     assert len(files) == len({op.rel for op in plan})
-    drive.umount()
 
 
 # -- (c) a faulty network ---------------------------------------------------------------------
@@ -646,12 +648,7 @@ def test_copy_through_a_faulty_network(tmp_path: Path, server: ServerProcess) ->
                 forgetter.join()
             stats = proxy.statistics()
             proxy.clear()
-            drive.drop_cache()
-            drive.mount()
-            files, dirs = scan(drive.mnt)
-            problems = model.check(files, dirs, None, False) + log_problems(drive)
-            assert not problems, _failure(drive, "on a new device", problems)
-            drive.umount()
+            check_new_device(drive, model)
         finally:
             drive.cleanup()
     injected = sum(v for k, v in stats.items() if k != "requests")

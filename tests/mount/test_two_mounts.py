@@ -9,6 +9,7 @@ import os
 import threading
 import time
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -22,10 +23,11 @@ from tests.helpers.server import ServerProcess
 DEADLINE = 10.0
 
 
-@pytest.fixture
-def devices(tmp_path: Path, server: ServerProcess) -> Iterator[tuple[Drive, Drive]]:
-    laptop = Drive(tmp_path / "laptop", server.url)
-    desktop = Drive(tmp_path / "desktop", server.url)
+@contextmanager
+def _two_devices(root: Path, laptop_url: str, desktop_url: str) -> Iterator[tuple[Drive, Drive]]:
+    """A laptop and a desktop of one account, both mounted."""
+    laptop = Drive(root / "laptop", laptop_url)
+    desktop = Drive(root / "desktop", desktop_url)
     laptop.signup()
     desktop.login()
     try:
@@ -35,6 +37,12 @@ def devices(tmp_path: Path, server: ServerProcess) -> Iterator[tuple[Drive, Driv
     finally:
         laptop.cleanup()
         desktop.cleanup()
+
+
+@pytest.fixture
+def devices(tmp_path: Path, server: ServerProcess) -> Iterator[tuple[Drive, Drive]]:
+    with _two_devices(tmp_path, server.url, server.url) as pair:
+        yield pair
 
 
 def _eventually(check: Callable[[], bool], what: str) -> float:
@@ -107,11 +115,10 @@ def test_a_folder_listed_before_the_feed_tells_of_a_move_shows_the_node_once(
     before the change feed has told the desktop: the listing already holds
     the file, which the desktop still shows under its old name. It must
     leave the old name then, and stay gone once the feed catches up."""
-    with running_proxy(server.url) as proxy:
-        laptop = Drive(tmp_path / "laptop", server.url)
-        desktop = Drive(tmp_path / "desktop", proxy.url_for("desktop"))
-        laptop.signup()
-        desktop.login()
+    with (
+        running_proxy(server.url) as proxy,
+        _two_devices(tmp_path, server.url, proxy.url_for("desktop")) as (laptop, desktop),
+    ):
         hold, release = threading.Event(), threading.Event()
 
         def held_changes(request: ProxyRequest, forward: Forward) -> ProxyResponse:
@@ -122,8 +129,6 @@ def test_a_folder_listed_before_the_feed_tells_of_a_move_shows_the_node_once(
 
         proxy.on(held_changes, method="GET", path=r"/v1/changes", client="desktop")
         try:
-            laptop.mount()
-            desktop.mount()
             a, b = laptop.mnt, desktop.mnt
             os.mkdir(a / "docs")
             (a / "notes.txt").write_bytes(b"moving\n")
@@ -146,8 +151,6 @@ def test_a_folder_listed_before_the_feed_tells_of_a_move_shows_the_node_once(
             )
         finally:
             release.set()
-            laptop.cleanup()
-            desktop.cleanup()
 
 
 def _status(drive: Drive) -> dict[str, object]:
