@@ -205,17 +205,17 @@ class ChunkCache:
         not an answer: the whole chunk is then read and verified again.
         """
         plain = self._plain.get(secret)
-        chunk_id = self._keys.chunk_id(secret)
-        marks = self._marks.get(chunk_id)
-        if plain is None and marks is not None and chunk_id not in self._loads:
-            if marks.length != length:
-                raise IntegrityError()
-            piece = await self._read_piece(chunk_id, secret, marks, start, n)
-            if piece is not None:
-                self._index.move_to_end(chunk_id)
-                return piece
-            self._marks.pop(chunk_id, None)
         if plain is None:
+            chunk_id = self._keys.chunk_id(secret)
+            marks = self._marks.get(chunk_id)
+            if marks is not None and chunk_id not in self._loads:
+                if marks.length != length:
+                    raise IntegrityError()
+                piece = await self._read_piece(chunk_id, secret, marks, start, n)
+                if piece is not None:
+                    self._index.move_to_end(chunk_id)
+                    return piece
+                self._marks.pop(chunk_id, None)
             plain = await self.read(secret, mark=True)
         if len(plain) != length:
             raise IntegrityError()

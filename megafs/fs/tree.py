@@ -698,11 +698,10 @@ class Tree:
         self._set_record(inode, record)
         small = node.content is not None and len(node.content) <= _KEEP_INLINE_MAX
         inode.listed_content = node.content if small else None
-        self._forget(Forget(inode.ino, attr_only=inode.opens > 0))
 
-    @staticmethod
-    def _set_record(inode: Inode, record: NodeRecord) -> None:
-        """A newer record of the node from the server."""
+    def _set_record(self, inode: Inode, record: NodeRecord) -> None:
+        """A newer record of the node from the server; the kernel drops
+        what it cached of the old one."""
         if record.key != inode.record.key:
             # New content: open handles read it from their next read on.
             inode.content = None
@@ -710,6 +709,7 @@ class Tree:
             inode.chunk_ids = ()
             inode.allocated = None
         inode.record = record
+        self._forget(Forget(inode.ino, attr_only=inode.opens > 0))
 
     def _detach(self, inode: Inode, *, deleted: bool = False) -> None:
         """Take a node out of its folder (it moved away, or was deleted)."""
