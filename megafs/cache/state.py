@@ -26,7 +26,15 @@ Schema (documented here, at its source)::
     seen(node_id BLOB PK, rev INT)  -- newest record revision seen per node:
                                     -- an older one from the server is a
                                     -- rollback and is refused (rule 8)
-    meta(key TEXT PK, value BLOB)  -- format version of this database
+    nodes(id BLOB PK, parent, version, meta, content, content_size)
+                   -- the server's nodes as last seen (sealed), for
+                   -- listings without the server
+    listed(id BLOB PK)   -- folders whose listing ``nodes`` holds
+    current(id BLOB PK)  -- those of them whose listing is the server's as
+                         -- of the change-feed cursor ``meta.cursor``
+    meta(key TEXT PK, value BLOB)  -- format version of this database, and
+                                   -- ``cursor``: the change feed's position
+                                   -- that ``current`` listings are exact at
 
 All calls run in a worker thread behind a limiter of one: SQLite is blocking
 and the trio thread serves FUSE requests.
@@ -45,7 +53,7 @@ from typing import Any, TypeVar
 
 import trio
 
-from megafs.remote import RemoteNode
+from megafs.remote import Change, RemoteNode
 
 __all__ = ["JournalEntry", "LocalState"]
 
@@ -66,6 +74,7 @@ CREATE TABLE IF NOT EXISTS nodes (
     content BLOB, content_size INTEGER NOT NULL);
 CREATE INDEX IF NOT EXISTS nodes_by_parent ON nodes (parent);
 CREATE TABLE IF NOT EXISTS listed (id BLOB PRIMARY KEY);
+CREATE TABLE IF NOT EXISTS current (id BLOB PRIMARY KEY);
 """
 
 
@@ -94,6 +103,17 @@ class LocalState:
         self._path = path
         self._limiter = trio.CapacityLimiter(1)
         self._db: sqlite3.Connection | None = None
+        #: The change feed's position the ``current`` listings are exact at
+        #: (None: none is). Changed only in the database thread, in the
+        #: transaction that makes it true.
+        self.cursor: int | None = None
+        #: Changes the feed named while a change of ours to the same node was
+        #: pending: node id -> (newest version, its parent); settled when
+        #: ours lands or is dropped (``entries_committed``).
+        self._raced: dict[bytes, tuple[int, bytes | None]] = {}
+        #: Folders created here that the feed named a child of before their
+        #: creation was known to have landed: not current when it has.
+        self._raced_folders: set[bytes] = set()
 
     @classmethod
     async def open(cls, path: Path) -> LocalState:
@@ -118,6 +138,8 @@ class LocalState:
         elif bytes(row[0]) != _SCHEMA_VERSION:
             db.close()
             raise RuntimeError(f"{self._path}: cache database from another megafs version")
+        row = db.execute("SELECT value FROM meta WHERE key='cursor'").fetchone()
+        self.cursor = None if row is None else int(row[0])
         self._db = db
 
     async def _run(self, fn: Callable[..., _T], *args: Any) -> _T:
@@ -200,35 +222,117 @@ class LocalState:
             lambda: self._conn().execute("DELETE FROM seen WHERE node_id = ?", (node_id,))
         )
 
-    # -- the server's nodes, for working offline ----------------------------------
+    # -- the server's nodes: listings without the server -------------------------
+    #
+    # A ``current`` folder's kept listing is the server's at ``cursor``: the
+    # change follower (fs/follow.py) applies each page of the feed here
+    # (``apply_changes``) before it moves ``cursor`` on, so a listing can be
+    # served from here, with no request, once the follower has caught up.
+    # Any other write of a node's row may race with the follower: it passes
+    # ``at``, the cursor it read before asking the server. If the cursor has
+    # moved since, the follower may have applied a newer change of the node
+    # before this older state arrived, so the row's folders stop being
+    # current (listed from the server next time) instead of trusting it.
 
-    async def save_listing(self, folder_id: bytes, nodes: list[RemoteNode]) -> None:
-        """A folder's complete listing from the server replaces what was
-        kept of it. A listing that names the same versions of the same
-        nodes as what is kept is not written again: a version names one
-        state of a node, so the rows already hold it (this is the common
-        case on a mount's first listings, and the write costs ten times
-        the check)."""
+    async def reset_cursor(self, cursor: int) -> None:
+        """The feed lost track (or never had it): no listing is current any
+        more; follow the feed from ``cursor``."""
+
+        def q() -> None:
+            with _transaction(self._conn()) as db:
+                db.execute("DELETE FROM current")
+                _set_cursor(db, cursor)
+            self.cursor = cursor
+
+        await self._run(q)
+
+    async def apply_changes(self, changes: list[Change], cursor: int) -> None:
+        """A page of the change feed, up to ``cursor``. A deletion removes
+        the node's row (its folder's listing stays exact); any other change
+        this database does not already hold makes the node's old and new
+        folders not current (their listing is fetched next time: the change
+        names the node, not its new state). A change of a node with a change
+        of ours pending is settled when ours lands or is dropped: it may be
+        our own, come back before the answer to our commit did."""
+
+        def q() -> None:
+            with _transaction(self._conn()) as db:
+                for change in changes:
+                    ours = db.execute(
+                        "SELECT 1 FROM journal WHERE node_id = ?", (change.id,)
+                    ).fetchone()
+                    if ours is None and change.parent and _created_here(db, change.parent):
+                        self._raced_folders.add(change.parent)
+                    if change.deleted:
+                        db.execute("DELETE FROM nodes WHERE id = ?", (change.id,))
+                        db.execute("DELETE FROM current WHERE id = ?", (change.id,))
+                        continue
+                    if ours is not None:
+                        seen = self._raced.get(change.id)
+                        if seen is None or change.version > seen[0]:
+                            self._raced[change.id] = (change.version, change.parent)
+                        continue
+                    row = db.execute(
+                        "SELECT parent, version FROM nodes WHERE id = ?", (change.id,)
+                    ).fetchone()
+                    if row is not None and row[1] >= change.version:
+                        continue  # a state this database already holds
+                    db.execute("DELETE FROM nodes WHERE id = ?", (change.id,))
+                    _not_current(db, change.parent, None if row is None else row[0])
+                if self.cursor is None or cursor > self.cursor:
+                    _set_cursor(db, cursor)
+                    self.cursor = cursor
+
+        await self._run(q)
+
+    async def save_listing(
+        self, folder_id: bytes, nodes: list[RemoteNode], *, at: int | None
+    ) -> None:
+        """A folder's complete listing from the server, asked for when the
+        cursor was ``at``, replaces what was kept of it. A listing that
+        names the same versions of the same nodes as what is kept is not
+        written again: a version names one state of a node, so the rows
+        already hold it (this is the common case on a mount's first
+        listings, and the write costs ten times the check)."""
 
         def q() -> None:
             db = self._conn()
+            fresh = at is not None and at == self.cursor
+            same = False
             if db.execute("SELECT 1 FROM listed WHERE id = ?", (folder_id,)).fetchone():
                 kept = dict(
                     db.execute("SELECT id, version FROM nodes WHERE parent = ?", (folder_id,))
                 )
-                if len(kept) == len(nodes) and all(kept.get(n.id) == n.version for n in nodes):
-                    return
+                same = len(kept) == len(nodes) and all(kept.get(n.id) == n.version for n in nodes)
             with _transaction(db):
-                db.execute("DELETE FROM nodes WHERE parent = ?", (folder_id,))
-                db.executemany(_SAVE_NODE, [_node_row(n) for n in nodes])
-                db.execute("INSERT OR IGNORE INTO listed VALUES (?)", (folder_id,))
+                if not same:
+                    if not fresh:
+                        _not_current(db, *{n.id: _parent_of(db, n.id) for n in nodes}.values())
+                    db.execute("DELETE FROM nodes WHERE parent = ?", (folder_id,))
+                    db.executemany(_SAVE_NODE, [_node_row(n) for n in nodes])
+                    db.execute("INSERT OR IGNORE INTO listed VALUES (?)", (folder_id,))
+                db.execute(
+                    "INSERT OR IGNORE INTO current VALUES (?)"
+                    if fresh
+                    else "DELETE FROM current WHERE id = ?",
+                    (folder_id,),
+                )
 
         await self._run(q)
 
-    async def save_node(self, node: RemoteNode) -> None:
-        await self._run(lambda: self._conn().execute(_SAVE_NODE, _node_row(node)))
+    async def save_node(self, node: RemoteNode, *, at: int | None) -> None:
+        """A node's state from the server, asked for when the cursor was ``at``."""
+
+        def q() -> None:
+            with _transaction(self._conn()) as db:
+                if at is None or at != self.cursor:
+                    _not_current(db, node.parent, _parent_of(db, node.id))
+                db.execute(_SAVE_NODE, _node_row(node))
+
+        await self._run(q)
 
     async def drop_node(self, node_id: bytes) -> None:
+        """The node is gone from the server (deletions are final)."""
         await self._run(lambda: self._conn().execute("DELETE FROM nodes WHERE id = ?", (node_id,)))
 
     async def cached_node(self, node_id: bytes) -> RemoteNode | None:
@@ -238,12 +342,16 @@ class LocalState:
 
         return await self._run(q)
 
-    async def cached_children(self, folder_id: bytes) -> list[RemoteNode] | None:
-        """The folder's children as last listed, or None if it never was."""
+    async def cached_children(
+        self, folder_id: bytes, *, current: bool = False
+    ) -> list[RemoteNode] | None:
+        """The folder's children as last listed, or None if it never was
+        (``current``: or if that listing is not the server's at ``cursor``)."""
 
         def q() -> list[RemoteNode] | None:
             db = self._conn()
-            if db.execute("SELECT 1 FROM listed WHERE id = ?", (folder_id,)).fetchone() is None:
+            table = "current" if current else "listed"
+            if db.execute(f"SELECT 1 FROM {table} WHERE id = ?", (folder_id,)).fetchone() is None:
                 return None
             rows = db.execute(f"{_NODE_SELECT} WHERE parent = ?", (folder_id,))
             return [_node_from_row(r) for r in rows]
@@ -301,40 +409,99 @@ class LocalState:
     async def entries_committed(self, done: list[tuple[bytes, int, int]]) -> None:
         """The server has these ``(node_id, seq, new_version)``: drop each
         entry, or, if a newer change of the node arrived meanwhile, rebase it
-        on the version just committed. One transaction for a whole batch."""
+        on the version just committed; keep what landed as the server's
+        state of the node. One transaction for a whole batch."""
 
         def q() -> None:
             with _transaction(self._conn()) as db:
-                # What landed is now the server's state of the node.
-                db.executemany(
-                    "INSERT OR REPLACE INTO nodes SELECT node_id, parent, ?, meta, content, "
-                    "coalesce(length(content), 0) FROM journal "
-                    "WHERE node_id = ? AND seq = ? AND op = 'put'",
-                    [(version, node_id, seq) for node_id, seq, version in done],
-                )
-                db.executemany(
-                    "DELETE FROM nodes WHERE id = ? AND EXISTS (SELECT 1 FROM journal "
-                    "WHERE node_id = ? AND seq = ? AND op = 'delete')",
-                    [(node_id, node_id, seq) for node_id, seq, _ in done],
-                )
-                # A node this device created holds, on the server, only what
-                # this device commits into it (which lands in ``nodes`` too):
-                # its listing is known, for offline use.
-                db.executemany(
-                    "INSERT OR IGNORE INTO listed SELECT node_id FROM journal "
-                    "WHERE node_id = ? AND seq = ? AND op = 'put' AND base_version = 0",
-                    [(node_id, seq) for node_id, seq, _ in done],
-                )
-                db.executemany(
-                    "DELETE FROM journal WHERE node_id = ? AND seq = ?",
-                    [(node_id, seq) for node_id, seq, _ in done],
-                )
-                db.executemany(
-                    "UPDATE journal SET base_version = ?, sent_commit_id = NULL WHERE node_id = ?",
-                    [(version, node_id) for node_id, _, version in done],
-                )
+                for node_id, seq, version in done:
+                    if version == 1:
+                        # Just created (by this device): on the server it holds
+                        # only what this device commits into it (which lands
+                        # here too), unless the feed named a child of it first.
+                        db.execute("INSERT OR IGNORE INTO listed VALUES (?)", (node_id,))
+                        if node_id not in self._raced_folders:
+                            db.execute("INSERT OR IGNORE INTO current VALUES (?)", (node_id,))
+                    self._raced_folders.discard(node_id)
+                    row = db.execute(
+                        "SELECT op, parent FROM journal WHERE node_id = ? AND seq = ?",
+                        (node_id, seq),
+                    ).fetchone()
+                    if row is None:
+                        continue  # replaced by a newer change, which hides the row until it lands
+                    op, parent = row
+                    raced = self._raced.pop(node_id, None)
+                    if op == "delete":
+                        db.execute("DELETE FROM nodes WHERE id = ?", (node_id,))
+                    elif raced is not None and raced[0] > version:
+                        # Another device changed it after us, and the feed
+                        # said so before this answer came: trust neither.
+                        _not_current(db, parent, raced[1], _parent_of(db, node_id))
+                        db.execute("DELETE FROM nodes WHERE id = ?", (node_id,))
+                    else:
+                        db.execute(
+                            "INSERT OR REPLACE INTO nodes SELECT node_id, parent, ?, meta, "
+                            "content, coalesce(length(content), 0) FROM journal "
+                            "WHERE node_id = ? AND seq = ?",
+                            (version, node_id, seq),
+                        )
+                _drop_entries(db, done)
 
         await self._run(q)
+
+    async def entries_dropped(self, dropped: list[tuple[bytes, int, int]]) -> None:
+        """These ``(node_id, seq, server_version)`` will never land: a change
+        of a node never sent (the node is gone), or one that lost to another
+        device's (the server holds that one, at ``server_version``). The
+        node's row and the folders it was in stop being trusted: the feed or
+        a listing brings the other device's state."""
+
+        def q() -> None:
+            with _transaction(self._conn()) as db:
+                for node_id, _, _ in dropped:
+                    raced = self._raced.pop(node_id, None)
+                    self._raced_folders.discard(node_id)
+                    _not_current(db, _parent_of(db, node_id), None if raced is None else raced[1])
+                    db.execute("DELETE FROM nodes WHERE id = ?", (node_id,))
+                _drop_entries(db, dropped)
+
+        await self._run(q)
+
+
+def _drop_entries(db: sqlite3.Connection, done: list[tuple[bytes, int, int]]) -> None:
+    """Remove the journal entries ``done`` names (by seq); a later change of
+    the same node is rebased on the server's version."""
+    db.executemany(
+        "DELETE FROM journal WHERE node_id = ? AND seq = ?",
+        [(node_id, seq) for node_id, seq, _ in done],
+    )
+    db.executemany(
+        "UPDATE journal SET base_version = ?, sent_commit_id = NULL WHERE node_id = ?",
+        [(version, node_id) for node_id, _, version in done],
+    )
+
+
+def _set_cursor(db: sqlite3.Connection, cursor: int) -> None:
+    db.execute("INSERT OR REPLACE INTO meta VALUES ('cursor', ?)", (str(cursor).encode(),))
+
+
+def _parent_of(db: sqlite3.Connection, node_id: bytes) -> bytes | None:
+    row = db.execute("SELECT parent FROM nodes WHERE id = ?", (node_id,)).fetchone()
+    return None if row is None or row[0] is None else bytes(row[0])
+
+
+def _created_here(db: sqlite3.Connection, node_id: bytes) -> bool:
+    """Is the node's creation by this device pending (or unconfirmed)?"""
+    return (
+        db.execute(
+            "SELECT 1 FROM journal WHERE node_id = ? AND base_version = 0", (node_id,)
+        ).fetchone()
+        is not None
+    )
+
+
+def _not_current(db: sqlite3.Connection, *folders: bytes | None) -> None:
+    db.executemany("DELETE FROM current WHERE id = ?", [(f,) for f in folders if f is not None])
 
 
 _NODE_SELECT = "SELECT id, parent, version, meta, content, content_size FROM nodes"

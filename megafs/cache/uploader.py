@@ -190,7 +190,7 @@ class Uploader:
             # Never reached the server: forget it instead of deleting.
             if old is not None:
                 del self._entries[node_id]
-                await self._state.entries_committed([(node_id, old.seq, 0)])
+                await self._state.entries_dropped([(node_id, old.seq, 0)])
             self._versions.pop(node_id, None)
             self._done_seq[node_id] = self._seq
             self._notify()
@@ -545,7 +545,7 @@ class Uploader:
             del self._entries[entry.node_id]
         self._versions[entry.node_id] = server_version
         self._done_seq[entry.node_id] = max(entry.seq, self._done_seq.get(entry.node_id, 0))
-        await self._state.entries_committed([(entry.node_id, entry.seq, server_version)])
+        await self._state.entries_dropped([(entry.node_id, entry.seq, server_version)])
         self._notify()
 
     def note_conflict(self, description: str) -> None:

@@ -102,10 +102,10 @@ async def run_mount(
                 log.info("%d changes from an earlier run wait in the journal", len(journal))
             tree = Tree(remote, uploader, chunks, keys, state)
             uploader.on_conflict = tree.resolve_conflict
-            follower = ChangeFollower(remote, tree)
+            follower = ChangeFollower(remote, tree, state)
             # Before loading: a change made meanwhile is then in the feed.
             with trio.move_on_after(10), contextlib.suppress(MegafsError):
-                await follower.start_cursor()
+                await follower.catch_up()
             await tree.load_root()
             ops = Operations(
                 tree, uploader, remote, read_ahead=ReadAhead(chunks), fsync_timeout=fsync_timeout

@@ -42,7 +42,7 @@ from megafs.crypto import (
     seal_record,
 )
 from megafs.errors import IntegrityError, NotFound, RemoteError
-from megafs.remote import RemoteClient, RemoteNode
+from megafs.remote import Change, RemoteClient, RemoteNode
 
 __all__ = ["ROOT_INODE", "Forget", "Inode", "Tree"]
 
@@ -184,8 +184,12 @@ class Tree:
         #: Until then, reads do not try the server (it just failed).
         self._offline_until = -math.inf
         #: Changes from other devices put off while ours to the same node
-        #: were pending: node id -> (version, deleted).
-        self._deferred: dict[bytes, tuple[int, bool]] = {}
+        #: were pending (or its folder was loading), by node id.
+        self._deferred: dict[bytes, Change] = {}
+        #: Set by the change follower once the local copy of the server's
+        #: listings has caught up with the feed in this run: folders it
+        #: holds as current are then listed from it, without the server.
+        self.caught_up = False
         #: Every node in memory by id (the change feed names nodes by id).
         self._by_id: dict[bytes, Inode] = {}
         #: What the kernel must forget after changes from other devices; a
@@ -553,9 +557,14 @@ class Tree:
         return node
 
     async def _fetch_children(self, folder_id: bytes) -> list[RemoteNode]:
-        """A folder's children, as ``_fetch_node`` fetches a node. A folder
-        the server does not have yet (journaled in an earlier run) has
-        none there."""
+        """A folder's children: from the local copy if it is current (the
+        server's as of the change feed, which the follower keeps up), else
+        as ``_fetch_node`` fetches a node. A folder the server does not have
+        yet (journaled in an earlier run) has none there."""
+        if self.caught_up:
+            kept = await self._state.cached_children(folder_id, current=True)
+            if kept is not None:
+                return kept
 
         async def listing() -> list[RemoteNode]:
             try:
@@ -580,18 +589,20 @@ class Tree:
     async def _server_or_cache(
         self,
         fetch: Callable[[], Awaitable[_T]],
-        save: Callable[[_T], Awaitable[None]],
+        save: Callable[..., Awaitable[None]],
         cached: Callable[[], Awaitable[_T | None]],
     ) -> _T | None:
-        """``fetch()`` from the server and ``save`` it locally; while the
-        server is unreachable, ``cached()`` instead (None: not cached)."""
+        """``fetch()`` from the server and ``save(value, at=cursor)`` it
+        locally; while the server is unreachable, ``cached()`` instead
+        (None: not cached)."""
         if trio.current_time() >= self._offline_until:
+            at = self._state.cursor
             try:
                 value = await fetch()
             except RemoteError:
                 self._went_offline()
             else:
-                await save(value)
+                await save(value, at=at)
                 return value
         return await cached()
 
@@ -602,67 +613,75 @@ class Tree:
 
     # -- changes from other devices ------------------------------------------------
 
-    async def apply_remote(self, node_id: bytes, version: int, *, deleted: bool) -> None:
+    async def apply_remote(self, change: Change) -> None:
         """Bring a node another device changed up to date in memory. A node
         with a change of ours not yet on the server is left alone: our
         commit meets theirs on the server, which refuses the older base (a
         conflict, see ``resolve_conflict``)."""
-        if self._uploader.busy(node_id):
+        node_id = change.id
+        parent = None if change.parent is None else self._by_id.get(change.parent)
+        if self._uploader.busy(node_id) or (parent is not None and parent.ino in self._loading):
             # Our change meets theirs on the server; if ours lands first as
             # an earlier version, theirs is still to show: see apply_deferred.
-            self._deferred[node_id] = (version, deleted)
+            # (A folder being listed may show the node as it was before.)
+            self._deferred[node_id] = change
             return
         inode = self._by_id.get(node_id)
-        if deleted and (inode is None or inode.unlinked):
+        if change.deleted and (inode is None or inode.unlinked):
             return  # (a delete names the version it removed, so no version test)
-        if not deleted and version <= self._uploader.known_version(node_id):
-            return
-        if not deleted:
+        if not change.deleted:
+            if change.version <= self._uploader.known_version(node_id):
+                return
+            if inode is None and (parent is None or parent.children is None):
+                return  # in no folder loaded here: listed when its folder is
+            at = self._state.cursor
             try:
                 node = await self._remote.get_node(node_id)
             except NotFound:
                 pass
             else:
-                await self._apply_node(node)
+                await self._apply_node(node, at=at)
                 return
         await self._state.drop_node(node_id)
         if inode is not None:
             self._detach(inode, deleted=True)
 
     async def apply_deferred(self) -> None:
-        """Apply the changes ``apply_remote`` put off while a change of ours
-        to the same node was pending, once it no longer is."""
+        """Apply the changes ``apply_remote`` put off, once it need not."""
         for node_id in [i for i in self._deferred if not self._uploader.busy(i)]:
-            version, deleted = self._deferred.pop(node_id)
+            change = self._deferred.pop(node_id)
             try:
-                await self.apply_remote(node_id, version, deleted=deleted)
+                await self.apply_remote(change)
             except RemoteError:
-                self._deferred.setdefault(node_id, (version, deleted))
+                self._deferred.setdefault(node_id, change)
 
     async def reload_folders(self) -> None:
         """List every loaded folder again and apply what changed (after the
         change feed lost track)."""
         for folder in [i for i in self._by_id.values() if i.children is not None]:
+            at = self._state.cursor
             try:
                 listed = await self._remote.list_children(folder.id)
             except NotFound:
                 continue
-            await self._state.save_listing(folder.id, listed)
+            await self._state.save_listing(folder.id, listed, at=at)
             present = {node.id for node in listed}
             for node in listed:
                 if node.version > self._uploader.known_version(node.id):
-                    await self._apply_node(node)
+                    await self._apply_node(node, at=at)
             assert folder.children is not None
             for inode in list(folder.children.values()):
                 gone = inode.id not in present and self._uploader.known_version(inode.id) > 0
                 if gone and inode.parent is folder and not self._uploader.busy(inode.id):
                     self._detach(inode, deleted=True)
 
-    async def _apply_node(self, node: RemoteNode) -> None:
+    async def _apply_node(self, node: RemoteNode, *, at: int | None) -> None:
+        """The node as the server has it now, fetched when the feed's cursor
+        was ``at``."""
         if self._uploader.busy(node.id):
             # A change of ours began while this one was fetched: like in
             # apply_remote, it waits for ours to land.
-            self._deferred[node.id] = (node.version, False)
+            self._deferred[node.id] = Change(node.id, node.parent, node.version, 0, False)
             return
         parent = self._by_id.get(node.parent) if node.parent is not None else None
         inode = self._by_id.get(node.id)
@@ -680,7 +699,7 @@ class Tree:
             # (Hard links made elsewhere show after the folder is listed again.)
             return
         self._uploader.note_version(node.id, node.version)
-        await self._state.save_node(node)
+        await self._state.save_node(node, at=at)
         taken = parent.children.get(record.name)
         if inode is None or inode.parent is not parent or taken is not inode:
             if taken is not None:
@@ -740,6 +759,7 @@ class Tree:
             return
         if inode.content is not None and inode.content.changed:
             return  # written since: that change is journaled first, then settled
+        at = self._state.cursor
         try:
             server = await self._remote.get_node(entry.node_id)
         except NotFound:
@@ -759,7 +779,7 @@ class Tree:
             log.warning("%s was changed on another device; not deleted", inode.record.name)
             await self._uploader.drop(entry, server.version)
             await self._forget_own_revisions(entry.node_id)
-            await self._apply_node(server)
+            await self._apply_node(server, at=at)
             return
         record = open_record(parent.record.key, entry.node_id, parent.id, entry.meta)
         if record.kind == Kind.DIR:
@@ -768,7 +788,7 @@ class Tree:
             log.warning("folder %s was changed on two devices; keeping the other's", record.name)
             await self._uploader.drop(entry, server.version)
             await self._forget_own_revisions(entry.node_id)
-            await self._apply_node(server)
+            await self._apply_node(server, at=at)
             return
         name = _unique(parent.children, conflict_name(record.name, socket.gethostname()))
         mine = record.evolve(name=name, key=new_key(), rev=0)
@@ -784,7 +804,7 @@ class Tree:
         self._uploader.note_conflict(self._path(copy))
         log.warning("conflict with another device: kept this device's version as %s", name)
         self._forget(Forget(parent.ino, name), Forget(parent.ino))
-        await self._apply_node(server)
+        await self._apply_node(server, at=at)
 
     async def _forget_own_revisions(self, node_id: bytes) -> None:
         """The revisions we made of a node never reached the server: the

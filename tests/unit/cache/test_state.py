@@ -1,14 +1,15 @@
-"""The local state database's copy of the server's nodes (for working
-offline): a new listing replaces the old one exactly, whether or not it
-needed writing."""
+"""The local state database's copy of the server's nodes: a new listing
+replaces the old one exactly, whether or not it needed writing (offline
+use), and a listing is current (served without the server) only while the
+change feed has said nothing it does not already hold."""
 
 from __future__ import annotations
 
 import os
 from pathlib import Path
 
-from megafs.cache import LocalState
-from megafs.remote.responses import RemoteNode
+from megafs.cache import JournalEntry, LocalState
+from megafs.remote.responses import Change, RemoteNode
 
 FOLDER = bytes(16)
 
@@ -44,20 +45,139 @@ async def test_a_listing_replaces_what_was_kept(tmp_path: Path) -> None:
             [_node(a, 3), _node(b, 3)],
         ]
         for listing in steps:
-            await state.save_listing(FOLDER, listing)
+            await state.save_listing(FOLDER, listing, at=None)
             assert _key(await state.cached_children(FOLDER)) == _key(listing)
         kept = await state.cached_children(FOLDER)
         # The same versions again (new objects, as a new listing brings):
         # nothing changes, not even the bytes kept for them.
         same = [_node(a, 3), _node(b, 3)]
-        await state.save_listing(FOLDER, same)
+        await state.save_listing(FOLDER, same, at=None)
         assert _key(await state.cached_children(FOLDER)) == _key(kept)
         # A node that moved to another folder leaves this one's listing.
         other = bytes([9]) * 16
-        await state.save_node(_node(b, 4, parent=other))
-        await state.save_listing(FOLDER, [kept_a := _node(a, 3)])
+        await state.save_node(_node(b, 4, parent=other), at=None)
+        await state.save_listing(FOLDER, [kept_a := _node(a, 3)], at=None)
         after_move = await state.cached_children(FOLDER)
         assert after_move is not None and [n.id for n in after_move] == [kept_a.id]
         assert await state.cached_children(other) is None  # never listed
+    finally:
+        await state.aclose()
+
+
+def _change(node: RemoteNode, seq: int, *, deleted: bool = False) -> Change:
+    return Change(node.id, node.parent, node.version, seq, deleted)
+
+
+async def _current(state: LocalState, folder: bytes = FOLDER) -> list[bytes] | None:
+    kept = await state.cached_children(folder, current=True)
+    return None if kept is None else sorted(n.id for n in kept)
+
+
+async def test_the_feed_keeps_a_listing_current_only_while_it_holds_every_change(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "state.sqlite3"
+    a, b, c = (bytes([i]) * 16 for i in (1, 2, 3))
+    state = await LocalState.open(path)
+    try:
+        assert state.cursor is None
+        await state.reset_cursor(10)
+        await state.save_listing(FOLDER, [_node(a, 1), _node(b, 1)], at=10)
+        assert await _current(state) == [a, b]
+        # Changes it holds (the listing came after them) and a deletion.
+        await state.apply_changes(
+            [_change(_node(a, 1), 11), _change(_node(b, 1), 12, deleted=True)], 12
+        )
+        assert await _current(state) == [a]
+        # A listing asked for before the feed moved on is kept, not trusted.
+        await state.save_listing(FOLDER, [_node(a, 1), _node(c, 1)], at=11)
+        assert await _current(state) is None
+        assert _key(await state.cached_children(FOLDER)) is not None
+        await state.save_listing(FOLDER, [_node(a, 1), _node(c, 1)], at=12)
+        assert await _current(state) == [a, c]
+    finally:
+        await state.aclose()
+    # The cursor and what is current survive a restart.
+    state = await LocalState.open(path)
+    try:
+        assert state.cursor == 12
+        assert await _current(state) == [a, c]
+        # A newer version of a child: the listing no longer says what it is.
+        await state.apply_changes([_change(_node(c, 2), 13)], 13)
+        assert await _current(state) is None
+        await state.save_listing(FOLDER, [_node(a, 1), _node(c, 2)], at=13)
+        # A node that moves in from elsewhere (unknown here).
+        other = bytes([9]) * 16
+        await state.apply_changes([_change(_node(b, 5, parent=other), 14)], 14)
+        assert await _current(state) == [a, c]
+        await state.apply_changes([_change(_node(b, 6, parent=FOLDER), 15)], 15)
+        assert await _current(state) is None
+        await state.save_listing(FOLDER, [_node(a, 1), _node(b, 6), _node(c, 2)], at=15)
+        # Starting over from a new position trusts nothing.
+        await state.reset_cursor(100)
+        assert await _current(state) is None
+    finally:
+        await state.aclose()
+
+
+def _entry(node_id: bytes, seq: int, parent: bytes, base: int) -> JournalEntry:
+    return JournalEntry(
+        node_id=node_id,
+        seq=seq,
+        op="put",
+        parent=parent,
+        base_version=base,
+        meta=os.urandom(40),
+        content=None,
+        chunks=(),
+        commit_id=os.urandom(16),
+    )
+
+
+async def test_what_this_device_commits_is_current_unless_the_feed_raced_it(
+    tmp_path: Path,
+) -> None:
+    state = await LocalState.open(tmp_path / "state.sqlite3")
+    new, raced, child = (bytes([i]) * 16 for i in (4, 5, 6))
+    try:
+        await state.reset_cursor(1)
+        await state.save_listing(FOLDER, [], at=1)
+        # A folder created here: its listing is known to be empty.
+        await state.put_entry(_entry(new, 1, FOLDER, 0))
+        await state.entries_committed([(new, 1, 1)])
+        assert await _current(state) == [new]
+        assert await _current(state, new) == []
+        # Our own commit coming back through the feed changes nothing.
+        await state.apply_changes([Change(new, FOLDER, 1, 2, False)], 2)
+        assert await _current(state) == [new]
+        # Our own commit of a folder and a file in it, coming back through
+        # the feed before the answer to the commit does.
+        mine, its_file = bytes([7]) * 16, bytes([8]) * 16
+        await state.put_entry(_entry(mine, 10, FOLDER, 0))
+        await state.put_entry(_entry(its_file, 11, mine, 0))
+        await state.apply_changes(
+            [Change(mine, FOLDER, 1, 5, False), Change(its_file, mine, 1, 6, False)], 6
+        )
+        await state.entries_committed([(mine, 10, 1), (its_file, 11, 1)])
+        assert await _current(state, mine) == [its_file]
+        # The feed names a child of a folder whose creation is still pending
+        # (another device was quicker than our commit's answer).
+        await state.put_entry(_entry(raced, 2, FOLDER, 0))
+        await state.apply_changes([Change(child, raced, 1, 3, False)], 3)
+        await state.entries_committed([(raced, 2, 1)])
+        assert await _current(state, raced) is None
+        assert await _current(state) == sorted([new, raced, mine])
+        # Another device's newer change of a node of ours, named by the
+        # feed before our commit's answer came: the row is not trusted.
+        await state.put_entry(_entry(new, 3, FOLDER, 1))
+        await state.apply_changes([Change(new, FOLDER, 3, 4, False)], 4)
+        await state.entries_committed([(new, 3, 2)])
+        assert await _current(state) is None
+        # A change that never lands takes its row with it.
+        await state.save_listing(FOLDER, [_node(raced, 1)], at=4)
+        await state.put_entry(_entry(raced, 4, FOLDER, 1))
+        await state.entries_dropped([(raced, 4, 7)])
+        assert await _current(state) is None
+        assert await state.load_journal() == []
     finally:
         await state.aclose()

@@ -1,0 +1,142 @@
+"""A remounted drive lists folders from its local copy of the server's
+listings, which the change feed keeps exact: no request for a folder no
+one changed, and every change another device made meanwhile shows.
+
+What is checked is the tree a user sees (names, kinds, contents) against
+the other device's, and which folders cost a listing request (from the
+server's request log), never a time.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.helpers.drive import Drive
+from tests.helpers.server import ServerProcess
+
+pytestmark = pytest.mark.mount
+
+_CHILDREN = re.compile(rb"request method=GET path=/v1/nodes/([0-9a-f]{32})/children status=200")
+
+
+def _tree(root: Path) -> dict[str, bytes | None]:
+    """Every path under ``root`` -> file content (None for a folder)."""
+    seen: dict[str, bytes | None] = {}
+    for folder, dirs, files in os.walk(root):
+        for name in dirs:
+            seen[os.path.relpath(os.path.join(folder, name), root)] = None
+        for name in files:
+            path = os.path.join(folder, name)
+            with open(path, "rb") as f:
+                seen[os.path.relpath(path, root)] = f.read()
+    return seen
+
+
+def _listings_since(server: ServerProcess, offset: int) -> int:
+    with open(server.log_path, "rb") as f:
+        f.seek(offset)
+        return len(_CHILDREN.findall(f.read()))
+
+
+def _make(root: Path) -> None:
+    for folder in ("docs", "photos/2026", "photos/2025", "music", "untouched/deep"):
+        (root / folder).mkdir(parents=True)
+    for i in range(5):
+        (root / "docs" / f"note-{i}.txt").write_bytes(b"note %d\n" % i)
+        (root / "photos/2026" / f"img-{i}.jpg").write_bytes(os.urandom(3000 + i))
+        (root / "untouched/deep" / f"f{i}").write_bytes(b"still %d" % i)
+    (root / "music" / "song.ogg").write_bytes(os.urandom(70_000))
+    (root / "photos/2025" / "old.jpg").write_bytes(b"old")
+    (root / "untouched" / "readme").write_bytes(b"read me")
+
+
+def test_a_remount_lists_unchanged_folders_locally_and_sees_other_devices_changes(
+    tmp_path: Path, server: ServerProcess
+) -> None:
+    laptop = Drive(tmp_path / "laptop", server.url)
+    desktop = Drive(tmp_path / "desktop", server.url)
+    laptop.signup()
+    desktop.login()
+    try:
+        laptop.mount()
+        _make(laptop.mnt)
+        made = _tree(laptop.mnt)
+        laptop.umount()
+
+        # Nothing changed: the whole tree comes from the local copy.
+        mark = server.log_path.stat().st_size
+        laptop.mount()
+        assert _tree(laptop.mnt) == made
+        assert _listings_since(server, mark) == 0
+        laptop.umount()
+
+        # Another device changes some folders while the laptop is away.
+        desktop.mount()
+        b = desktop.mnt
+        (b / "docs" / "new.txt").write_bytes(b"made on the desktop")
+        (b / "docs" / "note-0.txt").rename(b / "docs" / "renamed.txt")
+        (b / "docs" / "note-1.txt").write_bytes(b"rewritten")
+        (b / "photos/2026" / "img-0.jpg").unlink()
+        (b / "photos/2026" / "img-1.jpg").rename(b / "photos/2025" / "moved.jpg")
+        (b / "music" / "song.ogg").unlink()
+        (b / "music").rmdir()
+        (b / "fresh").mkdir()
+        (b / "fresh" / "inside").write_bytes(b"new folder, new file")
+        expected = _tree(b)
+        desktop.umount()
+
+        mark = server.log_path.stat().st_size
+        laptop.mount()
+        assert _tree(laptop.mnt) == expected
+        # Listed again: the root, docs, both photo folders (a child left or
+        # came in) and the new folder; not "photos", "untouched" or
+        # "untouched/deep". A deletion alone (music's song) needs no listing.
+        assert _listings_since(server, mark) == 5
+        laptop.umount()
+    finally:
+        laptop.cleanup()
+        desktop.cleanup()
+
+
+def test_a_feed_that_forgot_deletes_makes_a_remount_list_everything_again(
+    tmp_path: Path, server: ServerProcess
+) -> None:
+    laptop = Drive(tmp_path / "laptop", server.url)
+    desktop = Drive(tmp_path / "desktop", server.url)
+    laptop.signup()
+    desktop.login()
+    try:
+        laptop.mount()
+        _make(laptop.mnt)
+        laptop.umount()
+
+        desktop.mount()
+        for i in range(5):
+            (desktop.mnt / "untouched/deep" / f"f{i}").unlink()
+        (desktop.mnt / "untouched/deep").rmdir()
+        expected = _tree(desktop.mnt)
+        desktop.umount()
+        # Restarted with no retention, the server forgets those deletes, so
+        # the laptop's cursor expires: nothing it kept can be trusted.
+        server.stop()
+        server.args += ["--change-retention-days", "0"]
+        started = server.log_path.stat().st_size
+        server.start()
+        deadline = time.monotonic() + 30  # the first collection runs as the server starts
+        while b"tombstones deleted" not in server.log_path.read_bytes()[started:]:
+            assert time.monotonic() < deadline, "no garbage collection"
+            time.sleep(0.1)
+
+        mark = server.log_path.stat().st_size
+        laptop.mount()
+        assert _tree(laptop.mnt) == expected
+        folders = sum(1 for v in expected.values() if v is None) + 1
+        assert _listings_since(server, mark) == folders
+    finally:
+        laptop.cleanup()
+        desktop.cleanup()
