@@ -21,6 +21,7 @@ means a buggy or hostile writer holding our keys: refuse it all the same).
 from __future__ import annotations
 
 import enum
+import itertools
 import struct
 from dataclasses import dataclass, field, replace
 
@@ -82,9 +83,14 @@ class _Tag(enum.IntEnum):
     NLINK = 15
 
 
-_REQUIRED = (
-    _Tag.KIND,
-    _Tag.NAME,
+_U32 = struct.Struct(">I")
+_U64 = struct.Struct(">Q")
+#: Every record starts: version, KIND (tag, length 1, kind), NAME's tag and
+#: length; the name follows.
+_HEAD = struct.Struct(">BBIBBI")
+#: Then the fields every record has, in order, each as tag, length, value.
+_FIXED = struct.Struct(">BI32sBIIBIIBIIBIqBIqBIqBIQBIQ")
+_FIXED_TAGS = (
     _Tag.KEY,
     _Tag.MODE,
     _Tag.UID,
@@ -95,9 +101,7 @@ _REQUIRED = (
     _Tag.SIZE,
     _Tag.REV,
 )
-_U32 = struct.Struct(">I")
-_U64 = struct.Struct(">Q")
-_I64 = struct.Struct(">q")
+_FIXED_LENGTHS = (32, 4, 4, 4, 8, 8, 8, 8, 8)
 
 
 @dataclass(frozen=True)
@@ -145,24 +149,19 @@ class NodeRecord:
             raise ValueError("a link's target is a 16-byte node id")
         if self.nlink < 1:
             raise ValueError("a node has at least one name")
-        out = bytearray((RECORD_VERSION,))
+        out = bytearray(
+            _HEAD.pack(RECORD_VERSION, _Tag.KIND, 1, self.kind, _Tag.NAME, len(self.name))
+        )
+        out += self.name
+        values = (self.key, self.mode, self.uid, self.gid, self.atime_ns, self.mtime_ns)
+        values += (self.ctime_ns, self.size, self.rev)
+        out += _FIXED.pack(*itertools.chain(*zip(_FIXED_TAGS, _FIXED_LENGTHS, values, strict=True)))
 
         def put(tag: _Tag, value: bytes) -> None:
             out.append(tag)
             out.extend(_U32.pack(len(value)))
             out.extend(value)
 
-        put(_Tag.KIND, bytes((self.kind,)))
-        put(_Tag.NAME, self.name)
-        put(_Tag.KEY, self.key)
-        put(_Tag.MODE, _U32.pack(self.mode))
-        put(_Tag.UID, _U32.pack(self.uid))
-        put(_Tag.GID, _U32.pack(self.gid))
-        put(_Tag.ATIME, _I64.pack(self.atime_ns))
-        put(_Tag.MTIME, _I64.pack(self.mtime_ns))
-        put(_Tag.CTIME, _I64.pack(self.ctime_ns))
-        put(_Tag.SIZE, _U64.pack(self.size))
-        put(_Tag.REV, _U64.pack(self.rev))
         if self.target:
             put(_Tag.TARGET, self.target)
         if self.rdev:
@@ -182,53 +181,63 @@ class NodeRecord:
 
     @classmethod
     def decode(cls, data: bytes) -> NodeRecord:
-        if not data or data[0] != RECORD_VERSION:
-            raise IntegrityError()
-        fields: dict[_Tag, bytes] = {}
-        xattrs: dict[bytes, bytes] = {}
-        pos, last = 1, 0
+        """Parse the fields in the one order ``encode`` writes them, then
+        accept only the exact bytes ``encode`` writes for the result: that
+        applies every writer-side rule (valid name, sorted xattrs within the
+        size limit, no empty TARGET or zero RDEV field, no field twice) to
+        what is read as well."""
         try:
+            version, kind_tag, kind_length, kind, name_tag, name_length = _HEAD.unpack_from(data)
+            if (version, kind_tag, kind_length, name_tag) != (
+                RECORD_VERSION,
+                _Tag.KIND,
+                1,
+                _Tag.NAME,
+            ):
+                raise ValueError("bad record head")
+            pos = _HEAD.size + name_length
+            name = bytes(data[_HEAD.size : pos])
+            fixed = _FIXED.unpack_from(data, pos)
+            if fixed[0::3] != _FIXED_TAGS or fixed[1::3] != _FIXED_LENGTHS:
+                raise ValueError("bad record fields")
+            key, mode, uid, gid, atime, mtime, ctime, size, rev = fixed[2::3]
+            pos += _FIXED.size
+            target, rdev, nlink = b"", 0, 1
+            xattrs: dict[bytes, bytes] = {}
             while pos < len(data):
-                tag = _Tag(data[pos])
+                tag = data[pos]
                 (length,) = _U32.unpack_from(data, pos + 1)
-                pos += 5
-                value = data[pos : pos + length]
+                value = bytes(data[pos + 5 : pos + 5 + length])
                 if len(value) != length:
                     raise ValueError("truncated field")
-                pos += length
-                if tag == _Tag.XATTR and last <= _Tag.XATTR:
-                    name = value[1 : 1 + value[0]]
-                    if not name or len(name) != value[0] or name in xattrs:
-                        raise ValueError("bad xattr")
-                    xattrs[name] = value[1 + value[0] :]
-                elif tag <= last:
-                    raise ValueError("fields out of order")
+                pos += 5 + length
+                if tag == _Tag.TARGET:
+                    target = value
+                elif tag == _Tag.RDEV:
+                    (rdev,) = _U64.unpack(value)
+                elif tag == _Tag.XATTR and value:
+                    xattrs[value[1 : 1 + value[0]]] = value[1 + value[0] :]
+                elif tag == _Tag.NLINK:
+                    (nlink,) = _U32.unpack(value)
                 else:
-                    fields[tag] = value
-                last = max(last, tag)
-            if any(t not in fields for t in _REQUIRED):
-                raise ValueError("missing field")
-            (kind_byte,) = fields[_Tag.KIND]
+                    raise ValueError("unknown field")
             record = cls(
-                kind=Kind(kind_byte),
-                name=fields[_Tag.NAME],
-                key=_exact(fields[_Tag.KEY], 32),
-                mode=_U32.unpack(fields[_Tag.MODE])[0],
-                uid=_U32.unpack(fields[_Tag.UID])[0],
-                gid=_U32.unpack(fields[_Tag.GID])[0],
-                atime_ns=_I64.unpack(fields[_Tag.ATIME])[0],
-                mtime_ns=_I64.unpack(fields[_Tag.MTIME])[0],
-                ctime_ns=_I64.unpack(fields[_Tag.CTIME])[0],
-                size=_U64.unpack(fields[_Tag.SIZE])[0],
-                rev=_U64.unpack(fields[_Tag.REV])[0],
-                target=fields.get(_Tag.TARGET, b""),
-                rdev=_U64.unpack(fields[_Tag.RDEV])[0] if _Tag.RDEV in fields else 0,
+                kind=Kind(kind),
+                name=name,
+                key=key,
+                mode=mode,
+                uid=uid,
+                gid=gid,
+                atime_ns=atime,
+                mtime_ns=mtime,
+                ctime_ns=ctime,
+                size=size,
+                rev=rev,
+                target=target,
+                rdev=rdev,
                 xattrs=xattrs,
-                nlink=_U32.unpack(fields[_Tag.NLINK])[0] if _Tag.NLINK in fields else 1,
+                nlink=nlink,
             )
-            # Accept only the one encoding encode() writes: this applies every
-            # writer-side rule (valid name, sorted xattrs within the size limit,
-            # no empty TARGET or zero RDEV field) to what we read as well.
             if record.encode() != data:
                 raise ValueError("not the canonical encoding")
             return record

@@ -92,7 +92,7 @@ class ChangeFollower:
             failures = 0
             if came is None:
                 await trio.sleep(1 + random.random())
-            elif came:
+            elif came and self._tree.caught_up:
                 await trio.sleep_until(asked + POLL_GAP)
 
     async def _step(self, *, wait: float) -> int | None:
