@@ -12,6 +12,8 @@ from __future__ import annotations
 import os
 import re
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -37,10 +39,29 @@ def _tree(root: Path) -> dict[str, bytes | None]:
     return seen
 
 
-def _listings_since(server: ServerProcess, offset: int) -> int:
+def _mount_and_walk(drive: Drive, server: ServerProcess) -> tuple[dict[str, bytes | None], int]:
+    """Mount ``drive`` on its cache and walk it: the tree it shows, and how
+    many folder listings that cost the server (from its request log)."""
+    mark = server.log_path.stat().st_size
+    drive.mount()
+    tree = _tree(drive.mnt)
     with open(server.log_path, "rb") as f:
-        f.seek(offset)
-        return len(_CHILDREN.findall(f.read()))
+        f.seek(mark)
+        return tree, len(_CHILDREN.findall(f.read()))
+
+
+@contextmanager
+def _laptop_and_desktop(root: Path, url: str) -> Iterator[tuple[Drive, Drive]]:
+    """Two devices of one account, neither mounted yet."""
+    laptop = Drive(root / "laptop", url)
+    desktop = Drive(root / "desktop", url)
+    laptop.signup()
+    desktop.login()
+    try:
+        yield laptop, desktop
+    finally:
+        laptop.cleanup()
+        desktop.cleanup()
 
 
 def _make(root: Path) -> None:
@@ -58,21 +79,14 @@ def _make(root: Path) -> None:
 def test_a_remount_lists_unchanged_folders_locally_and_sees_other_devices_changes(
     tmp_path: Path, server: ServerProcess
 ) -> None:
-    laptop = Drive(tmp_path / "laptop", server.url)
-    desktop = Drive(tmp_path / "desktop", server.url)
-    laptop.signup()
-    desktop.login()
-    try:
+    with _laptop_and_desktop(tmp_path, server.url) as (laptop, desktop):
         laptop.mount()
         _make(laptop.mnt)
         made = _tree(laptop.mnt)
         laptop.umount()
 
         # Nothing changed: the whole tree comes from the local copy.
-        mark = server.log_path.stat().st_size
-        laptop.mount()
-        assert _tree(laptop.mnt) == made
-        assert _listings_since(server, mark) == 0
+        assert _mount_and_walk(laptop, server) == (made, 0)
         laptop.umount()
 
         # Another device changes some folders while the laptop is away.
@@ -90,27 +104,17 @@ def test_a_remount_lists_unchanged_folders_locally_and_sees_other_devices_change
         expected = _tree(b)
         desktop.umount()
 
-        mark = server.log_path.stat().st_size
-        laptop.mount()
-        assert _tree(laptop.mnt) == expected
         # Listed again: the root, docs, both photo folders (a child left or
         # came in) and the new folder; not "photos", "untouched" or
         # "untouched/deep". A deletion alone (music's song) needs no listing.
-        assert _listings_since(server, mark) == 5
+        assert _mount_and_walk(laptop, server) == (expected, 5)
         laptop.umount()
-    finally:
-        laptop.cleanup()
-        desktop.cleanup()
 
 
 def test_a_feed_that_forgot_deletes_makes_a_remount_list_everything_again(
     tmp_path: Path, server: ServerProcess
 ) -> None:
-    laptop = Drive(tmp_path / "laptop", server.url)
-    desktop = Drive(tmp_path / "desktop", server.url)
-    laptop.signup()
-    desktop.login()
-    try:
+    with _laptop_and_desktop(tmp_path, server.url) as (laptop, desktop):
         laptop.mount()
         _make(laptop.mnt)
         laptop.umount()
@@ -132,11 +136,5 @@ def test_a_feed_that_forgot_deletes_makes_a_remount_list_everything_again(
             assert time.monotonic() < deadline, "no garbage collection"
             time.sleep(0.1)
 
-        mark = server.log_path.stat().st_size
-        laptop.mount()
-        assert _tree(laptop.mnt) == expected
         folders = sum(1 for v in expected.values() if v is None) + 1
-        assert _listings_since(server, mark) == folders
-    finally:
-        laptop.cleanup()
-        desktop.cleanup()
+        assert _mount_and_walk(laptop, server) == (expected, folders)
