@@ -321,10 +321,14 @@ class LocalState:
         await self._run(q)
 
     async def save_node(self, node: RemoteNode, *, at: int | None) -> None:
-        """A node's state from the server, asked for when the cursor was ``at``."""
+        """A node's state from the server, asked for when the cursor was
+        ``at`` (kept unless the row holds this version or a newer one)."""
 
         def q() -> None:
             with _transaction(self._conn()) as db:
+                row = db.execute("SELECT version FROM nodes WHERE id = ?", (node.id,)).fetchone()
+                if row is not None and row[0] >= node.version:
+                    return
                 if at is None or at != self.cursor:
                     _not_current(db, node.parent, _parent_of(db, node.id))
                 db.execute(_SAVE_NODE, _node_row(node))

@@ -113,6 +113,12 @@ async def test_the_feed_keeps_a_listing_current_only_while_it_holds_every_change
         await state.apply_changes([_change(_node(b, 6, parent=FOLDER), 15)], 15)
         assert await _current(state) is None
         await state.save_listing(FOLDER, [_node(a, 1), _node(b, 6), _node(c, 2)], at=15)
+        # A node fetched while the feed moved on: if the row holds that
+        # version already, nothing is lost; if not, the folder is stale.
+        await state.save_node(_node(c, 2), at=3)
+        assert await _current(state) == [a, b, c]
+        await state.save_node(_node(c, 9), at=3)
+        assert await _current(state) is None
         # Starting over from a new position trusts nothing.
         await state.reset_cursor(100)
         assert await _current(state) is None
