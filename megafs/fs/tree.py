@@ -521,10 +521,10 @@ class Tree:
         once, like a listing's: a bad one is fetched from the server."""
         version = self._uploader.known_version(inode.id)
         kept = await self._state.cached_node(inode.id) if version else None
-        if kept is None or kept.version != version:
-            return None
+        if kept is None or kept.version != version or kept.content is None:
+            return None  # (a listing leaves out big manifests: fetched alone)
         try:
-            open_manifest(inode.record.key, inode.id, kept.content or b"")
+            open_manifest(inode.record.key, inode.id, kept.content)
         except IntegrityError:
             log.error("node %s: the kept manifest does not open; fetching it", inode.id.hex())
             return None
