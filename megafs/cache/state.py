@@ -307,7 +307,7 @@ class LocalState:
             with _transaction(db):
                 if not same:
                     if not fresh:
-                        _not_current(db, *{n.id: _parent_of(db, n.id) for n in nodes}.values())
+                        _not_current(db, *[_parent_of(db, n.id) for n in nodes])
                     db.execute("DELETE FROM nodes WHERE parent = ?", (folder_id,))
                     db.executemany(_SAVE_NODE, [_node_row(n) for n in nodes])
                     db.execute("INSERT OR IGNORE INTO listed VALUES (?)", (folder_id,))

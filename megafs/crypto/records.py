@@ -153,8 +153,17 @@ class NodeRecord:
             _HEAD.pack(RECORD_VERSION, _Tag.KIND, 1, self.kind, _Tag.NAME, len(self.name))
         )
         out += self.name
-        values = (self.key, self.mode, self.uid, self.gid, self.atime_ns, self.mtime_ns)
-        values += (self.ctime_ns, self.size, self.rev)
+        values = (
+            self.key,
+            self.mode,
+            self.uid,
+            self.gid,
+            self.atime_ns,
+            self.mtime_ns,
+            self.ctime_ns,
+            self.size,
+            self.rev,
+        )
         out += _FIXED.pack(*itertools.chain(*zip(_FIXED_TAGS, _FIXED_LENGTHS, values, strict=True)))
 
         def put(tag: _Tag, value: bytes) -> None:

@@ -494,41 +494,43 @@ class Tree:
 
     async def _load_manifest(self, inode: Inode) -> tuple[bytes, Manifest]:
         """The file's committed manifest, sealed and opened (so verified):
-        from memory, the journal, the local copy of the server's nodes or
-        the server."""
+        from memory, the journal, the local copy of the server's nodes (one
+        that does not open is fetched again) or the server."""
         blob = inode.sealed_content or inode.listed_content
         inode.listed_content = None  # used once: a bad one is fetched anew next time
         if blob is None:
             pending = self._uploader.pending(inode.id)
             if pending is not None and pending.op == "put":
                 blob = pending.content
-            else:
-                blob = await self._kept_content(inode)
+            elif (kept := await self._kept_content(inode)) is not None:
+                try:
+                    return kept, self._open_manifest(inode, kept)
+                except IntegrityError:
+                    log.error(
+                        "node %s: the kept manifest does not open; fetching it", inode.id.hex()
+                    )
         if blob is None:
             node = await self._fetch_node(inode.id)
             blob = node.content
             self._adopt_record(inode, node)
         if blob is None:
             raise IntegrityError("file without content")
+        return blob, self._open_manifest(inode, blob)
+
+    def _open_manifest(self, inode: Inode, blob: bytes) -> Manifest:
         manifest = open_manifest(inode.record.key, inode.id, blob)
         self._remember_manifest(inode, blob, manifest)
-        return blob, manifest
+        return manifest
 
     async def _kept_content(self, inode: Inode) -> bytes | None:
         """The sealed manifest the local copy keeps for the version of the
         node this mount shows (a version names one state of a node, so it
-        is the one that belongs to the record in memory), or None. Used
-        once, like a listing's: a bad one is fetched from the server."""
+        is the one that belongs to the record in memory), or None."""
         version = self._uploader.known_version(inode.id)
         kept = await self._state.cached_node(inode.id) if version else None
-        if kept is None or kept.version != version or kept.content is None:
-            return None  # (a listing leaves out big manifests: fetched alone)
-        try:
-            open_manifest(inode.record.key, inode.id, kept.content)
-        except IntegrityError:
-            log.error("node %s: the kept manifest does not open; fetching it", inode.id.hex())
+        if kept is None or kept.version != version:
             return None
-        return kept.content
+        return kept.content  # (None: a listing leaves out big manifests)
 
     def _adopt_record(self, inode: Inode, node: RemoteNode) -> None:
         """A file's content fetched from the server belongs to the record

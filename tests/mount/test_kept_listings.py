@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import re
+import sqlite3
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -146,3 +147,22 @@ def test_a_feed_that_forgot_deletes_makes_a_remount_list_everything_again(
 
         folders = sum(1 for v in expected.values() if v is None) + 1
         assert _mount_and_walk(laptop, server) == (expected, folders)
+
+
+def test_a_damaged_kept_manifest_is_fetched_again(tmp_path: Path, server: ServerProcess) -> None:
+    with _laptop_and_desktop(tmp_path, server.url) as (laptop, _):
+        laptop.mount()
+        _make(laptop.mnt)
+        made = _tree(laptop.mnt)
+        laptop.umount()
+        # Flip one byte of every kept manifest too big to stay in memory
+        # with its listing (the photos): they no longer open.
+        with sqlite3.connect(laptop.cache / "state.sqlite3") as db:
+            rows = db.execute("SELECT id, content FROM nodes WHERE length(content) > 1024")
+            damaged = [(bytes(c[:-1]) + bytes([c[-1] ^ 1]), i) for i, c in rows.fetchall()]
+            assert damaged
+            db.executemany("UPDATE nodes SET content = ? WHERE id = ?", damaged)
+        # Each is fetched from the server instead: the right bytes, a log line.
+        assert _mount_and_walk(laptop, server, nodes=1 + len(damaged)) == (made, 0)
+        assert laptop.daemon_log().count("the kept manifest does not open") == len(damaged)
+        laptop.umount()
