@@ -32,12 +32,16 @@ Schema (documented here, at its source)::
     listed(id BLOB PK)   -- folders whose listing ``nodes`` holds
     current(id BLOB PK)  -- those of them whose listing is the server's as
                          -- of the change-feed cursor ``meta.cursor``
-    meta(key TEXT PK, value BLOB)  -- format version of this database, and
+    meta(key TEXT PK, value BLOB)  -- format version of this database,
                                    -- ``cursor``: the change feed's position
-                                   -- that ``current`` listings are exact at
+                                   -- that ``current`` listings are exact at,
+                                   -- and ``log_folded``: the last log applied
 
-All calls run in a worker thread behind a limiter of one: SQLite is blocking
-and the trio thread serves FUSE requests.
+Calls run in a worker thread behind a limiter of one: SQLite is blocking
+and the trio thread serves FUSE requests. The two writes a FUSE request
+waits for, a journal entry and a chunk's row, are appended to a log instead
+(cache/statelog.py) and applied at the start of the next call, so every
+call sees them.
 """
 
 from __future__ import annotations
@@ -53,9 +57,10 @@ from typing import Any, TypeVar
 
 import trio
 
+from megafs.cache.statelog import Record, StateLog, Value, leftover_logs
 from megafs.remote import Change, RemoteNode
 
-__all__ = ["JournalEntry", "LocalState"]
+__all__ = ["JournalEntry", "LocalState", "journal_left"]
 
 _T = TypeVar("_T")
 _SCHEMA_VERSION = b"1"
@@ -103,6 +108,7 @@ class LocalState:
         self._path = path
         self._limiter = trio.CapacityLimiter(1)
         self._db: sqlite3.Connection | None = None
+        self._log = StateLog(path)
         #: The change feed's position the ``current`` listings are exact at
         #: (None: none is). Changed only in the database thread, in the
         #: transaction that makes it true.
@@ -140,10 +146,38 @@ class LocalState:
             raise RuntimeError(f"{self._path}: cache database from another megafs version")
         row = db.execute("SELECT value FROM meta WHERE key='cursor'").fetchone()
         self.cursor = None if row is None else int(row[0])
+        folded = _log_folded(db)
+        leftover = leftover_logs(self._path, folded)
+        if leftover:  # the daemon stopped before folding these
+            with _transaction(db):
+                for number, records in leftover:
+                    _apply(db, records, number)
+                    folded = number
+        self._log.start(after=folded)
         self._db = db
 
     async def _run(self, fn: Callable[..., _T], *args: Any) -> _T:
-        return await trio.to_thread.run_sync(fn, *args, limiter=self._limiter)
+        """Run ``fn`` in the database's thread, after folding the log: every
+        call sees every write appended before it."""
+
+        def work() -> _T:
+            self._fold()
+            return fn(*args)
+
+        return await trio.to_thread.run_sync(work, limiter=self._limiter)
+
+    def _fold(self) -> None:
+        """Apply what the log holds in one transaction (database thread)."""
+        batch = self._log.take()
+        if batch is None:
+            return
+        try:
+            with _transaction(self._conn()) as db:
+                _apply(db, batch.records, batch.number)
+        except BaseException:
+            self._log.restore(batch)
+            raise
+        self._log.remove(batch)
 
     def _conn(self) -> sqlite3.Connection:
         if self._db is None:
@@ -155,6 +189,7 @@ class LocalState:
             if self._db is not None:
                 self._db.close()
                 self._db = None
+                self._log.close()
 
         with trio.CancelScope(shield=True):
             await self._run(close)
@@ -171,15 +206,9 @@ class LocalState:
         return await self._run(q)
 
     async def add_chunk(self, chunk_id: bytes, size: int, *, dirty: bool) -> None:
-        def q() -> None:
-            self._conn().execute(
-                "INSERT INTO chunks VALUES (?, ?, ?, ?) ON CONFLICT(id) DO UPDATE SET "
-                "dirty = MAX(dirty, excluded.dirty), atime = excluded.atime",
-                # Wall-clock time: the LRU order must survive restarts.
-                (chunk_id, size, int(dirty), time.time_ns()),
-            )
-
-        await self._run(q)
+        """Index a chunk file (through the log: a file's close waits for it)."""
+        # Wall-clock time: the LRU order must survive restarts.
+        await self._append(_CHUNK, (chunk_id, size, int(dirty), time.time_ns()))
 
     async def mark_clean(self, chunk_ids: list[bytes]) -> None:
         def q() -> None:
@@ -378,37 +407,39 @@ class LocalState:
         self, entry: JournalEntry, *, durable: bool = False, rev: int | None = None
     ) -> None:
         """Record the latest state of a node, and ``rev`` as the newest
-        revision of it seen (if given), in one transaction. ``durable`` makes
-        the database sync to disk before returning (for fsync); otherwise the
-        write survives a crash of the daemon but not a power cut."""
+        revision of it seen (if given). Once this returns the change survives
+        a crash of the daemon (it is in the log, cache/statelog.py);
+        ``durable`` also makes it survive a power cut (for fsync)."""
+        row = (
+            entry.node_id,
+            entry.seq,
+            entry.op,
+            entry.parent,
+            entry.base_version,
+            entry.meta,
+            entry.content,
+            b"".join(entry.chunks),
+            entry.commit_id,
+            entry.sent_commit_id,
+        )
+        await self._append(_ENTRY, (*row, rev))
+        if durable:
+            await self.sync()
 
-        def q() -> None:
-            with _transaction(self._conn()) as db:
-                if rev is not None:
-                    db.execute(_SAVE_SEEN, (entry.node_id, rev))
-                db.execute(
-                    "INSERT OR REPLACE INTO journal VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                    (
-                        entry.node_id,
-                        entry.seq,
-                        entry.op,
-                        entry.parent,
-                        entry.base_version,
-                        entry.meta,
-                        entry.content,
-                        b"".join(entry.chunks),
-                        entry.commit_id,
-                        entry.sent_commit_id,
-                    ),
-                )
-            if durable:
-                self._conn().execute("PRAGMA wal_checkpoint(FULL)")
-
-        await self._run(q)
+    async def _append(self, kind: bytes, values: tuple[Value, ...]) -> None:
+        self._log.append(kind, values)
+        if len(self._log) >= _FOLD_AT:
+            await self._run(lambda: None)  # bounds the log and the memory it holds
 
     async def sync(self) -> None:
         """Make everything written so far survive a power cut."""
-        await self._run(lambda: self._conn().execute("PRAGMA wal_checkpoint(FULL)"))
+
+        def q() -> None:
+            # Read to the end: the pragma's row otherwise keeps it running,
+            # and the next COMMIT fails, for as long as its cursor lives.
+            self._conn().execute("PRAGMA wal_checkpoint(FULL)").fetchall()
+
+        await self._run(q)
 
     async def entries_committed(self, done: list[tuple[bytes, int, int]]) -> None:
         """The server has these ``(node_id, seq, new_version)``: drop each
@@ -543,6 +574,53 @@ def _transaction(db: sqlite3.Connection) -> Iterator[sqlite3.Connection]:
 _SAVE_SEEN = (
     "INSERT INTO seen VALUES (?, ?) ON CONFLICT(node_id) DO UPDATE SET rev = MAX(rev, excluded.rev)"
 )
+
+#: Kinds of log records (cache/statelog.py): a journal entry's row followed
+#: by the revision seen (or None), and a chunk's row.
+_ENTRY, _CHUNK = b"J", b"C"
+#: A put (or a chunk) waits for a fold once the log holds this many records:
+#: folds otherwise come with the next database call, which the uploader
+#: makes soon, but not while the server is unreachable.
+_FOLD_AT = 1000
+_PUT_ENTRY = "INSERT OR REPLACE INTO journal VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+_ADD_CHUNK = (
+    "INSERT INTO chunks VALUES (?, ?, ?, ?) ON CONFLICT(id) DO UPDATE SET "
+    "dirty = MAX(dirty, excluded.dirty), atime = excluded.atime"
+)
+
+
+def _apply(db: sqlite3.Connection, records: list[Record], number: int) -> None:
+    """Apply log records in order, and remember that log ``number`` (and
+    every one before it) is folded, in the caller's transaction."""
+    for kind, values in records:
+        if kind == _ENTRY:
+            if values[-1] is not None:
+                db.execute(_SAVE_SEEN, (values[0], values[-1]))
+            db.execute(_PUT_ENTRY, values[:-1])
+        elif kind == _CHUNK:
+            db.execute(_ADD_CHUNK, values)
+        else:
+            raise RuntimeError(f"cache log record of unknown kind {kind!r}")
+    db.execute("INSERT OR REPLACE INTO meta VALUES ('log_folded', ?)", (str(number).encode(),))
+
+
+def _log_folded(db: sqlite3.Connection) -> int:
+    row = db.execute("SELECT value FROM meta WHERE key = 'log_folded'").fetchone()
+    return 0 if row is None else int(row[0])
+
+
+def journal_left(path: Path) -> int:
+    """Nodes with changes not yet on the server in the database at ``path``
+    and its logs, for a daemon that has exited (read only)."""
+    db = sqlite3.connect(f"{path.as_uri()}?mode=ro", uri=True)
+    try:
+        nodes = {bytes(r[0]) for r in db.execute("SELECT node_id FROM journal")}
+        folded = _log_folded(db)
+    finally:
+        db.close()
+    for _, records in leftover_logs(path, folded):
+        nodes.update(bytes(v[0]) for k, v in records if k == _ENTRY and isinstance(v[0], bytes))
+    return len(nodes)
 
 
 def _entry_from_row(row: tuple[Any, ...]) -> JournalEntry:

@@ -667,15 +667,13 @@ def _journal_left(cache_dir: Path | None) -> int:
     a daemon whose session the server refused stops without them."""
     import sqlite3
 
+    from megafs.cache.state import journal_left
+
     if cache_dir is None or not (cache_dir / "state.sqlite3").exists():
         return 0
     try:
-        db = sqlite3.connect(f"{(cache_dir / 'state.sqlite3').as_uri()}?mode=ro", uri=True)
-        try:
-            return int(db.execute("SELECT count(*) FROM journal").fetchone()[0])
-        finally:
-            db.close()
-    except sqlite3.Error:
+        return journal_left(cache_dir / "state.sqlite3")
+    except (sqlite3.Error, OSError, ValueError):
         return 0
 
 
