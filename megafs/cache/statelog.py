@@ -38,7 +38,7 @@ Record = tuple[bytes, tuple[Value, ...]]
 _FRAME = struct.Struct("<II")  # body length, CRC-32 of the body
 _LEN = struct.Struct("<I")
 _INT = struct.Struct("<q")
-_NONE, _INTEGER, _BYTES, _TEXT = 0, 1, 2, 3
+_NONE, _INTEGER, _BYTES, _TEXT = b"\x00", b"\x01", b"\x02", b"\x03"  # value tags
 
 
 def encode(kind: bytes, values: tuple[Value, ...]) -> bytes:
@@ -46,13 +46,14 @@ def encode(kind: bytes, values: tuple[Value, ...]) -> bytes:
     parts = [kind]
     for value in values:
         if value is None:
-            parts.append(b"\x00")
+            parts.append(_NONE)
         elif isinstance(value, int):
-            parts.append(b"\x01" + _INT.pack(value))
+            parts += (_INTEGER, _INT.pack(value))
+        elif isinstance(value, str):
+            raw = value.encode()
+            parts += (_TEXT, _LEN.pack(len(raw)), raw)
         else:
-            raw = value.encode() if isinstance(value, str) else value
-            tag = b"\x03" if isinstance(value, str) else b"\x02"
-            parts += (tag, _LEN.pack(len(raw)), raw)
+            parts += (_BYTES, _LEN.pack(len(value)), value)
     body = b"".join(parts)
     return _FRAME.pack(len(body), zlib.crc32(body)) + body
 
@@ -74,7 +75,7 @@ def _values(body: bytes) -> tuple[Value, ...]:
     values: list[Value] = []
     pos = 1
     while pos < len(body):
-        tag = body[pos]
+        tag = body[pos : pos + 1]
         pos += 1
         if tag == _NONE:
             values.append(None)
@@ -87,7 +88,7 @@ def _values(body: bytes) -> tuple[Value, ...]:
             values.append(raw.decode() if tag == _TEXT else raw)
             pos += _LEN.size + n
         else:
-            raise ValueError(f"unknown value tag {tag}")
+            raise ValueError(f"unknown value tag {tag!r}")
     return tuple(values)
 
 
