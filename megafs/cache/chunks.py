@@ -106,6 +106,8 @@ class ChunkCache:
         self._reserved = 0
         #: Set (and replaced) whenever dirty chunks become clean.
         self._room = trio.Event()
+        #: chunk id -> set once its store (sealed by another task) is done.
+        self._storing: dict[bytes, trio.Event] = {}
         self._disk_bytes = 0
         #: chunk id -> the load in progress (disk or server), shared by every reader.
         self._loads: dict[bytes, _Load] = {}
@@ -119,8 +121,15 @@ class ChunkCache:
         self._disk = trio.CapacityLimiter(4)
 
     async def load(self) -> None:
-        """Read the chunk index left by an earlier run."""
-        await trio.to_thread.run_sync(lambda: self._dir.mkdir(parents=True, exist_ok=True))
+        """Read the chunk index left by an earlier run, and remove the
+        temporary files of writes it did not finish."""
+
+        def prepare() -> None:
+            self._dir.mkdir(parents=True, exist_ok=True)
+            for tmp in self._dir.glob("*/*.tmp"):
+                tmp.unlink(missing_ok=True)
+
+        await trio.to_thread.run_sync(prepare)
         for chunk_id, size, dirty in await self._state.load_chunks():
             self._index[chunk_id] = size
             self._disk_bytes += size
@@ -320,6 +329,8 @@ class ChunkCache:
 
         Returns (secret, chunk id, needs upload). A chunk the cache already
         holds is not written twice: that is deduplication within the account.
+        Nor is one that another store is writing (equal chunks of a file
+        sealed at once): this one waits for it and shares its file.
         """
         if len(plaintext) <= _INLINE_CRYPTO:
             sealed = seal_chunk(self._keys, plaintext)
@@ -328,17 +339,25 @@ class ChunkCache:
                 seal_chunk, self._keys, plaintext, limiter=self._crypto
             )
         self._plain[sealed.secret] = bytes(plaintext)
-        if sealed.chunk_id in self._index:
-            self._index.move_to_end(sealed.chunk_id)
-            return sealed.secret, sealed.chunk_id, sealed.chunk_id in self._dirty
+        chunk_id = sealed.chunk_id
+        while (other := self._storing.get(chunk_id)) is not None:
+            await other.wait()  # the same content, sealed by another writer
+        if chunk_id in self._index:
+            self._index.move_to_end(chunk_id)
+            return sealed.secret, chunk_id, chunk_id in self._dirty
         size = len(sealed.blob)
-        await self._wait_for_room(size)
-        self._reserved += size
+        done = self._storing[chunk_id] = trio.Event()
         try:
-            await self._write_file(sealed.chunk_id, sealed.blob, dirty=True)
+            await self._wait_for_room(size)
+            self._reserved += size
+            try:
+                await self._write_file(chunk_id, sealed.blob, dirty=True)
+            finally:
+                self._reserved -= size
         finally:
-            self._reserved -= size
-        return sealed.secret, sealed.chunk_id, True
+            del self._storing[chunk_id]
+            done.set()
+        return sealed.secret, chunk_id, True
 
     async def _wait_for_room(self, size: int) -> None:
         """Until ``size`` more dirty bytes fit under the limit (an empty
@@ -418,7 +437,9 @@ class ChunkCache:
 
         def write() -> None:
             path.parent.mkdir(exist_ok=True)
-            tmp = path.with_suffix(".tmp")
+            # A name of its own: two writes of one chunk (a store and a
+            # download, say) carry different nonces, and must not mix.
+            tmp = path.with_name(f"{path.name}.{os.urandom(4).hex()}.tmp")
             with open(tmp, "wb") as f:
                 f.write(blob)
             os.replace(tmp, path)
