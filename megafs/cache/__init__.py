@@ -2,7 +2,7 @@
 uploader. Holds ciphertext only on disk."""
 
 from megafs.cache.chunks import ChunkCache
-from megafs.cache.content import FileContent
+from megafs.cache.content import FileContent, Sealer
 from megafs.cache.readahead import ReadAhead, Reader
 from megafs.cache.state import JournalEntry, LocalState
 from megafs.cache.uploader import Uploader, UploaderStats
@@ -14,6 +14,7 @@ __all__ = [
     "LocalState",
     "ReadAhead",
     "Reader",
+    "Sealer",
     "Uploader",
     "UploaderStats",
 ]

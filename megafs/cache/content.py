@@ -2,9 +2,13 @@
 
 Writes land in plaintext chunk buffers in memory; ``seal`` turns them into
 sealed chunks in the chunk cache (ciphertext on disk) and a new chunk list.
-Memory stays bounded: once a file has more than ``MAX_DIRTY_CHUNKS`` dirty
-buffers, all but the one being written are sealed before the write returns,
-so a recorder appending for hours holds a few MiB, not the file.
+A sequential writer's finished chunks are sealed behind it, in the mount's
+:class:`Sealer` nursery, while it writes the next ones: the crypto and the
+cache write run on the other core instead of stalling the writer, and the
+uploader can send them before the file is closed. Memory stays bounded:
+once a file has more than ``MAX_DIRTY_CHUNKS`` dirty buffers, the write
+waits for the seals in flight and then seals all but the one being written
+itself, so a recorder appending for hours holds a few MiB, not the file.
 
 A file of at most ``INLINE_THRESHOLD`` bytes is not chunked: its manifest
 carries the bytes (docs/format.md section 9), and its content stays in
@@ -19,21 +23,32 @@ refused as an integrity failure.
 
 Writers, truncation and sealing hold the file's lock; readers do not need
 it, because every state they can observe between two checkpoints is whole.
+A seal in flight does not hold the lock either: it seals a copy of the
+buffer, and its result replaces the buffer only if nothing wrote to or
+truncated that chunk meanwhile; every other path that seals first waits
+for the seals in flight.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import logging
+from collections.abc import Awaitable, Callable
+from typing import Any
 
 import trio
 
 from megafs.cache.chunks import ChunkCache
 from megafs.crypto import CHUNK_SIZE, MAX_INLINE, Manifest
-from megafs.errors import FormatError, IntegrityError, TooLarge
+from megafs.errors import FormatError, IntegrityError, MegafsError, TooLarge
 
-__all__ = ["INLINE_THRESHOLD", "MAX_DIRTY_CHUNKS", "MAX_FILE_SIZE", "FileContent"]
+__all__ = ["INLINE_THRESHOLD", "MAX_DIRTY_CHUNKS", "MAX_FILE_SIZE", "FileContent", "Sealer"]
+
+log = logging.getLogger(__name__)
 
 MAX_DIRTY_CHUNKS = 8
+#: Chunks of one file sealed behind its writer at once: one in the crypto,
+#: one being written to the cache, on two cores.
+SEALS_IN_FLIGHT = 2
 #: Files up to this size travel inline in their manifest: one request to
 #: save, none to read after a listing (docs/performance.md has the measure).
 INLINE_THRESHOLD = 4096
@@ -45,6 +60,34 @@ _ZEROS = bytes(CHUNK_SIZE)
 MAX_FILE_SIZE = 256 << 30
 
 
+class Sealer:
+    """The mount's nursery for chunks sealed behind their writers.
+
+    Owned by the daemon's nursery (:meth:`run`), which keeps it until every
+    file was saved at unmount. Until it runs, and after, files seal in the
+    writer's own request, as without it.
+    """
+
+    def __init__(self) -> None:
+        self._nursery: trio.Nursery | None = None
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        try:
+            async with trio.open_nursery() as nursery:
+                self._nursery = nursery
+                task_status.started()
+                await trio.sleep_forever()
+        finally:
+            self._nursery = None
+
+    def start_soon(self, fn: Callable[..., Awaitable[Any]], *args: Any) -> bool:
+        """Run ``fn(*args)`` in the nursery; False if it is not running."""
+        if self._nursery is None:
+            return False
+        self._nursery.start_soon(fn, *args)
+        return True
+
+
 class FileContent:
     def __init__(
         self,
@@ -52,6 +95,7 @@ class FileContent:
         manifest: Manifest,
         *,
         on_new_chunk: Callable[[bytes], None],
+        sealer: Sealer | None = None,
     ) -> None:
         if manifest.chunk_size != CHUNK_SIZE:
             # The format allows other sizes; this client writes only 1 MiB.
@@ -67,6 +111,17 @@ class FileContent:
             self._secrets = [None]
             self._dirty[0] = bytearray(manifest.inline)
         self._lock = trio.Lock()
+        self._sealer = sealer
+        #: chunk index -> whether the seal in flight still holds its bytes
+        #: (a write to the chunk or a truncation through it clears it).
+        self._in_flight: dict[int, bool] = {}
+        #: Set (and replaced) whenever a seal in flight ends.
+        self._landed = trio.Event()
+        #: Where the last write ended: a write that starts there is sequential.
+        self._write_end = -1
+        #: The chunk a sequential writer is in (full dirty chunks before it
+        #: are sealed behind it); -1 after any other write.
+        self._writing = -1
         #: True while the content differs from the last manifest handed out.
         self.changed = False
         #: Counts changes of the bytes (writes, truncations), so a reader can
@@ -165,11 +220,18 @@ class FileContent:
                 if len(buf) < within:
                     buf.extend(bytes(within - len(buf)))
                 buf[within : within + n] = view[:n]
+                if index in self._in_flight:
+                    self._in_flight[index] = False
                 pos += n
                 last = index
                 view = view[n:]
             self.changed = True
             self.revision += 1
+            self._writing = last if offset == self._write_end else -1
+            self._write_end = pos
+            self._seal_behind()
+            while len(self._dirty) > MAX_DIRTY_CHUNKS and self._in_flight:
+                await self._landed.wait()  # the writer is ahead of its seals
             if len(self._dirty) > MAX_DIRTY_CHUNKS:
                 await self._seal_locked(keep=last)
         return len(data)
@@ -203,6 +265,9 @@ class FileContent:
                 del self._secrets[count:]
                 for index in [i for i in self._dirty if i >= count]:
                     del self._dirty[index]
+                for index in self._in_flight:
+                    if index >= size // CHUNK_SIZE:
+                        self._in_flight[index] = False
                 index, within = divmod(size, CHUNK_SIZE)
                 if within:
                     buf = self._dirty.get(index)
@@ -239,6 +304,8 @@ class FileContent:
             return Manifest(size=self.size, chunk_size=CHUNK_SIZE, chunks=tuple(self._secrets))
 
     async def _seal_locked(self, keep: int | None = None) -> None:
+        while self._in_flight:
+            await self._landed.wait()
         for index in sorted(self._dirty):
             if index == keep:
                 continue
@@ -246,14 +313,53 @@ class FileContent:
             length = self._chunk_length(index)
             if len(buf) < length:
                 buf.extend(bytes(length - len(buf)))
-            if _ZEROS.startswith(buf):  # a memcmp; count(0) is 10x slower
-                secret = None
-            else:
-                secret, chunk_id, new = await self._cache.store(bytes(buf))
-                if new:
-                    self._on_new_chunk(chunk_id)
-            self._secrets[index] = secret
+            self._secrets[index] = await self._store(bytes(buf))
             del self._dirty[index]
+
+    async def _store(self, data: bytes) -> bytes | None:
+        """The secret of ``data`` sealed into the chunk cache, queued for
+        upload if new; None for zeros (a hole)."""
+        if _ZEROS.startswith(data):  # a memcmp; count(0) is 10x slower
+            return None
+        secret, chunk_id, new = await self._cache.store(data)
+        if new:
+            self._on_new_chunk(chunk_id)
+        return secret
+
+    def _seal_behind(self) -> None:
+        """Start sealing the full chunks a sequential writer left behind, up
+        to ``SEALS_IN_FLIGHT`` at once (a random writer may come back to its
+        chunks, and would make every seal a wasted upload)."""
+        if self._sealer is None:
+            return
+        for index, buf in self._dirty.items():
+            if len(self._in_flight) >= SEALS_IN_FLIGHT:
+                return
+            if index < self._writing and len(buf) == CHUNK_SIZE and index not in self._in_flight:
+                if not self._sealer.start_soon(self._seal_one, index, bytes(buf)):
+                    return
+                self._in_flight[index] = True
+
+    async def _seal_one(self, index: int, data: bytes) -> None:
+        """Seal one chunk behind the writer. A failure leaves the chunk
+        dirty: the next seal in a request does it again and reports."""
+        sealed = False
+        try:
+            secret = await self._store(data)
+            sealed = True
+        except MegafsError as exc:
+            log.debug("sealing a chunk behind its writer failed: %s", exc.detail)
+        except Exception:
+            log.exception("sealing a chunk behind its writer failed")
+        finally:
+            still_valid = self._in_flight.pop(index)
+            self._landed.set()
+            self._landed = trio.Event()
+        if sealed:
+            if still_valid:
+                self._secrets[index] = secret
+                del self._dirty[index]
+            self._seal_behind()  # the next one the writer left, if any
 
 
 def _piece(data: bytes | bytearray, within: int, n: int) -> bytes | memoryview:

@@ -2,7 +2,8 @@
 
 ``run_mount`` opens the local state, takes over any journal an earlier run
 left, mounts, and runs in one nursery: the FUSE request loop, the uploader,
-the read-ahead (cache/readahead.py), the change follower (fs/follow.py), the
+the read-ahead (cache/readahead.py), the sealing behind sequential writers
+(cache/content.py), the change follower (fs/follow.py), the
 periodic flusher and the status socket (``megafs status``, see
 fs/status.py). Shutdown order when the filesystem is unmounted
 (``fusermount3 -u``, ``megafs umount``, SIGTERM or SIGINT):
@@ -29,7 +30,7 @@ from pathlib import Path
 import pyfuse3
 import trio
 
-from megafs.cache import ChunkCache, LocalState, ReadAhead, Uploader
+from megafs.cache import ChunkCache, LocalState, ReadAhead, Sealer, Uploader
 from megafs.crypto import AccountKeys
 from megafs.errors import MegafsError
 from megafs.fs.follow import ChangeFollower
@@ -100,7 +101,8 @@ async def run_mount(
             journal = await uploader.load()
             if journal:
                 log.info("%d changes from an earlier run wait in the journal", len(journal))
-            tree = Tree(remote, uploader, chunks, keys, state)
+            sealer = Sealer()
+            tree = Tree(remote, uploader, chunks, keys, state, sealer=sealer)
             uploader.on_conflict = tree.resolve_conflict
             follower = ChangeFollower(remote, tree, state)
             # Before loading: a change made meanwhile is then in the feed.
@@ -120,6 +122,7 @@ async def run_mount(
             )
             await _serve(
                 ops,
+                sealer,
                 uploader,
                 follower,
                 status,
@@ -133,6 +136,7 @@ async def run_mount(
 
 async def _serve(
     ops: Operations,
+    sealer: Sealer,
     uploader: Uploader,
     follower: ChangeFollower,
     status: StatusService,
@@ -154,6 +158,7 @@ async def _serve(
         async with trio.open_nursery() as nursery:
             await nursery.start(uploader.run)
             await nursery.start(ops.read_ahead.run)
+            await nursery.start(sealer.run)  # kept until flush_all below
             await nursery.start(status.run)  # `megafs status`
             await nursery.start(follower.run)  # other devices' changes
             nursery.start_soon(_flusher, ops)

@@ -26,7 +26,7 @@ from typing import TypeVar
 
 import trio
 
-from megafs.cache import ChunkCache, FileContent, JournalEntry, LocalState, Uploader
+from megafs.cache import ChunkCache, FileContent, JournalEntry, LocalState, Sealer, Uploader
 from megafs.crypto import (
     CHUNK_SIZE,
     NO_PARENT,
@@ -169,13 +169,18 @@ class Tree:
         chunks: ChunkCache,
         keys: AccountKeys,
         state: LocalState,
+        *,
+        sealer: Sealer | None = None,
     ) -> None:
+        """``sealer``: where open files seal behind sequential writers
+        (without it, they seal in the writer's request)."""
         self._remote = remote
         self._state = state
         #: Newest record revision seen of every node (rule 8), persisted.
         self._seen: dict[bytes, int] = {}
         self._uploader = uploader
         self._chunks = chunks
+        self._sealer = sealer
         self._keys = keys
         self.inodes: dict[int, Inode] = {}
         self._loading: dict[int, trio.Event] = {}
@@ -487,10 +492,13 @@ class Tree:
             _, manifest = await self._load_manifest(inode)
             if manifest.size != inode.record.size:
                 raise IntegrityError()
-            inode.content = FileContent(
-                self._chunks, manifest, on_new_chunk=self._uploader.chunk_added
-            )
+            inode.content = self._new_content(manifest)
             return inode.content
+
+    def _new_content(self, manifest: Manifest) -> FileContent:
+        return FileContent(
+            self._chunks, manifest, on_new_chunk=self._uploader.chunk_added, sealer=self._sealer
+        )
 
     async def _load_manifest(self, inode: Inode) -> tuple[bytes, Manifest]:
         """The file's committed manifest, sealed and opened (so verified):
@@ -880,9 +888,7 @@ class Tree:
         if kind == Kind.DIR:
             inode.children = Children()
         elif kind == Kind.FILE:
-            inode.content = FileContent(
-                self._chunks, _EMPTY_MANIFEST, on_new_chunk=self._uploader.chunk_added
-            )
+            inode.content = self._new_content(_EMPTY_MANIFEST)
             inode.content.changed = True
         children[name] = inode
         touch(parent, now)
