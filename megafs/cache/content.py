@@ -38,6 +38,7 @@ from typing import Any
 import trio
 
 from megafs.cache.chunks import ChunkCache
+from megafs.cache.service import HeldNursery
 from megafs.crypto import CHUNK_SIZE, MAX_INLINE, Manifest
 from megafs.errors import FormatError, IntegrityError, MegafsError, TooLarge
 
@@ -60,25 +61,13 @@ _ZEROS = bytes(CHUNK_SIZE)
 MAX_FILE_SIZE = 256 << 30
 
 
-class Sealer:
+class Sealer(HeldNursery):
     """The mount's nursery for chunks sealed behind their writers.
 
     Owned by the daemon's nursery (:meth:`run`), which keeps it until every
     file was saved at unmount. Until it runs, and after, files seal in the
     writer's own request, as without it.
     """
-
-    def __init__(self) -> None:
-        self._nursery: trio.Nursery | None = None
-
-    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        try:
-            async with trio.open_nursery() as nursery:
-                self._nursery = nursery
-                task_status.started()
-                await trio.sleep_forever()
-        finally:
-            self._nursery = None
 
     def start_soon(self, fn: Callable[..., Awaitable[Any]], *args: Any) -> bool:
         """Run ``fn(*args)`` in the nursery; False if it is not running."""

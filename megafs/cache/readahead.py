@@ -41,6 +41,7 @@ import trio
 
 from megafs.cache.chunks import ChunkCache
 from megafs.cache.content import FileContent
+from megafs.cache.service import HeldNursery
 from megafs.crypto import CHUNK_SIZE
 from megafs.errors import MegafsError
 
@@ -63,31 +64,22 @@ _NEAR = 256 * 1024
 _SEQUENTIAL = 3
 
 
-class ReadAhead:
+class ReadAhead(HeldNursery):
     """The mount's read-ahead: its nursery, its limit, and a :class:`Reader`
-    per open handle."""
+    per open handle.
+
+    :meth:`run` holds the nursery every handle's prefetches run in; until it
+    runs (and after it ends), readers read without read-ahead.
+    """
 
     def __init__(
         self, chunks: ChunkCache, *, window: int = WINDOW, max_fetches: int = MAX_FETCHES
     ) -> None:
+        super().__init__()
         self._chunks = chunks
         #: Chunks kept in flight ahead of one sequential reader.
         self.window = window
         self._fetches = trio.CapacityLimiter(max_fetches)
-        self._nursery: trio.Nursery | None = None
-
-    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        """Hold the nursery every handle's prefetches run in, until cancelled.
-
-        Until this runs (and after it ends), readers read without read-ahead.
-        """
-        try:
-            async with trio.open_nursery() as nursery:
-                self._nursery = nursery
-                task_status.started()
-                await trio.sleep_forever()
-        finally:
-            self._nursery = None
 
     def reader(self) -> Reader:
         """The reading side of one new handle."""
