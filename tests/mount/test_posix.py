@@ -10,6 +10,7 @@ import stat
 
 import pytest
 
+from megafs.crypto import CHUNK_SIZE
 from tests.helpers.drive import Drive
 
 pytestmark = pytest.mark.mount
@@ -154,4 +155,14 @@ def test_shared_writable_mmap_reaches_the_server(drive: Drive) -> None:
     assert data[(2 << 20) + 5 : (2 << 20) + 10] == b"HELLO"
     assert data[-3:] == b"end"
     assert len(data) == 3 << 20
+    drive.umount()
+
+
+def test_block_size_is_one_chunk(drive: Drive) -> None:
+    """cp and Python size their buffers by st_blksize: one chunk per write."""
+    drive.mount()
+    (drive.mnt / "f").write_bytes(b"x" * 10)
+    assert os.stat(drive.mnt / "f").st_blksize == CHUNK_SIZE
+    remount_cold(drive)
+    assert os.stat(drive.mnt / "f").st_blksize == CHUNK_SIZE
     drive.umount()
