@@ -19,14 +19,17 @@ QUOTA = 6 * MIB
 
 
 def _write(path: Path, data: bytes) -> int:
-    """Write ``data``; returns how much was written before ENOSPC (or all)."""
+    """Write ``data``; returns how much was written before ENOSPC (or all).
+
+    Unbuffered: each piece is one write(2), so a refused one is not left in
+    a buffer for close() to try again."""
     done = 0
-    with open(path, "wb") as f:
+    with open(path, "wb", buffering=0) as f:
         try:
             for start in range(0, len(data), 256 * 1024):
-                f.write(data[start : start + 256 * 1024])
-                f.flush()
-                done = start + len(data[start : start + 256 * 1024])
+                piece = data[start : start + 256 * 1024]
+                assert f.write(piece) == len(piece)
+                done = start + len(piece)
             os.fsync(f.fileno())
         except OSError as exc:
             assert exc.errno == errno.ENOSPC, exc
