@@ -319,8 +319,8 @@ class FileContent:
         """Start sealing the full chunks a sequential writer left behind, up
         to ``SEALS_IN_FLIGHT`` at once (a random writer may come back to its
         chunks, and would make every seal a wasted upload)."""
-        if self._sealer is None:
-            return
+        if self._sealer is None or self._writing <= 0:
+            return  # no sealer, or no full chunk behind a sequential writer
         for index, buf in self._dirty.items():
             if len(self._in_flight) >= SEALS_IN_FLIGHT:
                 return
