@@ -10,7 +10,7 @@ import random
 import pytest
 
 from megafs.crypto import CHUNK_SIZE, OVERHEAD, AccountKeys, open_chunk, seal, seal_chunk
-from megafs.crypto.chunks import PIECE, mark_pieces, open_piece
+from megafs.crypto.chunks import PIECE, PieceMarker
 from megafs.errors import IntegrityError
 from tests.unit.crypto.util import (
     HEADER,
@@ -182,7 +182,7 @@ def test_injected_chunk_made_by_the_server_is_refused(account: AccountKeys) -> N
 # -- reading a verified chunk in pieces -------------------------------------------
 
 
-MAC_KEY = bytes(range(32, 64))
+MARKER = PieceMarker(bytes(range(32, 64)))
 
 
 @pytest.mark.parametrize("size", [1, 17, PIECE - 1, PIECE, PIECE + 1, 3 * PIECE + 5, CHUNK_SIZE])
@@ -191,18 +191,19 @@ def test_every_range_of_a_marked_chunk_decrypts_as_the_whole(
 ) -> None:
     plain = random.Random(size).randbytes(size)
     sealed = seal_chunk(account, plain)
-    marks = mark_pieces(sealed.blob, MAC_KEY)
+    marks = MARKER.mark(sealed.secret, sealed.blob)
     rng = random.Random(size + 1)
     ranges = [(0, size), (size - 1, 1), (0, 1)]
     ranges += [(s, rng.randint(1, size - s)) for s in (rng.randrange(size) for _ in range(40))]
     for start, n in ranges:
         offset, length = marks.span(start, n)
         data = sealed.blob[offset : offset + length]
-        assert open_piece(sealed.secret, marks, MAC_KEY, data, start, n) == plain[start : start + n]
+        assert MARKER.open(marks, data, start, n) == plain[start : start + n]
 
 
 def test_a_4k_read_touches_one_piece(account: AccountKeys, big: bytes) -> None:
-    marks = mark_pieces(seal_chunk(account, big).blob, MAC_KEY)
+    sealed = seal_chunk(account, big)
+    marks = MARKER.mark(sealed.secret, sealed.blob)
     assert marks.span(5 * 4096, 4096) == (HEADER + PIECE, PIECE)
     assert len(marks.macs) == 16 * (CHUNK_SIZE // PIECE)
 
@@ -211,19 +212,19 @@ def test_a_changed_piece_is_refused(account: AccountKeys, big: bytes) -> None:
     """Any bit of the bytes read, or a piece from elsewhere in the chunk,
     is IntegrityError: the marks stand in for the tag the piece lacks."""
     sealed = seal_chunk(account, big)
-    marks = mark_pieces(sealed.blob, MAC_KEY)
+    marks = MARKER.mark(sealed.secret, sealed.blob)
     start, n = 3 * PIECE + 100, 4096
     offset, length = marks.span(start, n)
     data = sealed.blob[offset : offset + length]
     for bit in range(0, 8 * length, 997):
         with pytest.raises(IntegrityError):
-            open_piece(sealed.secret, marks, MAC_KEY, flip(data, bit), start, n)
+            MARKER.open(marks, flip(data, bit), start, n)
     other = sealed.blob[offset + PIECE : offset + PIECE + length]
     with pytest.raises(IntegrityError):
-        open_piece(sealed.secret, marks, MAC_KEY, other, start, n)
+        MARKER.open(marks, other, start, n)
     with pytest.raises(IntegrityError):
-        open_piece(sealed.secret, marks, MAC_KEY, data[:-1], start, n)
+        MARKER.open(marks, data[:-1], start, n)
     with pytest.raises(IntegrityError):  # marks under another process's key
-        open_piece(sealed.secret, mark_pieces(sealed.blob, bytes(32)), MAC_KEY, data, start, n)
+        MARKER.open(PieceMarker(bytes(32)).mark(sealed.secret, sealed.blob), data, start, n)
     with pytest.raises(IntegrityError):  # past the chunk's end
-        open_piece(sealed.secret, marks, MAC_KEY, data, CHUNK_SIZE - 10, 11)
+        MARKER.open(marks, data, CHUNK_SIZE - 10, 11)
