@@ -262,7 +262,7 @@ class ChunkCache:
             if got < size and flags:
                 raise BlockingIOError(errno.EAGAIN, "partly on disk")
             try:
-                return self._marker.open(marks, bytes(buf[:got]), start, n)
+                return self._marker.open(marks, memoryview(buf)[:got], start, n)
             except IntegrityError:
                 return None
 
