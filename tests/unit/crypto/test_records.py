@@ -361,6 +361,11 @@ def _replace(tag: str, value: bytes) -> list[tuple[int, bytes]]:
     return [(t, value if t == T[tag] else v) for t, v in F]
 
 
+def _minimal(tag: str, value: bytes) -> list[tuple[int, bytes]]:
+    """The required fields alone (KIND to REV), one of them replaced."""
+    return [(t, value if t == T[tag] else v) for t, v in F[:11]]
+
+
 def _nlink(value: int) -> tuple[int, bytes]:
     return (T["NLINK"], struct.pack(">I", value))
 
@@ -426,6 +431,22 @@ def _malformed() -> dict[str, bytes]:
         "empty name on a LINK": tlv([(T["KIND"], b"\x08"), (T["NAME"], b""), *F[2:]]),
         "empty name on the LINKS folder": tlv([(T["KIND"], b"\x09"), (T["NAME"], b""), *F[2:]]),
         "name 256 bytes": tlv(_replace("NAME", b"n" * 256)),
+        # The same rules on a record of the required fields alone, which
+        # decode checks without encoding it again.
+        **{
+            f"{case}, minimal record": tlv(_minimal("NAME", name))
+            for case, name in [
+                ("name with slash", b"a/b"),
+                ("name with NUL", b"a\0b"),
+                ("name dot", b"."),
+                ("name dotdot", b".."),
+                ("empty name on a file", b""),
+                ("name 256 bytes", b"n" * 256),
+            ]
+        },
+        "LINK without a target, minimal record": tlv(
+            [(T["KIND"], bytes((Kind.LINK,))), *_minimal("NAME", b"l")[1:]]
+        ),
         "xattrs over 64 KiB": tlv([*F, (T["XATTR"], b"\x06user.z" + bytes(65536))]),
         "trailing tag byte": tlv(F) + bytes((T["XATTR"],)),
         "trailing partial length": tlv(F) + b"\x0e\x00\x00",
