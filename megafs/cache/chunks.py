@@ -35,6 +35,7 @@ import os
 from collections import OrderedDict
 from collections.abc import Callable
 from pathlib import Path
+from typing import TypeVar
 
 import cachetools
 import trio
@@ -48,6 +49,8 @@ from megafs.remote import RemoteClient
 __all__ = ["ChunkCache"]
 
 log = logging.getLogger(__name__)
+
+_T = TypeVar("_T")
 
 #: Below this size, sealing or opening inline beats a hop to a worker thread.
 _INLINE_CRYPTO = 64 * 1024
@@ -317,10 +320,7 @@ class ChunkCache:
             plain = open_chunk(self._keys, secret, blob)
             return plain, None if mark is None else self._marker.mark(secret, blob)
 
-        if len(blob) <= _INLINE_CRYPTO:
-            plain, marks = run()
-        else:
-            plain, marks = await trio.to_thread.run_sync(run, limiter=self._crypto)
+        plain, marks = await self._in_crypto(len(blob), run)
         if mark is not None and marks is not None:
             self._marks[mark] = marks
         return plain
@@ -335,32 +335,41 @@ class ChunkCache:
         Nor is one that another store is writing (equal chunks of a file
         sealed at once): this one waits for it and shares its file.
         """
-        if len(plaintext) <= _INLINE_CRYPTO:
-            sealed = seal_chunk(self._keys, plaintext)
-        else:
-            sealed = await trio.to_thread.run_sync(
-                seal_chunk, self._keys, plaintext, limiter=self._crypto
-            )
-        self._plain[sealed.secret] = bytes(plaintext)
-        chunk_id = sealed.chunk_id
+        size = len(plaintext)
+        secret = await self._in_crypto(size, lambda: self._keys.chunk_secret(plaintext))
+        chunk_id = self._keys.chunk_id(secret)
+        self._plain[secret] = bytes(plaintext)
         while (other := self._storing.get(chunk_id)) is not None:
             await other.wait()  # the same content, sealed by another writer
         if chunk_id in self._index:
+            # Held already (a copy, a file saved again unchanged): not even
+            # encrypted again.
             self._index.move_to_end(chunk_id)
-            return sealed.secret, chunk_id, chunk_id in self._dirty
-        size = len(sealed.blob)
+            return secret, chunk_id, chunk_id in self._dirty
         done = self._storing[chunk_id] = trio.Event()
         try:
-            await self._wait_for_room(size)
-            self._reserved += size
+            sealed = await self._in_crypto(
+                size, lambda: seal_chunk(self._keys, plaintext, secret=secret)
+            )
+            sealed_size = len(sealed.blob)
+            await self._wait_for_room(sealed_size)
+            self._reserved += sealed_size
             try:
                 await self._write_file(chunk_id, sealed.blob, dirty=True)
             finally:
-                self._reserved -= size
+                self._reserved -= sealed_size
         finally:
             del self._storing[chunk_id]
             done.set()
-        return sealed.secret, chunk_id, True
+        return secret, chunk_id, True
+
+    async def _in_crypto(self, size: int, fn: Callable[[], _T]) -> _T:
+        """``fn()`` on a crypto worker thread (hashlib and AES-GCM release
+        the GIL, so both cores work), or inline if it handles only ``size``
+        bytes, when the hop would cost more than it saves."""
+        if size <= _INLINE_CRYPTO:
+            return fn()
+        return await trio.to_thread.run_sync(fn, limiter=self._crypto)
 
     async def _wait_for_room(self, size: int) -> None:
         """Until ``size`` more dirty bytes fit under the limit (an empty

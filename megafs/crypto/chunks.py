@@ -56,10 +56,19 @@ class SealedChunk:
         self.blob = blob
 
 
-def seal_chunk(keys: AccountKeys, plaintext: bytes, *, nonce: bytes | None = None) -> SealedChunk:
+def seal_chunk(
+    keys: AccountKeys,
+    plaintext: bytes,
+    *,
+    secret: bytes | None = None,
+    nonce: bytes | None = None,
+) -> SealedChunk:
+    """``secret``: ``keys.chunk_secret(plaintext)``, for a caller that took
+    it already (to look the chunk up before sealing it)."""
     if not plaintext or len(plaintext) > CHUNK_SIZE:
         raise ValueError("a chunk holds 1 to CHUNK_SIZE bytes")
-    secret = keys.chunk_secret(plaintext)
+    if secret is None:
+        secret = keys.chunk_secret(plaintext)
     blob = seal(_chunk_key(secret), plaintext, _CHUNK_AD, nonce=nonce)
     return SealedChunk(secret, keys.chunk_id(secret), blob)
 
