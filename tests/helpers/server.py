@@ -14,9 +14,12 @@ import signal
 import subprocess
 import sys
 import time
+import uuid
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from types import TracebackType
+
+import httpx
 
 __all__ = ["ServerProcess", "running_server"]
 
@@ -119,6 +122,30 @@ class ServerProcess:
             return self.log_path.read_text(errors="replace")
         except OSError:
             return ""
+
+    def log_since(self, offset: int, timeout: float = 10) -> bytes:
+        """The log from byte ``offset`` on, holding the line of every
+        request answered before this call.
+
+        The server writes a request's line once its answer is sent, so a
+        client can see an answer before its line. This asks one more
+        request, a path no route has, and waits for its line: the tasks
+        that answered earlier ones have written theirs by then. That line
+        and what follows it are left out.
+        """
+        mark = f"/v1/log-mark-{uuid.uuid4().hex}".encode()
+        httpx.get(self.url + mark.decode(), timeout=timeout)
+        deadline = time.monotonic() + timeout
+        while True:
+            with open(self.log_path, "rb") as f:
+                f.seek(offset)
+                text = f.read()
+            at = text.find(mark)
+            if at >= 0:
+                return text[: text.rfind(b"\n", 0, at) + 1]
+            if time.monotonic() > deadline:
+                raise AssertionError(f"the server did not log {mark.decode()} in {timeout} s")
+            time.sleep(0.02)
 
     def __enter__(self) -> ServerProcess:
         self.start()

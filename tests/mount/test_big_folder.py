@@ -79,9 +79,7 @@ def _stat_all(folder: Path, names: list[bytes]) -> None:
 def _requests_since(server: ServerProcess, offset: int) -> Counter[tuple[str, str]]:
     """Requests the server logged after byte ``offset`` of its log, by
     method and path shape (node ids replaced by ``ID``)."""
-    with open(server.log_path, "rb") as f:
-        f.seek(offset)
-        text = f.read()
+    text = server.log_since(offset)
     counts: Counter[tuple[str, str]] = Counter()
     for method, path, _ in _REQUEST.findall(text):
         counts[(method.decode(), _NODE_ID.sub(b"ID", path).decode())] += 1

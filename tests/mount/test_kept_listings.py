@@ -49,9 +49,7 @@ def _mount_and_walk(
     mark = server.log_path.stat().st_size
     drive.mount()
     tree = _tree(drive.mnt)
-    with open(server.log_path, "rb") as f:
-        f.seek(mark)
-        fetched = _GET_NODE.findall(f.read())
+    fetched = _GET_NODE.findall(server.log_since(mark))
     if nodes is not None:
         assert fetched.count(b"") == nodes, fetched
     return tree, fetched.count(b"/children")
