@@ -451,7 +451,8 @@ class ChunkCache:
         path = self._path(chunk_id)
 
         def write() -> None:
-            os.makedirs(os.path.dirname(path), exist_ok=True)
+            with contextlib.suppress(FileExistsError):  # load() made the cache dir
+                os.mkdir(os.path.dirname(path))
             # A name of its own: two writes of one chunk (a store and a
             # download, say) carry different nonces, and must not mix.
             tmp = f"{path}.{os.urandom(4).hex()}.tmp"
