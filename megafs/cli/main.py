@@ -1039,7 +1039,7 @@ def _configure_logging(*, verbose: bool, daemon: bool = False) -> None:
     handler.setFormatter(logging.Formatter(fmt))
     root.addHandler(handler)
     root.setLevel(level)
-    for noisy in ("httpx", "httpcore", "hpack", "hypercorn.access"):
+    for noisy in ("hpack", "hypercorn.access"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
 

@@ -1,10 +1,12 @@
-"""The HTTP client of the megafs protocol (``megafs.wire``), over httpx.
+"""The HTTP client of the megafs protocol (``megafs.wire``), over
+``transport`` (HTTP/1.1 on trio and h11; httpx parses the server's address
+and builds the default TLS context).
 
 Translation happens here, once: ids are bytes above this module and hex
 below it; binary values are base64 on the wire; error answers become the
 matching :mod:`megafs.errors` class with the server's detail; network
 failures, timeouts and server errors are retried (``retry``) and then
-become RemoteError or RemoteTimeout, chained from the httpx exception.
+become RemoteError or RemoteTimeout, chained from the transport's exception.
 
 Answers are untrusted: bodies are read raw (no decompression, so no
 decompression bomb) and capped while streaming (``MAX_CHUNK_BYTES`` for a
@@ -20,12 +22,12 @@ import logging
 import math
 import ssl
 from collections.abc import Awaitable, Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import partial
 from types import TracebackType
 from typing import Any, TypeVar
+from urllib.parse import urlencode
 
-import httpcore
 import httpx
 import trio
 
@@ -65,6 +67,15 @@ from megafs.remote.responses import (
     printable,
 )
 from megafs.remote.retry import Transient, retrying
+from megafs.remote.transport import (
+    BodyTooLarge,
+    Response,
+    Timeouts,
+    Transport,
+    TransportError,
+    TransportTimeout,
+    reason,
+)
 from megafs.wire import (
     API_PREFIX,
     CHANGES_PAGE_MAX,
@@ -78,12 +89,6 @@ from megafs.wire import (
     SESSION_ID_RE,
     b64e,
 )
-
-# httpcore reads a response 64 KiB at a time, so a 1 MiB chunk download
-# crosses h11 and httpx's stream in 16 pieces. Reading up to 1 MiB at once
-# cuts the daemon's CPU per MiB of cold read by about a tenth (8.7 -> 7.7
-# ms, docs/performance.md). httpx has no setting for it.
-httpcore.AsyncHTTP11Connection.READ_NUM_BYTES = 1 << 20
 
 __all__ = ["DeleteNode", "PutNode", "RemoteClient"]
 
@@ -156,7 +161,7 @@ class RemoteClient:
         #: revoked.
         self.login_on_demand: Callable[[], Awaitable[None]] | None = None
         self._login_lock = trio.Lock()
-        self._base = f"{str(url).rstrip('/')}{API_PREFIX}"
+        self._base = url.raw_path.rstrip(b"/") + API_PREFIX.encode()
         self._retries = retries
         if verify is False:
             raise InvalidRequest("certificate checks cannot be turned off")
@@ -165,13 +170,21 @@ class RemoteClient:
                 verify = ssl.create_default_context(cafile=verify)
             except (OSError, ssl.SSLError) as exc:
                 raise InvalidRequest(
-                    f"cannot use {verify} as trusted certificates: {_reason(exc)}"
+                    f"cannot use {verify} as trusted certificates: {reason(exc)}"
                 ) from exc
-        self._http = httpx.AsyncClient(
-            verify=verify,
-            timeout=timeout,
-            follow_redirects=False,
-            headers={"User-Agent": f"megafs/{__version__}", "Accept-Encoding": "identity"},
+        if verify is True:
+            # certifi's CAs, or $SSL_CERT_FILE / $SSL_CERT_DIR, as httpx picks them.
+            verify = httpx.create_ssl_context(verify=True)
+        self._timeouts = Timeouts(timeout, timeout, timeout, timeout)
+        self._transport = Transport(
+            url.scheme,
+            url.raw_host.decode("ascii"),
+            url.port or (443 if url.scheme == "https" else 80),
+            ssl_context=verify if url.scheme == "https" else None,
+            headers=[
+                (b"User-Agent", f"megafs/{__version__}".encode()),
+                (b"Accept-Encoding", b"identity"),
+            ],
         )
 
     async def __aenter__(self) -> RemoteClient:
@@ -187,7 +200,7 @@ class RemoteClient:
 
     async def aclose(self) -> None:
         """Close the connections; the client cannot be used afterwards."""
-        await self._http.aclose()
+        await self._transport.aclose()
 
     # -- account ---------------------------------------------------------------------
 
@@ -520,7 +533,7 @@ class RemoteClient:
     ) -> bytes:
         """One request, retried while it fails transiently; returns the body
         of a 2xx answer or raises. ``wait``: see :meth:`_json`."""
-        headers: dict[str, str] = {}
+        headers: list[tuple[bytes, bytes]] = []
         if auth:
             if self.token is None and self.login_on_demand is not None:
                 async with self._login_lock:
@@ -528,53 +541,57 @@ class RemoteClient:
                         await self.login_on_demand()
             if self.token is None:
                 raise AuthFailed("not logged in")
-            headers["Authorization"] = f"Bearer {self.token}"
+            headers.append((b"Authorization", f"Bearer {self.token}".encode()))
         if raw is not None:
-            headers["Content-Type"] = content_type
-        timeout = self._http.timeout
+            headers.append((b"Content-Type", content_type.encode()))
+        target = self._base + path.encode()
+        if query:
+            target += b"?" + urlencode(query).encode()
+        timeouts = self._timeouts
         if wait:
-            timeout = httpx.Timeout(
-                connect=timeout.connect,
-                read=None if timeout.read is None else timeout.read + wait,
-                write=timeout.write,
-                pool=timeout.pool,
-            )
-        attempt = partial(self._attempt, method, path, headers, raw, query, cap, timeout)
+            timeouts = replace(timeouts, read=timeouts.read + wait)
+        attempt = partial(self._attempt, method, target, headers, raw, cap, timeouts)
         return await retrying(attempt, retries=self._retries, what=f"{method} {path}")
 
     async def _attempt(
         self,
         method: str,
-        path: str,
-        headers: dict[str, str],
+        target: bytes,
+        headers: list[tuple[bytes, bytes]],
         raw: bytes | None,
-        query: dict[str, str] | None,
         cap: int,
-        timeout: httpx.Timeout,
+        timeouts: Timeouts,
     ) -> bytes:
         started = trio.current_time()
-        what = f"{method} {path}"
+        what = f"{method} {target.partition(b'?')[0].decode()}"
         try:
-            async with self._http.stream(
-                method,
-                self._base + path,
-                headers=headers,
-                content=raw,
-                params=query,
-                timeout=timeout,
-            ) as response:
-                status = response.status_code
-                if 200 <= status < 300:
-                    body = await _read(response, cap, what)
-                else:
-                    try:
-                        body = await _read(response, _ERROR_BODY_MAX, what)
-                    except FormatError:
-                        body = b""  # an unreadable error body still has its status
-        except httpx.TimeoutException as exc:
+            response = await self._transport.request(
+                method.encode(),
+                target,
+                headers,
+                raw,
+                timeouts=timeouts,
+                body_cap=cap,
+                error_cap=_ERROR_BODY_MAX,
+            )
+        except BodyTooLarge as exc:
+            if 200 <= exc.status < 300:
+                raise FormatError(
+                    f"malformed server response to {what}: larger than {cap} bytes"
+                ) from None
+            # An unreadable error body still has its status.
+            response = Response(exc.status, {}, b"")
+        except TransportTimeout as exc:
             raise Transient(RemoteTimeout(f"{what}: the server did not answer in time")) from exc
-        except httpx.TransportError as exc:
-            raise Transient(RemoteError(f"{what}: {_reason(exc)}")) from exc
+        except TransportError as exc:
+            raise Transient(RemoteError(f"{what}: {reason(exc)}")) from exc
+        status, body = response.status, response.body
+        encoding = response.headers.get(b"content-encoding", b"identity").strip().lower()
+        if encoding not in (b"", b"identity"):
+            if 200 <= status < 300:
+                named = encoding.decode("ascii", "replace")
+                raise FormatError(f"malformed server response to {what}: compressed ({named})")
+            body = b""
         log.debug("%s -> %d (%.0f ms)", what, status, (trio.current_time() - started) * 1000)
         if 200 <= status < 300:
             return body
@@ -633,18 +650,6 @@ class DeleteNode:
         return _OP_OVERHEAD
 
 
-def _reason(exc: BaseException) -> str:
-    """The first non-empty message down the exception's causes: httpx
-    often wraps the telling one (a refused certificate, a refused
-    connection) in an exception without text."""
-    cause: BaseException | None = exc
-    while cause is not None:
-        if str(cause):
-            return str(cause)
-        cause = cause.__cause__ or cause.__context__
-    return type(exc).__name__
-
-
 def _error_for(status: int, body: bytes, what: str) -> MegafsError | Transient:
     """The exception for an error answer: the class its code names (or,
     failing that, its status), with its detail made printable; server
@@ -663,24 +668,6 @@ def _error_for(status: int, body: bytes, what: str) -> MegafsError | Transient:
         cls = RemoteTimeout if status == 504 else RemoteError
         return Transient(cls(f"{what}: server error {status}: {detail}"))
     return error_for_code(code, status)(detail)
-
-
-async def _read(response: httpx.Response, cap: int, what: str) -> bytes:
-    """The raw body, refused as soon as it is known to exceed ``cap``."""
-    encoding = response.headers.get("content-encoding", "identity").strip().lower()
-    if encoding not in ("", "identity"):
-        raise FormatError(f"malformed server response to {what}: compressed ({encoding})")
-    declared = response.headers.get("content-length", "")
-    if declared.isdigit() and int(declared) > cap:
-        raise FormatError(f"malformed server response to {what}: larger than {cap} bytes")
-    parts: list[bytes] = []
-    size = 0
-    async for part in response.aiter_raw():
-        size += len(part)
-        if size > cap:
-            raise FormatError(f"malformed server response to {what}: larger than {cap} bytes")
-        parts.append(part)
-    return b"".join(parts)
 
 
 def _encode_json(value: Any) -> bytes:

@@ -15,7 +15,6 @@ from contextlib import asynccontextmanager
 from functools import partial
 from typing import Any
 
-import httpx
 import pytest
 import trio
 
@@ -30,6 +29,7 @@ from megafs.errors import (
     VersionConflict,
 )
 from megafs.remote import DeleteNode, PutNode, RemoteClient
+from megafs.remote.transport import TransportError, TransportTimeout
 from megafs.wire import MAX_CHUNK_BYTES, b64e
 from tests.helpers.server import ServerProcess
 from tests.integration.users import new_user
@@ -54,7 +54,8 @@ async def test_gives_up_with_remote_error_chained_from_the_cause() -> None:
         async with RemoteClient(f"http://127.0.0.1:{port}", retries=1) as client:
             with pytest.raises(RemoteError) as info:
                 await client.health()
-    assert isinstance(info.value.__cause__, httpx.ConnectError)
+    assert isinstance(info.value.__cause__, TransportError)
+    assert isinstance(info.value.__cause__.__cause__, ConnectionRefusedError)
     assert not isinstance(info.value, RemoteTimeout)
 
 
@@ -270,19 +271,11 @@ HOSTILE = [
 ]
 
 
-# Leaving a response unfinished abandons httpx's and httpcore's stream
-# generators, which trio reports as a ResourceWarning (encode/httpx#3686);
-# trio still closes them, and the warning is ignored outside of tests.
-ABANDONS_STREAM = pytest.mark.filterwarnings("ignore:Async generator 'http:ResourceWarning")
-
-
 @pytest.mark.parametrize(
     "answer, call, expected",
     [
         *(pytest.param(*case[1:], id=case[0]) for case in HOSTILE),
-        pytest.param(
-            endless_chunked, get_chunk, FormatError, id="endless body", marks=ABANDONS_STREAM
-        ),
+        pytest.param(endless_chunked, get_chunk, FormatError, id="endless body"),
     ],
 )
 async def test_hostile_answers(
@@ -341,7 +334,7 @@ async def test_a_silent_server_times_out() -> None:
     ):
         with pytest.raises(RemoteTimeout) as info:
             await client.get_chunk(CHUNK)
-    assert isinstance(info.value.__cause__, httpx.TimeoutException)
+    assert isinstance(info.value.__cause__, TransportTimeout)
 
 
 async def test_the_token_travels_only_in_the_authorization_header() -> None:
@@ -363,4 +356,137 @@ async def test_chunk_of_maximum_size_is_accepted() -> None:
         hostile(http("200 OK", data)) as (url, _),
         RemoteClient(url, TOKEN, retries=0) as client,
     ):
+        assert await client.get_chunk(CHUNK) == data
+
+
+# -- connections ---------------------------------------------------------------------
+
+
+@asynccontextmanager
+async def keeping_alive(
+    answer: Callable[[int], bytes],
+) -> AsyncIterator[tuple[str, list[int]]]:
+    """A server that answers request after request on each connection
+    with ``answer(n)`` (n counts the requests of the whole server) until
+    the client hangs up. Yields its URL and, per connection, how many
+    requests it carried."""
+    per_connection: list[int] = []
+    count = 0
+
+    async def handle(stream: trio.SocketStream) -> None:
+        nonlocal count
+        index = len(per_connection)
+        per_connection.append(0)
+        async with stream:
+            try:
+                while await _read_request(stream):
+                    per_connection[index] += 1
+                    count += 1
+                    await stream.send_all(answer(count))
+            except (trio.BrokenResourceError, trio.ClosedResourceError):
+                pass
+
+    async with trio.open_nursery() as nursery:
+        listeners = await nursery.start(partial(trio.serve_tcp, handle, 0, host="127.0.0.1"))
+        port = listeners[0].socket.getsockname()[1]
+        yield f"http://127.0.0.1:{port}", per_connection
+        nursery.cancel_scope.cancel()
+
+
+HEALTHY = ok({"ok": True, "version": "1"})
+
+
+async def test_requests_share_one_kept_alive_connection() -> None:
+    async with (
+        keeping_alive(lambda n: HEALTHY) as (url, per_connection),
+        RemoteClient(url, retries=0) as client,
+    ):
+        for _ in range(5):
+            assert await client.health() == "1"
+    assert per_connection == [5]
+
+
+@pytest.mark.parametrize(
+    "closing",
+    [
+        pytest.param(http("200 OK", b'{"ok":true,"version":"1"}', "Connection: close"), id="close"),
+        pytest.param(HEALTHY.replace(b"HTTP/1.1", b"HTTP/1.0"), id="HTTP/1.0 without keep-alive"),
+        pytest.param(HEALTHY + b"HTTP/1.1 200 OK\r\n", id="bytes after the answer"),
+    ],
+)
+async def test_a_connection_is_not_reused_after_an_answer_that_ends_it(closing: bytes) -> None:
+    async with (
+        keeping_alive(lambda n: closing if n == 1 else HEALTHY) as (url, per_connection),
+        RemoteClient(url, retries=0) as client,
+    ):
+        for _ in range(3):
+            assert await client.health() == "1"
+    assert per_connection == [1, 2]
+
+
+async def test_a_connection_the_server_closed_while_idle_is_not_used() -> None:
+    """The server ends the kept-alive connection after its answer; the
+    next request opens a new one instead of failing (no retries left)."""
+    requests_seen = 0
+
+    async def answer_then_hang_up(stream: trio.SocketStream) -> None:
+        nonlocal requests_seen
+        requests_seen += 1
+        await stream.send_all(HEALTHY)
+
+    async with (
+        hostile(answer_then_hang_up) as (url, requests),
+        RemoteClient(url, retries=0) as client,
+    ):
+        assert await client.health() == "1"
+        await trio.sleep(0.1)  # the server's close arrives
+        assert await client.health() == "1"
+    assert requests_seen == len(requests) == 2
+
+
+@pytest.mark.parametrize(
+    "framing",
+    [
+        pytest.param(
+            b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n"
+            b'5\r\n{"ok"\r\n14\r\n:true,"version":"1"}\r\n0\r\n\r\n',
+            id="chunked",
+        ),
+        pytest.param(b'HTTP/1.0 200 OK\r\n\r\n{"ok":true,"version":"1"}', id="ended by the close"),
+        pytest.param(b"HTTP/1.1 100 Continue\r\n\r\n" + HEALTHY, id="after 100 Continue"),
+    ],
+)
+async def test_answers_framed_otherwise_are_read_whole(framing: bytes) -> None:
+    async with hostile(framing) as (url, _), RemoteClient(url, retries=0) as client:
+        assert await client.health() == "1"
+
+
+@pytest.mark.parametrize(
+    "answer",
+    [
+        pytest.param(http("404 Not Found", bytes(1 << 20)), id="sent"),
+        pytest.param(
+            b"HTTP/1.1 404 Not Found\r\nContent-Length: 99999999999\r\n\r\n", id="announced"
+        ),
+    ],
+)
+async def test_an_oversized_error_body_still_gives_the_status(answer: bytes) -> None:
+    async with (
+        hostile(answer) as (url, _),
+        RemoteClient(url, TOKEN, retries=0) as client,
+    ):
+        with pytest.raises(NotFound):
+            await client.get_chunk(CHUNK)
+
+
+async def test_a_large_body_arrives_intact_in_small_pieces() -> None:
+    data = os.urandom(300_000)
+
+    async def trickle(stream: trio.SocketStream) -> None:
+        answer = http("200 OK", data)
+        for start in range(0, len(answer), 7_001):
+            await stream.send_all(answer[start : start + 7_001])
+            await trio.sleep(0)
+
+    async with hostile(trickle) as (url, _), RemoteClient(url, TOKEN, retries=0) as client:
         assert await client.get_chunk(CHUNK) == data
