@@ -249,8 +249,17 @@ class Transport:
             if body:
                 pieces += h.send_with_data_passthrough(h11.Data(data=body))
             pieces.append(h.send(h11.EndOfMessage()))
-            await self._send(conn, pieces, timeouts.write)
-            event = await self._next_head(conn, h, timeouts.read)
+            try:
+                await self._send(conn, pieces, timeouts.write)
+            except (OSError, trio.BrokenResourceError) as exc:
+                # A server may refuse a request before reading all of
+                # it (too large, over quota) and close: its answer says
+                # why better than the broken pipe does.
+                event = await self._head_after_failed_send(conn, h, timeouts.read, exc)
+                send_failed = True
+            else:
+                event = await self._next_head(conn, h, timeouts.read)
+                send_failed = False
             status = event.status_code
             fields = {name: value for name, value in event.headers}
             cap = body_cap if 200 <= status < 300 else error_cap
@@ -268,6 +277,7 @@ class Transport:
             else:
                 data = await self._read_events(conn, h, status, cap, timeouts.read)
                 reusable = h.our_state is h11.DONE and h.their_state is h11.DONE
+            reusable = reusable and not send_failed
         except h11.ProtocolError as exc:
             raise TransportError(f"the server's answer is not valid HTTP: {exc}") from exc
         except trio.TooSlowError:
@@ -292,6 +302,16 @@ class Transport:
         with trio.fail_after(timeout):
             data = await conn.stream.receive_some(_RECEIVE_BYTES)
         h.receive_data(data)  # b"": the server closed its side
+
+    async def _head_after_failed_send(
+        self, conn: _Connection, h: h11.Connection, timeout: float, failure: BaseException
+    ) -> h11.Response:
+        """The answer the server sent before it stopped reading, if any;
+        else the send's own failure."""
+        try:
+            return await self._next_head(conn, h, timeout)
+        except (h11.ProtocolError, TransportError, OSError, trio.BrokenResourceError):
+            raise failure from None
 
     async def _next_head(
         self, conn: _Connection, h: h11.Connection, timeout: float

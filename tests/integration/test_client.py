@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from functools import partial
@@ -26,6 +27,7 @@ from megafs.errors import (
     NotFound,
     RemoteError,
     RemoteTimeout,
+    TooLarge,
     VersionConflict,
 )
 from megafs.remote import DeleteNode, PutNode, RemoteClient
@@ -490,3 +492,33 @@ async def test_a_large_body_arrives_intact_in_small_pieces() -> None:
 
     async with hostile(trickle) as (url, _), RemoteClient(url, TOKEN, retries=0) as client:
         assert await client.get_chunk(CHUNK) == data
+
+
+async def test_an_answer_sent_before_the_whole_request_was_read_is_reported() -> None:
+    """A server may refuse an upload from its head alone, answer and
+    close: the client reports that answer, not the broken pipe its
+    unfinished send then meets."""
+    refusal = http(
+        "413 Content Too Large",
+        json.dumps({"error": "too_large", "detail": "over quota"}).encode(),
+        "Connection: close",
+    )
+
+    async def refuse_early(stream: trio.SocketStream) -> None:
+        async with stream:
+            head = b""
+            while b"\r\n\r\n" not in head:
+                head += await stream.receive_some(1)
+            await stream.send_all(refusal)
+        # Closed with the body unread: the client's send meets a reset.
+
+    async with trio.open_nursery() as nursery:
+        listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
+        # A small receive window, so the upload cannot all fit in buffers.
+        listeners[0].socket.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        await nursery.start(trio.serve_listeners, refuse_early, listeners)
+        port = listeners[0].socket.getsockname()[1]
+        async with RemoteClient(f"http://127.0.0.1:{port}", TOKEN, retries=0) as client:
+            with pytest.raises(TooLarge, match="over quota"):
+                await client.put_chunk(CHUNK, bytes(MAX_CHUNK_BYTES))
+        nursery.cancel_scope.cancel()
