@@ -162,6 +162,15 @@ class Transport:
         exchange fails."""
         if self._closed:
             raise TransportError("the client is closed")
+        h = h11.Connection(h11.CLIENT, max_incomplete_event_size=_MAX_HEAD_BYTES)
+        all_headers = [*self._headers, *headers]
+        if body is not None:
+            all_headers.append((b"Content-Length", str(len(body)).encode("ascii")))
+        pieces = [h.send(h11.Request(method=method, target=target, headers=all_headers))]
+        if body:
+            pieces += h.send_with_data_passthrough(h11.Data(data=body))
+        pieces.append(h.send(h11.EndOfMessage()))
+        caps = (body_cap, error_cap)
         with trio.move_on_after(timeouts.pool) as waited:
             await self._slots.acquire()
         if waited.cancelled_caught:
@@ -169,9 +178,7 @@ class Transport:
         try:
             conn = self._take_idle() or await self._connect(timeouts.connect)
             try:
-                response, reusable = await self._exchange(
-                    conn, method, target, headers, body, timeouts, body_cap, error_cap
-                )
+                response, reusable = await self._exchange(conn, h, pieces, method, timeouts, caps)
             except BaseException:
                 await trio.aclose_forcefully(conn.stream)
                 raise
@@ -229,26 +236,16 @@ class Transport:
     async def _exchange(
         self,
         conn: _Connection,
+        h: h11.Connection,
+        pieces: list[bytes],
         method: bytes,
-        target: bytes,
-        headers: list[tuple[bytes, bytes]],
-        body: bytes | None,
         timeouts: Timeouts,
-        body_cap: int,
-        error_cap: int,
+        caps: tuple[int, int],
     ) -> tuple[Response, bool]:
-        """One request and its answer on ``conn``; also whether the
-        connection may carry another."""
-        h = h11.Connection(h11.CLIENT, max_incomplete_event_size=_MAX_HEAD_BYTES)
-        all_headers = [*self._headers, *headers]
-        if body is not None:
-            all_headers.append((b"Content-Length", str(len(body)).encode("ascii")))
+        """Send the request ``h`` serialized into ``pieces`` on ``conn``
+        and read its answer (``caps``: the most bytes of a 2xx body, and
+        of any other); also whether the connection may carry another."""
         try:
-            head = h.send(h11.Request(method=method, target=target, headers=all_headers))
-            pieces = [head]
-            if body:
-                pieces += h.send_with_data_passthrough(h11.Data(data=body))
-            pieces.append(h.send(h11.EndOfMessage()))
             try:
                 await self._send(conn, pieces, timeouts.write)
             except (OSError, trio.BrokenResourceError) as exc:
@@ -262,7 +259,7 @@ class Transport:
                 send_failed = False
             status = event.status_code
             fields = {name: value for name, value in event.headers}
-            cap = body_cap if 200 <= status < 300 else error_cap
+            cap = caps[0] if 200 <= status < 300 else caps[1]
             length = fields.get(b"content-length")
             if (
                 length is not None
