@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import datetime
 import ipaddress
+import os
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -18,6 +19,7 @@ from cryptography.x509.oid import NameOID
 
 from megafs.errors import InvalidRequest, RemoteError
 from megafs.remote import RemoteClient
+from megafs.wire import MAX_CHUNK_BYTES
 from tests.helpers.server import ServerProcess, running_server
 from tests.integration.users import Creds
 
@@ -72,6 +74,11 @@ async def test_https_with_a_trusted_certificate(tls_server: tuple[ServerProcess,
         creds = Creds.random()
         await creds.signup(client)
         assert (await client.account()).email == creds.email
+        # A chunk both ways: a large body through TLS, on kept-alive connections.
+        data = os.urandom(MAX_CHUNK_BYTES)
+        for chunk_id in (bytes(32), bytes(31) + b"\x01"):
+            await client.put_chunk(chunk_id, data)
+            assert await client.get_chunk(chunk_id) == data
 
 
 async def test_an_unknown_certificate_is_refused(tls_server: tuple[ServerProcess, Path]) -> None:
