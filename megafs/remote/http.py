@@ -180,7 +180,7 @@ class RemoteClient:
             url.scheme,
             url.raw_host.decode("ascii"),
             url.port or (443 if url.scheme == "https" else 80),
-            ssl_context=verify if url.scheme == "https" else None,
+            ssl_context=verify,
             headers=[
                 (b"User-Agent", f"megafs/{__version__}".encode()),
                 (b"Accept-Encoding", b"identity"),
@@ -550,11 +550,13 @@ class RemoteClient:
         timeouts = self._timeouts
         if wait:
             timeouts = replace(timeouts, read=timeouts.read + wait)
-        attempt = partial(self._attempt, method, target, headers, raw, cap, timeouts)
-        return await retrying(attempt, retries=self._retries, what=f"{method} {path}")
+        what = f"{method} {path}"
+        attempt = partial(self._attempt, what, method, target, headers, raw, cap, timeouts)
+        return await retrying(attempt, retries=self._retries, what=what)
 
     async def _attempt(
         self,
+        what: str,
         method: str,
         target: bytes,
         headers: list[tuple[bytes, bytes]],
@@ -563,7 +565,6 @@ class RemoteClient:
         timeouts: Timeouts,
     ) -> bytes:
         started = trio.current_time()
-        what = f"{method} {target.partition(b'?')[0].decode()}"
         try:
             response = await self._transport.request(
                 method.encode(),

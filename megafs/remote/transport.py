@@ -3,10 +3,10 @@ message heads: the transport under :class:`~megafs.remote.http.RemoteClient`.
 
 Why not httpx's own client and pool: the daemon's cold sequential read is
 bound by its event-loop thread, and a 1 MiB chunk download cost that
-thread 2-4 ms through httpx (request and URL objects, cookies, the pool's
-locks, h11 copying the body three times) against about 1 ms here; a
-request with a tiny answer 1.2-1.9 ms against 0.5 ms
-(docs/performance.md, "The HTTP client"). A body announced by
+thread 3.1-3.8 ms through httpx (request and URL objects, cookies, the
+pool's locks, h11 copying the body three times) against 1.4-1.6 ms here
+(eight in flight); a request with a tiny answer 1.2-1.9 ms against
+0.6-0.7 ms (docs/performance.md, "The HTTP client"). A body announced by
 Content-Length, as every answer of the megafs server is, is received
 straight into one buffer of its size; anything else (chunked, or ended by
 the connection's close, as a proxy might answer) goes through h11's
@@ -379,9 +379,9 @@ def _keep_alive(event: h11.Response) -> bool:
 
 
 def reason(exc: BaseException) -> str:
-    """The first non-empty message down the exception's causes: trio and
-    httpx often wrap the telling one (a refused certificate, a refused
-    connection) in an exception without text."""
+    """The first non-empty message down the exception's causes: trio often
+    wraps the telling one (a refused certificate, a reset) in an exception
+    without text."""
     cause: BaseException | None = exc
     while cause is not None:
         if str(cause):

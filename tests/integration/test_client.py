@@ -84,10 +84,21 @@ async def hostile(answer: bytes | Handler) -> AsyncIterator[tuple[str, list[byte
             except (trio.BrokenResourceError, trio.ClosedResourceError):
                 pass  # the client hung up, as it should on a bad answer
 
+    async with serving(handle) as url:
+        yield url, requests
+
+
+@asynccontextmanager
+async def serving(handle: Handler, *, receive_buffer: int | None = None) -> AsyncIterator[str]:
+    """``handle`` serves each connection to a free port of 127.0.0.1;
+    yields the URL. ``receive_buffer``: the connections' SO_RCVBUF (a small
+    one makes a client's large send wait for the server to read)."""
+    listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
+    if receive_buffer is not None:
+        listeners[0].socket.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, receive_buffer)
     async with trio.open_nursery() as nursery:
-        listeners = await nursery.start(partial(trio.serve_tcp, handle, 0, host="127.0.0.1"))
-        port = listeners[0].socket.getsockname()[1]
-        yield f"http://127.0.0.1:{port}", requests
+        await nursery.start(trio.serve_listeners, handle, listeners)
+        yield f"http://127.0.0.1:{listeners[0].socket.getsockname()[1]}"
         nursery.cancel_scope.cancel()
 
 
@@ -388,11 +399,8 @@ async def keeping_alive(
             except (trio.BrokenResourceError, trio.ClosedResourceError):
                 pass
 
-    async with trio.open_nursery() as nursery:
-        listeners = await nursery.start(partial(trio.serve_tcp, handle, 0, host="127.0.0.1"))
-        port = listeners[0].socket.getsockname()[1]
-        yield f"http://127.0.0.1:{port}", per_connection
-        nursery.cancel_scope.cancel()
+    async with serving(handle) as url:
+        yield url, per_connection
 
 
 HEALTHY = ok({"ok": True, "version": "1"})
@@ -512,13 +520,10 @@ async def test_an_answer_sent_before_the_whole_request_was_read_is_reported() ->
             await stream.send_all(refusal)
         # Closed with the body unread: the client's send meets a reset.
 
-    async with trio.open_nursery() as nursery:
-        listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
-        # A small receive window, so the upload cannot all fit in buffers.
-        listeners[0].socket.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
-        await nursery.start(trio.serve_listeners, refuse_early, listeners)
-        port = listeners[0].socket.getsockname()[1]
-        async with RemoteClient(f"http://127.0.0.1:{port}", TOKEN, retries=0) as client:
-            with pytest.raises(TooLarge, match="over quota"):
-                await client.put_chunk(CHUNK, bytes(MAX_CHUNK_BYTES))
-        nursery.cancel_scope.cancel()
+    # A small receive window, so the upload cannot all fit in buffers.
+    async with (
+        serving(refuse_early, receive_buffer=4096) as url,
+        RemoteClient(url, TOKEN, retries=0) as client,
+    ):
+        with pytest.raises(TooLarge, match="over quota"):
+            await client.put_chunk(CHUNK, bytes(MAX_CHUNK_BYTES))
