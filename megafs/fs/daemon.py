@@ -4,9 +4,10 @@
 left, mounts, and runs in one nursery: the FUSE request loop, the uploader,
 the read-ahead (cache/readahead.py), the sealing behind sequential writers
 (cache/content.py), the change follower (fs/follow.py), the
-periodic flusher and the status socket (``megafs status``, see
-fs/status.py). Shutdown order when the filesystem is unmounted
-(``fusermount3 -u``, ``megafs umount``, SIGTERM or SIGINT):
+periodic flusher, the return of freed memory to the system (fs/memory.py)
+and the status socket (``megafs status``, see fs/status.py). Shutdown order
+when the filesystem is unmounted (``fusermount3 -u``, ``megafs umount``,
+SIGTERM or SIGINT):
 
 1. the kernel stops sending requests and ``pyfuse3.main`` returns;
 2. files with unsaved writes are committed to the journal;
@@ -34,6 +35,7 @@ from megafs.cache import ChunkCache, LocalState, ReadAhead, Sealer, Uploader
 from megafs.crypto import AccountKeys
 from megafs.errors import MegafsError
 from megafs.fs.follow import ChangeFollower
+from megafs.fs.memory import trim_periodically
 from megafs.fs.operations import Operations
 from megafs.fs.status import StatusService
 from megafs.fs.tree import Tree
@@ -162,6 +164,7 @@ async def _serve(
             await nursery.start(status.run)  # `megafs status`
             await nursery.start(follower.run)  # other devices' changes
             nursery.start_soon(_flusher, ops)
+            nursery.start_soon(trim_periodically)
             signals = _Signals()
             nursery.start_soon(signals.run)
             log.info("mounted on %s", mountpoint)
