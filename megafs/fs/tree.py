@@ -15,11 +15,12 @@ uploader.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import socket
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from functools import partial
 from typing import TypeVar
@@ -114,7 +115,7 @@ class Forget:
     attr_only: bool = False
 
 
-@dataclass(eq=False)
+@dataclass(eq=False, slots=True)
 class Inode:
     """One node as the kernel knows it. ``record`` is the decrypted record;
     ``children`` is None until the folder has been loaded."""
@@ -138,19 +139,28 @@ class Inode:
     #: Journal seq of this node's latest change (0: none this run).
     seq: int = 0
     unlinked: bool = False
-    #: Made on first use (see ``lock``): a trio.Lock costs ~340 bytes, half
-    #: of an inode, and most inodes of a big listed folder never need one.
+    #: Only while held or awaited (see ``locked``): a trio.Lock costs ~300
+    #: bytes, as much as the rest of an inode, and every node committed
+    #: once would keep one.
     _lock: trio.Lock | None = field(default=None, repr=False)
     #: Folders: names that are LINK nodes (further names of a hard-linked
     #: node), by name.
     links: dict[bytes, LinkName] = field(default_factory=dict)
 
-    @property
-    def lock(self) -> trio.Lock:
+    @contextlib.asynccontextmanager
+    async def locked(self) -> AsyncIterator[None]:
         """Serialises this node's commits and the loading of its content."""
         if self._lock is None:
             self._lock = trio.Lock()
-        return self._lock
+        lock = self._lock
+        try:
+            async with lock:
+                yield
+        finally:
+            # Free, and nobody waits for it (a waiter would hold it by
+            # now): the next user makes a new one.
+            if not lock.locked() and self._lock is lock:
+                self._lock = None
 
     @property
     def kind(self) -> Kind:
@@ -484,7 +494,7 @@ class Tree:
         """The file's content, loading its manifest on first use."""
         if inode.content is not None:
             return inode.content
-        async with inode.lock:
+        async with inode.locked():
             if inode.content is not None:
                 return inode.content
             if inode.kind != Kind.FILE:
@@ -906,7 +916,7 @@ class Tree:
             # The root's record is sealed under a key derived from the
             # master key; its attributes are not committed (docs/format.md).
             return inode.seq
-        async with inode.lock:
+        async with inode.locked():
             record = inode.record.evolve(rev=inode.record.rev + 1)
             content = inode.content
             sealed: bytes | None = None
