@@ -6,25 +6,12 @@ from __future__ import annotations
 import trio
 import trio.testing
 
-from megafs.crypto import Kind, NodeRecord
 from megafs.fs.tree import Inode
+from tests.unit.crypto.util import make_record
 
 
 def _inode() -> Inode:
-    record = NodeRecord(
-        kind=Kind.FILE,
-        name=b"f",
-        key=bytes(32),
-        mode=0o644,
-        uid=0,
-        gid=0,
-        atime_ns=0,
-        mtime_ns=0,
-        ctime_ns=0,
-        size=0,
-        rev=1,
-    )
-    return Inode(ino=2, id=bytes(16), parent=None, record=record)
+    return Inode(ino=2, id=bytes(16), parent=None, record=make_record())
 
 
 async def test_holders_take_turns_and_the_lock_is_gone_after() -> None:
