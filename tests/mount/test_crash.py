@@ -442,7 +442,11 @@ def test_daemon_killed_during_copy(drive: Drive, tmp_path: Path) -> None:
     mount comes back on the same cache dir and shows every file the writer
     finished, and nothing that is not a state the writer produced."""
     rng = random.Random(SEED)
-    plan = make_plan(SEED, files=500, passes=4)
+    # More passes than the kills get through: once the writer has finished
+    # its plan, a kill cannot land in the copy. A run alone on the machine
+    # wrote 3 901 files in its 20 kills (with 4 passes, it finished the
+    # plan after about ten).
+    plan = make_plan(SEED, files=500, passes=16)
     plan_file = _write_plan(tmp_path, plan)
     model = Model(plan)
     cut_mid_op = 0
