@@ -28,7 +28,6 @@ sequential writes 20 % and cold reads 18 % slower.
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import logging
 
 import trio
@@ -43,10 +42,7 @@ TRIM_INTERVAL = 2.0
 
 
 def _glibc() -> ctypes.CDLL | None:
-    name = ctypes.util.find_library("c")
-    if name is None:
-        return None
-    libc = ctypes.CDLL(name)
+    libc = ctypes.CDLL(None)  # the symbols already loaded, the C library's among them
     if not hasattr(libc, "malloc_trim"):
         return None  # not glibc
     libc.malloc_trim.argtypes = [ctypes.c_size_t]

@@ -1,6 +1,6 @@
 """The daemon gives memory it freed back to the system (megafs/fs/memory.py).
 
-Resident sizes are read from /proc. Every other block stays allocated, so
+Resident sizes are read from /proc (VmRSS). Every other block stays allocated, so
 what is freed lies between live blocks, where a heap cannot shrink from its
 top; 48 MiB are freed, more than anything else in the test process moves.
 """
@@ -13,6 +13,7 @@ import platform
 import pytest
 
 from megafs.fs.memory import return_free_memory
+from tests.helpers.tools import vm_rss
 
 pytestmark = pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="trimming is glibc's")
 
@@ -20,8 +21,9 @@ MiB = 1 << 20
 
 
 def _resident() -> int:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    rss = vm_rss(os.getpid())
+    assert rss is not None
+    return rss
 
 
 def _fill(count: int, size: int) -> list[bytes]:
