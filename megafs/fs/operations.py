@@ -244,7 +244,13 @@ class Operations(pyfuse3.Operations):
             changes["mtime_ns"] = attr.st_mtime_ns
         changes["ctime_ns"] = attr.st_ctime_ns if fields.update_ctime else now
         node.record = node.record.evolve(**changes)
-        await self._tree.commit(node)
+        if node.kind == Kind.FILE and node.opens > 0:
+            # Committed with the file's content, at close: tar sets the
+            # times and mode of every file it extracts before closing it,
+            # and each commit seals and journals the whole node again.
+            node.attrs_changed = True
+        else:
+            await self._tree.commit(node)
         return self._attrs(node)
 
     @_errors
@@ -623,7 +629,7 @@ class Operations(pyfuse3.Operations):
     async def flush(self, fh: int) -> None:
         # close(2): the file's state goes to the journal and starts uploading.
         inode = self._handle(fh).inode
-        if inode.content is not None and inode.content.changed:
+        if inode.unsaved:
             await self._tree.commit(inode)
 
     @_errors
@@ -633,7 +639,7 @@ class Operations(pyfuse3.Operations):
             return
         inode = handle.inode
         content = inode.content
-        if content is not None and content.changed:
+        if inode.unsaved:
             await self._tree.commit(inode)
         if inode.opens == 0 and inode.content is content is not None and not content.changed:
             # Saved and closed: the manifest is enough to open it again, so a
@@ -665,9 +671,10 @@ class Operations(pyfuse3.Operations):
                 raise _fail(errno.EIO)
 
     async def flush_all(self) -> None:
-        """Commit every file with unsaved changes (before unmount finishes)."""
+        """Commit every file with unsaved changes (periodically, and before
+        unmount finishes)."""
         for inode in list(self._tree.inodes.values()):
-            if inode.content is not None and inode.content.changed:
+            if inode.unsaved:
                 try:
                     await self._tree.commit(inode)
                 except MegafsError as exc:

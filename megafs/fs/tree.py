@@ -139,6 +139,10 @@ class Inode:
     #: Journal seq of this node's latest change (0: none this run).
     seq: int = 0
     unlinked: bool = False
+    #: The record changed since its last commit while the file was open
+    #: (``setattr`` of an open file): committed with its content, at close,
+    #: ``fsync`` or the periodic flush.
+    attrs_changed: bool = False
     #: Only while held or awaited (see ``locked``): a trio.Lock costs ~300
     #: bytes, as much as the rest of an inode, and every node committed
     #: once would keep one.
@@ -165,6 +169,12 @@ class Inode:
     @property
     def kind(self) -> Kind:
         return self.record.kind
+
+    @property
+    def unsaved(self) -> bool:
+        """Changed in memory only: not journaled yet, so neither a crash
+        nor another device's version may take the change away."""
+        return self.attrs_changed or (self.content is not None and self.content.changed)
 
     @property
     def size(self) -> int:
@@ -659,7 +669,7 @@ class Tree:
         conflict, see ``resolve_conflict``)."""
         node_id = change.id
         parent = None if change.parent is None else self._by_id.get(change.parent)
-        if self._uploader.busy(node_id) or (parent is not None and parent.ino in self._loading):
+        if self._busy(node_id) or (parent is not None and parent.ino in self._loading):
             # Our change meets theirs on the server; if ours lands first as
             # an earlier version, theirs is still to show: see apply_deferred.
             # (A folder being listed may show the node as it was before.)
@@ -685,9 +695,19 @@ class Tree:
         if inode is not None:
             self._detach(inode, deleted=True)
 
+    def _busy(self, node_id: bytes) -> bool:
+        """A change of ours to the node is not on the server yet: journaled,
+        on its way, or still in memory (an open file's unsaved writes, which
+        the other device's version must not replace: the daemon's periodic
+        flush commits them, and they meet theirs on the server as a conflict)."""
+        if self._uploader.busy(node_id):
+            return True
+        inode = self._by_id.get(node_id)
+        return inode is not None and inode.unsaved
+
     async def apply_deferred(self) -> None:
         """Apply the changes ``apply_remote`` put off, once it need not."""
-        for node_id in [i for i in self._deferred if not self._uploader.busy(i)]:
+        for node_id in [i for i in self._deferred if not self._busy(i)]:
             change = self._deferred.pop(node_id)
             try:
                 await self.apply_remote(change)
@@ -717,7 +737,7 @@ class Tree:
     async def _apply_node(self, node: RemoteNode, *, at: int | None) -> None:
         """The node as the server has it now, fetched when the feed's cursor
         was ``at``."""
-        if self._uploader.busy(node.id):
+        if self._busy(node.id):
             # A change of ours began while this one was fetched: like in
             # apply_remote, it waits for ours to land.
             self._deferred[node.id] = Change(node.id, node.parent, node.version, 0, False)
@@ -796,7 +816,7 @@ class Tree:
         if inode is None or parent is None or parent.children is None:
             log.error("node %s: conflict with another device; retrying", entry.node_id.hex())
             return
-        if inode.content is not None and inode.content.changed:
+        if inode.unsaved:
             return  # written since: that change is journaled first, then settled
         at = self._state.cursor
         try:
@@ -917,6 +937,7 @@ class Tree:
             # master key; its attributes are not committed (docs/format.md).
             return inode.seq
         async with inode.locked():
+            inode.attrs_changed = False
             record = inode.record.evolve(rev=inode.record.rev + 1)
             content = inode.content
             sealed: bytes | None = None

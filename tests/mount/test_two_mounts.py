@@ -214,3 +214,39 @@ def test_delete_on_one_device_while_editing_on_the_other_keeps_the_edit(
     laptop.mount()
     for root in (a, b):
         assert _read(root / "draft.txt") == b"v2, still wanted\n"
+
+
+def test_an_edit_still_open_when_the_other_device_saves_is_kept(
+    devices: tuple[Drive, Drive],
+) -> None:
+    """Written, not yet closed (so not yet journaled) when the other device's
+    version arrives: the unsaved bytes must survive the remote change, and
+    the two versions settle as one file and one conflicted copy."""
+    laptop, desktop = devices
+    a, b = laptop.mnt, desktop.mnt
+    (a / "notes.txt").write_bytes(b"base\n")
+    _eventually(lambda: _read(b / "notes.txt") == b"base\n", "base version")
+
+    with open(a / "notes.txt", "r+b", buffering=0) as f:
+        f.write(b"laptop, unsaved\n")
+        f.write(b"laptop, still open\n")
+        (b / "notes.txt").write_bytes(b"desktop's edit\n")
+        # Changes come through the feed in order: once the marker shows,
+        # the laptop has had the desktop's version.
+        (b / "marker").write_bytes(b"")
+        _eventually(lambda: (a / "marker").exists(), "marker")
+        f.seek(0)
+        assert f.read() == b"laptop, unsaved\nlaptop, still open\n"
+
+    def settled(root: Path) -> Callable[[], bool]:
+        return lambda: len(os.listdir(root)) == 3
+
+    _eventually(settled(a), "conflicted copy on the laptop")
+    _eventually(settled(b), "conflicted copy on the desktop")
+    for root in (a, b):
+        names = sorted(n for n in os.listdir(root) if n != "marker")
+        assert "notes.txt" in names, names
+        (copy,) = [n for n in names if n != "notes.txt"]
+        assert copy.startswith("notes (conflicted copy, "), copy
+        contents = {_read(root / "notes.txt"), _read(root / copy)}
+        assert contents == {b"laptop, unsaved\nlaptop, still open\n", b"desktop's edit\n"}
