@@ -4,7 +4,8 @@
 left, mounts, and runs in one nursery: the FUSE request loop, the uploader,
 the read-ahead (cache/readahead.py), the sealing behind sequential writers
 (cache/content.py), the change follower (fs/follow.py), the
-periodic flusher, the return of freed memory to the system (fs/memory.py)
+periodic flusher, the return of freed memory to the system (fs/memory.py),
+the one-off widening of the kernel's read-ahead (fs/kernel_readahead.py)
 and the status socket (``megafs status``, see fs/status.py). Shutdown order
 when the filesystem is unmounted (``fusermount3 -u``, ``megafs umount``,
 SIGTERM or SIGINT):
@@ -35,6 +36,7 @@ from megafs.cache import ChunkCache, LocalState, ReadAhead, Sealer, Uploader
 from megafs.crypto import AccountKeys
 from megafs.errors import MegafsError
 from megafs.fs.follow import ChangeFollower
+from megafs.fs.kernel_readahead import widen_read_ahead
 from megafs.fs.memory import trim_periodically
 from megafs.fs.operations import Operations
 from megafs.fs.status import StatusService
@@ -165,6 +167,7 @@ async def _serve(
             await nursery.start(follower.run)  # other devices' changes
             nursery.start_soon(_flusher, ops)
             nursery.start_soon(trim_periodically)
+            nursery.start_soon(widen_read_ahead, mountpoint)
             signals = _Signals()
             nursery.start_soon(signals.run)
             log.info("mounted on %s", mountpoint)

@@ -306,3 +306,17 @@ def test_random_reads_of_verified_chunks_check_each_piece_on_disk(drive: Drive) 
     assert files[4].read_bytes() == sealed[4]
     assert path.read_bytes() == data
     drive.umount()
+
+
+def test_the_kernel_reads_ahead_a_chunk_per_request(drive: Drive) -> None:
+    """The daemon (as root, which CI is) widens the mount's kernel
+    read-ahead from 128 KiB to one chunk, the largest request the kernel
+    sends: a sequential reader then costs one request per chunk, not eight."""
+    drive.mount()
+    dev = os.stat(drive.mnt).st_dev
+    setting = Path(f"/sys/class/bdi/{os.major(dev)}:{os.minor(dev)}/read_ahead_kb")
+    _wait_for(
+        "the wider read-ahead",
+        lambda: int(setting.read_text()) == CHUNK_SIZE // 1024,
+        timeout=10,
+    )
