@@ -46,6 +46,8 @@ Routes (all under ``API_PREFIX``)::
     GET    /changes/cursor             -> {"cursor": SEQ}
     POST   /chunks/missing {ids}       -> {"missing": [id]}
     PUT    /chunks/{id}    raw body    -> 201 {"size": int}
+    POST   /chunks/batch   raw body: (id: 32 bytes, size: u32 big-endian, bytes) ...
+                                       -> 201 {"sizes": [int]}  (one per chunk, in order)
     GET    /chunks/{id}                -> raw body
 
     KDF     = {alg: "argon2id", memory_kib, iterations, lanes, salt}
@@ -94,6 +96,12 @@ Semantics:
 - ``POST /chunks/missing`` answers which ids are not stored and marks the
   others as recently used, so garbage collection keeps them for at least
   ``CHUNK_GRACE_SECONDS`` while the client commits a node that uses them.
+- ``POST /chunks/batch`` stores up to ``MAX_CHUNK_BATCH_ITEMS`` chunks
+  (a body of at most ``MAX_CHUNK_BATCH_BYTES``), each exactly as ``PUT
+  /chunks/{id}`` would: small files' chunks in one request instead of one
+  each. A malformed body stores nothing (400); a chunk refused for the quota
+  fails the request with 507, and the chunks stored before it stay stored
+  (storing one again is harmless, so the client sends the batch again).
 - Another account's node or chunk is always 404, never 403: existence is
   not revealed.
 - The change feed: every node write or delete takes the account's next
@@ -120,12 +128,15 @@ __all__ = [
     "API_PREFIX",
     "CHANGES_PAGE_MAX",
     "CHANGES_WAIT_MAX",
+    "CHUNK_BATCH_HEADER",
     "CHUNK_GRACE_SECONDS",
     "CHUNK_ID_RE",
     "INLINE_CONTENT_MAX",
     "LIST_PAGE_MAX",
     "LONG_SESSION_IDLE_SECONDS",
     "MAX_BATCH_OPS",
+    "MAX_CHUNK_BATCH_BYTES",
+    "MAX_CHUNK_BATCH_ITEMS",
     "MAX_CHUNK_BYTES",
     "MAX_CONTENT_BYTES",
     "MAX_JSON_BYTES",
@@ -150,6 +161,14 @@ API_PREFIX = "/v1"
 #: Plaintext chunk size is 1 MiB (see docs/format.md); a sealed chunk adds a
 #: small header, so the server accepts a little more.
 MAX_CHUNK_BYTES = (1 << 20) + 4096
+#: ``POST /chunks/batch``: each chunk is its 32-byte id and its size (u32,
+#: big-endian) followed by its bytes. A source tree's files are mostly a
+#: few KiB: one request for many spares the server and the client a
+#: request's work per file. The body stays small enough to hold in memory
+#: like a chunk's.
+CHUNK_BATCH_HEADER = 36
+MAX_CHUNK_BATCH_ITEMS = 256
+MAX_CHUNK_BATCH_BYTES = 4 * 1024 * 1024
 #: A sealed node record (name, attributes, key, xattrs).
 MAX_META_BYTES = 256 * 1024
 #: A sealed manifest: 32 bytes per chunk plus a small header, so this covers

@@ -35,7 +35,7 @@ import os
 from collections import OrderedDict
 from collections.abc import Callable
 from pathlib import Path
-from typing import TypeVar
+from typing import TypeVar, cast
 
 import cachetools
 import trio
@@ -392,12 +392,22 @@ class ChunkCache:
             if room.is_set():
                 last_progress = trio.current_time()
 
-    async def sealed_blob(self, chunk_id: bytes) -> bytes:
-        """The sealed bytes of a chunk on disk, for upload."""
-        blob = await self._read_file(chunk_id)
-        if blob is None:
-            raise NotFound(f"chunk {_short(chunk_id)} is not in the local cache")
-        return blob
+    async def sealed_blobs(self, chunk_ids: list[bytes]) -> list[bytes]:
+        """The sealed bytes of chunks on disk, for upload: one worker-thread
+        call for all of them (a batch of small files' chunks)."""
+
+        def read() -> list[bytes | None]:
+            return [_read_or_none(self._path(chunk_id)) for chunk_id in chunk_ids]
+
+        blobs = await trio.to_thread.run_sync(read, limiter=self._disk)
+        for chunk_id, blob in zip(chunk_ids, blobs, strict=True):
+            if blob is None:
+                raise NotFound(f"chunk {_short(chunk_id)} is not in the local cache")
+        return cast(list[bytes], blobs)
+
+    def sealed_size(self, chunk_id: bytes) -> int | None:
+        """The size of the chunk's sealed bytes, if it is in the cache."""
+        return self._index.get(chunk_id)
 
     async def mark_uploaded(self, chunk_ids: list[bytes]) -> None:
         ids = [i for i in chunk_ids if i in self._dirty]
@@ -438,14 +448,9 @@ class ChunkCache:
         return f"{self._root}/{name[:2]}/{name}"
 
     async def _read_file(self, chunk_id: bytes) -> bytes | None:
-        def read() -> bytes | None:
-            try:
-                with open(self._path(chunk_id), "rb") as f:
-                    return f.read()
-            except FileNotFoundError:
-                return None
-
-        return await trio.to_thread.run_sync(read, limiter=self._disk)
+        return await trio.to_thread.run_sync(
+            _read_or_none, self._path(chunk_id), limiter=self._disk
+        )
 
     async def _write_file(self, chunk_id: bytes, blob: bytes, *, dirty: bool) -> None:
         path = self._path(chunk_id)
@@ -513,3 +518,12 @@ def _unlink(path: str) -> None:
 
 def _short(chunk_id: bytes) -> str:
     return chunk_id.hex()[:12]
+
+
+def _read_or_none(path: str) -> bytes | None:
+    """A cache file's bytes, or None if it is not there (blocking)."""
+    try:
+        with open(path, "rb") as f:
+            return f.read()
+    except FileNotFoundError:
+        return None

@@ -44,12 +44,21 @@ from megafs.errors import (
     VersionConflict,
 )
 from megafs.remote import DeleteNode, PutNode, RemoteClient
+from megafs.wire import MAX_CHUNK_BATCH_ITEMS
 
 __all__ = ["Uploader", "UploaderStats"]
 
 log = logging.getLogger(__name__)
 
 CHUNK_WORKERS = 4
+#: Sealed chunks of at most this many bytes (a source tree's files are
+#: mostly a few KiB) are sent many to a request (``POST /chunks/batch``) by
+#: ``SMALL_CHUNK_WORKERS`` tasks, each taking whatever waits when it is free,
+#: up to ``SMALL_BATCH_BYTES``: a batch grows with the backlog, and a lone
+#: chunk waits for nothing. Larger ones go one to a request, in parallel.
+SMALL_CHUNK_MAX = 256 * 1024
+SMALL_BATCH_BYTES = 1 << 20
+SMALL_CHUNK_WORKERS = 2
 #: How long the committer lets changes gather before sending a batch
 #: (unless someone waits: fsync, unmount).
 COMMIT_DELAY = 0.05
@@ -100,6 +109,7 @@ class Uploader:
         self._inflight: set[bytes] = set()
         self._seq = 0
         self._chunk_send, self._chunk_recv = trio.open_memory_channel[bytes](math.inf)
+        self._small_send, self._small_recv = trio.open_memory_channel[bytes](math.inf)
         self._queued_chunks: set[bytes] = set()
         self._work = trio.Event()
         self._progress = trio.Event()
@@ -165,7 +175,9 @@ class Uploader:
     def _queue_chunk(self, chunk_id: bytes) -> None:
         if chunk_id not in self._queued_chunks:
             self._queued_chunks.add(chunk_id)
-            self._chunk_send.send_nowait(chunk_id)
+            size = self._chunks.sealed_size(chunk_id)
+            small = size is not None and size <= SMALL_CHUNK_MAX
+            (self._small_send if small else self._chunk_send).send_nowait(chunk_id)
 
     async def put(
         self,
@@ -297,23 +309,46 @@ class Uploader:
         async with trio.open_nursery() as nursery:
             for _ in range(CHUNK_WORKERS):
                 nursery.start_soon(self._chunk_worker, self._chunk_recv.clone())
+            for _ in range(SMALL_CHUNK_WORKERS):
+                nursery.start_soon(self._small_chunk_worker, self._small_recv.clone())
             nursery.start_soon(self._committer)
             task_status.started()
 
     async def _chunk_worker(self, recv: trio.MemoryReceiveChannel[bytes]) -> None:
         async with recv:
             async for chunk_id in recv:
-                await self._with_retry(self._upload_chunk, chunk_id)
-                self._queued_chunks.discard(chunk_id)
-                self._notify()
+                await self._upload([chunk_id])
 
-    async def _upload_chunk(self, chunk_id: bytes) -> None:
-        if not self._chunks.is_dirty(chunk_id):
+    async def _small_chunk_worker(self, recv: trio.MemoryReceiveChannel[bytes]) -> None:
+        async with recv:
+            async for chunk_id in recv:
+                batch = [chunk_id]
+                size = self._chunks.sealed_size(chunk_id) or 0
+                while len(batch) < MAX_CHUNK_BATCH_ITEMS and size < SMALL_BATCH_BYTES:
+                    try:
+                        more = recv.receive_nowait()
+                    except (trio.WouldBlock, trio.EndOfChannel):
+                        break
+                    batch.append(more)
+                    size += self._chunks.sealed_size(more) or 0
+                await self._upload(batch)
+
+    async def _upload(self, chunk_ids: list[bytes]) -> None:
+        await self._with_retry(self._upload_chunks, chunk_ids)
+        self._queued_chunks.difference_update(chunk_ids)
+        self._notify()
+
+    async def _upload_chunks(self, chunk_ids: list[bytes]) -> None:
+        dirty = [i for i in chunk_ids if self._chunks.is_dirty(i)]
+        if not dirty:
             return
-        blob = await self._chunks.sealed_blob(chunk_id)
-        await self._remote.put_chunk(chunk_id, blob)
-        await self._chunks.mark_uploaded([chunk_id])
-        self._stats.uploaded_chunks += 1
+        blobs = await self._chunks.sealed_blobs(dirty)
+        if len(dirty) == 1:
+            await self._remote.put_chunk(dirty[0], blobs[0])
+        else:
+            await self._remote.put_chunks(list(zip(dirty, blobs, strict=True)))
+        await self._chunks.mark_uploaded(dirty)
+        self._stats.uploaded_chunks += len(dirty)
 
     async def _committer(self) -> None:
         failures = 0
@@ -458,7 +493,8 @@ class Uploader:
             wanted = list(dict.fromkeys(c for e in missing_for for c in e.chunks))
             try:
                 for chunk_id in await self._remote.missing_chunks(wanted):
-                    await self._remote.put_chunk(chunk_id, await self._chunks.sealed_blob(chunk_id))
+                    (blob,) = await self._chunks.sealed_blobs([chunk_id])
+                    await self._remote.put_chunk(chunk_id, blob)
             except MegafsError as exc:
                 self._record_failure(exc)
         for entry, exc in refused:

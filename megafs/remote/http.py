@@ -62,6 +62,7 @@ from megafs.remote.responses import (
     parse_session,
     parse_sessions,
     parse_size,
+    parse_sizes,
     parse_totp_secret,
     parse_version,
     printable,
@@ -81,6 +82,8 @@ from megafs.wire import (
     CHANGES_PAGE_MAX,
     CHANGES_WAIT_MAX,
     MAX_BATCH_OPS,
+    MAX_CHUNK_BATCH_BYTES,
+    MAX_CHUNK_BATCH_ITEMS,
     MAX_CHUNK_BYTES,
     MAX_CONTENT_BYTES,
     MAX_JSON_BYTES,
@@ -479,6 +482,23 @@ class RemoteClient:
         if len(data) > MAX_CHUNK_BYTES:
             raise TooLarge(f"a chunk may have at most {MAX_CHUNK_BYTES} bytes")
         parse_size(await self._json("PUT", f"/chunks/{_chunk_hex(chunk_id)}", raw=data))
+
+    async def put_chunks(self, chunks: Sequence[tuple[bytes, bytes]]) -> None:
+        """Store several ``(chunk id, bytes)`` in one request, each as
+        ``put_chunk`` would: small files' chunks, without a request each."""
+        if not 1 <= len(chunks) <= MAX_CHUNK_BATCH_ITEMS:
+            raise InvalidRequest(f"a chunk batch holds 1..{MAX_CHUNK_BATCH_ITEMS} chunks")
+        parts: list[bytes] = []
+        for chunk_id, data in chunks:
+            if not 1 <= len(data) <= MAX_CHUNK_BYTES:
+                raise TooLarge(f"a chunk has 1..{MAX_CHUNK_BYTES} bytes")
+            _chunk_hex(chunk_id)  # checks the id
+            parts += (chunk_id, len(data).to_bytes(4, "big"), data)
+        body = b"".join(parts)
+        if len(body) > MAX_CHUNK_BATCH_BYTES:
+            raise TooLarge(f"a chunk batch has at most {MAX_CHUNK_BATCH_BYTES} bytes")
+        answer = await self._json("POST", "/chunks/batch", raw=body)
+        parse_sizes(answer, [len(data) for _, data in chunks])
 
     async def get_chunk(self, chunk_id: bytes) -> bytes:
         return await self._call("GET", f"/chunks/{_chunk_hex(chunk_id)}", cap=MAX_CHUNK_BYTES)

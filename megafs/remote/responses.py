@@ -51,6 +51,7 @@ __all__ = [
     "parse_session",
     "parse_sessions",
     "parse_size",
+    "parse_sizes",
     "parse_totp_secret",
     "parse_version",
     "printable",
@@ -362,6 +363,12 @@ def printable(text: str) -> str:
 
 def parse_size(value: Any) -> int:
     return _Fields(value, "chunk").integer("size")
+
+
+def parse_sizes(value: Any, sent: list[int]) -> None:
+    """A chunk batch's answer: the size of every chunk sent, in order."""
+    if _Fields(value, "chunks").items("sizes") != sent:
+        raise _bad("chunks.sizes", "are not the sizes of the chunks sent")
 
 
 def parse_missing(value: Any, asked: set[str]) -> set[bytes]:

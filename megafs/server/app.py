@@ -57,6 +57,7 @@ from megafs.wire import (
     INLINE_CONTENT_MAX,
     LIST_PAGE_MAX,
     MAX_BATCH_OPS,
+    MAX_CHUNK_BATCH_BYTES,
     MAX_CHUNK_BYTES,
     MAX_CONTENT_BYTES,
     MAX_JSON_BYTES,
@@ -123,8 +124,9 @@ def create_app(
             f"{p}/nodes/{{id}}/children": {"GET": api.list_children},
             f"{p}/changes": {"GET": api.changes},
             f"{p}/changes/cursor": {"GET": api.change_cursor},
-            # Before chunks/{id}, which would take "missing" for a (bad) chunk id.
+            # Before chunks/{id}, which would take these names for (bad) chunk ids.
             f"{p}/chunks/missing": {"POST": api.missing_chunks},
+            f"{p}/chunks/batch": {"POST": api.put_chunks},
             f"{p}/chunks/{{id}}": {"PUT": api.put_chunk, "GET": api.get_chunk},
             "/openapi.json": {"GET": api.openapi},
         }.items()
@@ -428,6 +430,31 @@ class _Api:
         data = await v.read_body(request, MAX_CHUNK_BYTES)
         if not data:
             raise InvalidRequest("a chunk cannot be empty")
+        await self._store_chunk(account_id, chunk_id, data)
+        return JSONResponse({"size": len(data)}, status_code=201)
+
+    async def put_chunks(self, request: Request) -> Response:
+        account_id = await self._account_id(request)
+        chunks = v.chunk_batch(await v.read_body(request, MAX_CHUNK_BATCH_BYTES))
+        refused: list[MegafsError] = []
+
+        async def store(chunk_id: str, data: bytes) -> None:
+            try:
+                await self._store_chunk(account_id, chunk_id, data)
+            except MegafsError as exc:
+                refused.append(exc)
+
+        # All at once: the stores' group commits take them together.
+        async with trio.open_nursery() as nursery:
+            for chunk_id, data in chunks:
+                nursery.start_soon(store, chunk_id, data)
+        if refused:
+            raise refused[0]
+        return JSONResponse({"sizes": [len(data) for _, data in chunks]}, status_code=201)
+
+    async def _store_chunk(self, account_id: int, chunk_id: str, data: bytes) -> None:
+        """Store a chunk and record it (idempotent: an id stored already
+        keeps its first bytes and is only refreshed)."""
         async with self._chunks.locked(account_id, chunk_id):
             stored = await self._meta.has_chunk(account_id, chunk_id) and await self._chunks.exists(
                 account_id, chunk_id
@@ -440,7 +467,6 @@ class _Api:
                 # Not recorded (quota): the bytes must not stay behind unaccounted.
                 await self._chunks.delete(account_id, chunk_id)
                 raise
-        return JSONResponse({"size": len(data)}, status_code=201)
 
     async def get_chunk(self, request: Request) -> Response:
         account_id = await self._account_id(request)

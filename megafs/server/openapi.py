@@ -33,10 +33,13 @@ from megafs.wire import (
     API_PREFIX,
     CHANGES_PAGE_MAX,
     CHANGES_WAIT_MAX,
+    CHUNK_BATCH_HEADER,
     CHUNK_ID_RE,
     INLINE_CONTENT_MAX,
     LIST_PAGE_MAX,
     MAX_BATCH_OPS,
+    MAX_CHUNK_BATCH_BYTES,
+    MAX_CHUNK_BATCH_ITEMS,
     MAX_CHUNK_BYTES,
     MAX_CONTENT_BYTES,
     MAX_JSON_BYTES,
@@ -745,6 +748,34 @@ def openapi_document() -> dict[str, Any]:
             },
         },
     )
+    put_chunks = _op(
+        "putChunks",
+        "store several chunks, each as putChunk would (idempotent)",
+        {
+            201: {
+                "description": "stored: each chunk's size, in order",
+                **_json(_object({"sizes": {"type": "array", "items": _int(1, MAX_CHUNK_BYTES)}})),
+            }
+        },
+        errors=(400, 413, 507),
+        body={
+            "required": True,
+            "description": (
+                f"1..{MAX_CHUNK_BATCH_ITEMS} chunks, each its id (32 bytes), its size "
+                f"(u32, big-endian, 1..{MAX_CHUNK_BYTES}) and its bytes"
+            ),
+            "content": {
+                "application/octet-stream": {
+                    "schema": {
+                        "type": "string",
+                        "format": "binary",
+                        "minLength": CHUNK_BATCH_HEADER + 1,
+                        "maxLength": MAX_CHUNK_BATCH_BYTES,
+                    }
+                }
+            },
+        },
+    )
     get_chunk = _op(
         "getChunk",
         "a chunk's bytes",
@@ -782,6 +813,7 @@ def openapi_document() -> dict[str, Any]:
         f"{p}/changes": {"get": changes},
         f"{p}/changes/cursor": {"get": change_cursor},
         f"{p}/chunks/missing": {"post": missing},
+        f"{p}/chunks/batch": {"post": put_chunks},
         f"{p}/chunks/{{id}}": {"put": put_chunk, "get": get_chunk},
     }
     return {

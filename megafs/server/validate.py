@@ -20,7 +20,15 @@ import trio
 from starlette.requests import ClientDisconnect, Request
 
 from megafs.errors import InvalidRequest, TooLarge
-from megafs.wire import CHUNK_ID_RE, MAX_JSON_BYTES, NODE_ID_RE, b64d
+from megafs.wire import (
+    CHUNK_BATCH_HEADER,
+    CHUNK_ID_RE,
+    MAX_CHUNK_BATCH_ITEMS,
+    MAX_CHUNK_BYTES,
+    MAX_JSON_BYTES,
+    NODE_ID_RE,
+    b64d,
+)
 
 __all__ = [
     "CODE_MAX_CHARS",
@@ -33,6 +41,7 @@ __all__ = [
     "TEXT_PATTERN",
     "blob",
     "boolean",
+    "chunk_batch",
     "chunk_id",
     "email",
     "exact_fields",
@@ -135,6 +144,35 @@ def chunk_id(value: Any, what: str) -> str:
     if not isinstance(value, str) or not CHUNK_ID_RE.fullmatch(value):
         raise InvalidRequest(f"{what} must be a chunk id (64 lowercase hex digits)")
     return value
+
+
+def chunk_batch(body: bytes) -> list[tuple[str, bytes]]:
+    """A ``POST /chunks/batch`` body as (chunk id, bytes) pairs, in order:
+    1..``MAX_CHUNK_BATCH_ITEMS`` chunks, each a 32-byte id, a big-endian
+    u32 size of 1..``MAX_CHUNK_BYTES`` and that many bytes, with nothing
+    after the last."""
+    chunks: list[tuple[str, bytes]] = []
+    view = memoryview(body)
+    offset = 0
+    while offset < len(body):
+        what = f"chunk {len(chunks)} of the batch"
+        if len(chunks) == MAX_CHUNK_BATCH_ITEMS:
+            raise InvalidRequest(f"a batch holds at most {MAX_CHUNK_BATCH_ITEMS} chunks")
+        start = offset + CHUNK_BATCH_HEADER
+        if start > len(body):
+            raise InvalidRequest(f"{what} is cut short in its header")
+        size = int.from_bytes(view[start - 4 : start], "big")
+        if not 1 <= size <= MAX_CHUNK_BYTES:
+            raise InvalidRequest(f"{what} must have 1..{MAX_CHUNK_BYTES} bytes, not {size}")
+        offset = start + size
+        if offset > len(body):
+            raise InvalidRequest(f"{what} is cut short")
+        chunks.append(
+            (view[start - CHUNK_BATCH_HEADER : start - 4].hex(), bytes(view[start:offset]))
+        )
+    if not chunks:
+        raise InvalidRequest("a batch holds at least one chunk")
+    return chunks
 
 
 def blob(value: Any, what: str, *, max_bytes: int, min_bytes: int = 0) -> bytes:

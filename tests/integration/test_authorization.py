@@ -151,6 +151,7 @@ def _bodies(alice: Alice) -> dict[str, Any]:
         },
         "missingChunks": {"ids": [alice.chunk.hex()]},
         "putChunk": b"bob's bytes",
+        "putChunks": alice.chunk + len(b"bob's bytes").to_bytes(4, "big") + b"bob's bytes",
     }
 
 
@@ -188,6 +189,7 @@ OTHER_ACCOUNT = {
     "changeCursor": {200},  # bob's own feed
     "missingChunks": {200},
     "putChunk": {201},
+    "putChunks": {201},  # into bob's own account
     "getChunk": {404},
 }
 

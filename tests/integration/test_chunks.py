@@ -1,14 +1,23 @@
-"""Chunks: upload, download, the missing-probe."""
+"""Chunks: upload (one or a batch), download, the missing-probe."""
 
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
+import httpx
 import pytest
 
-from megafs.errors import InvalidRequest, NotFound, TooLarge
-from megafs.wire import MAX_CHUNK_BYTES, MAX_MISSING_IDS
-from tests.integration.users import User
+from megafs.errors import InvalidRequest, NotFound, QuotaExceeded, TooLarge
+from megafs.wire import (
+    CHUNK_BATCH_HEADER,
+    MAX_CHUNK_BATCH_BYTES,
+    MAX_CHUNK_BATCH_ITEMS,
+    MAX_CHUNK_BYTES,
+    MAX_MISSING_IDS,
+)
+from tests.helpers.server import running_server
+from tests.integration.users import User, new_user
 
 
 async def test_put_get_and_missing(alice: User) -> None:
@@ -36,3 +45,99 @@ async def test_missing_probe_is_batched(alice: User) -> None:
 async def test_client_refuses_oversized_chunk(alice: User) -> None:
     with pytest.raises(TooLarge):
         await alice.client.put_chunk(os.urandom(32), bytes(MAX_CHUNK_BYTES + 1))
+
+
+def _frame(chunk_id: bytes, data: bytes, size: int | None = None) -> bytes:
+    return chunk_id + (len(data) if size is None else size).to_bytes(4, "big") + data
+
+
+async def test_a_batch_stores_each_chunk_as_a_put_would(alice: User) -> None:
+    a, b, c = os.urandom(32), os.urandom(32), os.urandom(32)
+    big = os.urandom(MAX_CHUNK_BYTES)
+    used = (await alice.client.account()).used
+    await alice.client.put_chunk(c, b"stored before")
+    await alice.client.put_chunks([(a, b"first"), (b, big), (a, b"first"), (c, b"other bytes")])
+    assert await alice.client.get_chunk(a) == b"first"
+    assert await alice.client.get_chunk(b) == big
+    assert await alice.client.get_chunk(c) == b"stored before"  # the first bytes stay
+    assert await alice.client.missing_chunks([a, b, c]) == set()
+    # Each stored chunk counts once.
+    assert (await alice.client.account()).used == used + 5 + len(big) + len(b"stored before")
+
+
+async def test_the_client_refuses_a_batch_the_server_would(alice: User) -> None:
+    with pytest.raises(InvalidRequest):
+        await alice.client.put_chunks([])
+    with pytest.raises(InvalidRequest):
+        await alice.client.put_chunks([(os.urandom(32), b"x")] * (MAX_CHUNK_BATCH_ITEMS + 1))
+    with pytest.raises(TooLarge):
+        await alice.client.put_chunks([(os.urandom(32), b"")])
+    with pytest.raises(TooLarge):
+        await alice.client.put_chunks([(os.urandom(32), bytes(MAX_CHUNK_BYTES))] * 4)
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        b"\x07" * (CHUNK_BATCH_HEADER - 1),
+        _frame(bytes(32), b"x") + bytes(5),
+        _frame(bytes(32), b"xyz", size=4),
+        _frame(bytes(32), b"", size=0),
+        _frame(bytes(32), b"", size=MAX_CHUNK_BYTES + 1),
+        _frame(bytes(32), b"x") * MAX_CHUNK_BATCH_ITEMS,  # one more than a batch holds
+    ],
+    ids=[
+        "header cut short",
+        "bytes after",
+        "bytes cut short",
+        "empty chunk",
+        "chunk too large",
+        "too many chunks",
+    ],
+)
+async def test_a_malformed_batch_stores_nothing(
+    alice: User, raw: httpx.AsyncClient, body: bytes
+) -> None:
+    """Nothing of it is stored, not even its well-formed first chunk."""
+    good = os.urandom(32)
+    answer = await raw.post(
+        "/chunks/batch",
+        content=_frame(good, b"fine") + body,
+        headers={"Authorization": f"Bearer {alice.client.token}"},
+    )
+    assert answer.status_code == 400, answer.text
+    assert answer.json()["error"] == "invalid_request"
+    assert await alice.client.missing_chunks([good]) == {good}
+
+
+async def test_an_empty_batch_is_refused(alice: User, raw: httpx.AsyncClient) -> None:
+    answer = await raw.post(
+        "/chunks/batch", content=b"", headers={"Authorization": f"Bearer {alice.client.token}"}
+    )
+    assert answer.status_code == 400, answer.text
+    assert answer.json()["error"] == "invalid_request"
+
+
+async def test_an_oversized_batch_is_refused(alice: User, raw: httpx.AsyncClient) -> None:
+    body = _frame(os.urandom(32), bytes(MAX_CHUNK_BYTES)) * 5
+    assert len(body) > MAX_CHUNK_BATCH_BYTES
+    answer = await raw.post(
+        "/chunks/batch", content=body, headers={"Authorization": f"Bearer {alice.client.token}"}
+    )
+    assert answer.status_code == 413, answer.text
+    assert answer.json()["error"] == "too_large"
+
+
+async def test_a_batch_counts_against_the_quota(tmp_path: Path) -> None:
+    with running_server(tmp_path / "data", quota=10_000) as server:
+        user = await new_user(server.url)
+        async with user.client as client:
+            used = (await client.account()).used
+            a, b = os.urandom(32), os.urandom(32)
+            with pytest.raises(QuotaExceeded):
+                await client.put_chunks([(a, bytes(6000)), (b, bytes(6000))])
+            # Whichever came first is stored and counted; the other is not.
+            (stored,) = {a, b} - await client.missing_chunks([a, b])
+            assert (await client.account()).used == used + 6000
+            await client.put_chunks([(stored, bytes(6000))])  # stored again: counted once
+            assert (await client.account()).used == used + 6000

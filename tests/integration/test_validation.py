@@ -225,6 +225,7 @@ async def test_openapi_describes_every_route(server: ServerProcess) -> None:
         ("GET", f"{p}/changes"),
         ("GET", f"{p}/changes/cursor"),
         ("POST", f"{p}/chunks/missing"),
+        ("POST", f"{p}/chunks/batch"),
         ("PUT", f"{p}/chunks/{{id}}"),
         ("GET", f"{p}/chunks/{{id}}"),
         ("POST", f"{p}/2fa/setup"),

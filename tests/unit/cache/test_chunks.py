@@ -66,7 +66,7 @@ async def test_one_content_stored_twice_at_once_is_written_once(cache: HeldWrite
     (secret, chunk_id, new), again = results
     assert again == (secret, chunk_id, True)  # still waiting for upload
     assert new
-    assert open_chunk(KEYS, secret, await cache.sealed_blob(chunk_id)) == data
+    assert open_chunk(KEYS, secret, (await cache.sealed_blobs([chunk_id]))[0]) == data
 
 
 async def test_a_write_cut_short_by_a_crash_is_removed_at_load(
