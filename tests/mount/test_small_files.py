@@ -5,11 +5,13 @@ Files that grow past the threshold become chunked, and shrink back."""
 from __future__ import annotations
 
 import os
+import threading
 from pathlib import Path
 
 from megafs.cache.content import INLINE_THRESHOLD
 from megafs.crypto import CHUNK_SIZE
 from tests.helpers.drive import Drive
+from tests.helpers.proxy import Forward, ProxyRequest, ProxyResponse, running_proxy
 from tests.helpers.server import ServerProcess
 
 SIZES = [1, 100, INLINE_THRESHOLD - 1, INLINE_THRESHOLD, INLINE_THRESHOLD + 1, CHUNK_SIZE + 7]
@@ -80,3 +82,42 @@ def test_a_file_crosses_the_threshold_both_ways(drive: Drive, tmp_path: Path) ->
     drive.mount()
     assert path.read_bytes() == expect
     assert os.stat(path).st_mode & 0o777 == 0o600
+
+
+def test_small_chunks_waiting_to_upload_go_many_to_a_request(
+    tmp_path: Path, server: ServerProcess
+) -> None:
+    """Files too large to travel inline but small (a source tree's) are
+    uploaded many to a request when they wait: while the server holds the
+    first uploads, 120 files are saved; then it answers, and the rest go
+    in a few batches. What lands is exact, read back from an empty cache."""
+    files = {f"src/f{i:03}.c": os.urandom(INLINE_THRESHOLD + 100 * i) for i in range(120)}
+    with running_proxy(server.url) as proxy:
+        drive = Drive(tmp_path / "alice", proxy.url)
+        drive.signup()
+        try:
+            drive.mount()
+            release = threading.Event()
+
+            def held(request: ProxyRequest, forward: Forward) -> ProxyResponse:
+                release.wait(60)
+                return forward()
+
+            proxy.on(held, method="PUT", path=r"/v1/chunks/[0-9a-f]{64}")
+            proxy.on(held, method="POST", path=r"/v1/chunks/batch")
+            (drive.mnt / "src").mkdir()
+            for name, data in files.items():
+                (drive.mnt / name).write_bytes(data)
+            release.set()
+            drive.umount()  # returns once everything is on the server
+            singles = proxy.find("PUT", r"/v1/chunks/[0-9a-f]{64}")
+            batches = proxy.find("POST", r"/v1/chunks/batch")
+            assert all(r.status == 201 for r in singles + batches)
+            # Two uploads were held (one per small-chunk task), the rest waited.
+            assert batches and len(singles) + len(batches) <= 10, (len(singles), len(batches))
+            drive.drop_cache()
+            drive.mount()
+            for name, data in files.items():
+                assert (drive.mnt / name).read_bytes() == data, name
+        finally:
+            drive.cleanup()
