@@ -249,6 +249,16 @@ def _json(schema: dict[str, Any]) -> dict[str, Any]:
     return {"content": {"application/json": {"schema": schema}}}
 
 
+def _binary_body(description: str, min_bytes: int, max_bytes: int) -> dict[str, Any]:
+    """A raw request body of ``min_bytes..max_bytes`` bytes."""
+    schema = {"type": "string", "format": "binary", "minLength": min_bytes, "maxLength": max_bytes}
+    return {
+        "required": True,
+        "description": description,
+        "content": {"application/octet-stream": {"schema": schema}},
+    }
+
+
 def _body(schema: dict[str, Any], limit: int = MAX_JSON_BYTES) -> dict[str, Any]:
     return {"required": True, "description": f"at most {limit} bytes", **_json(schema)}
 
@@ -733,20 +743,7 @@ def openapi_document() -> dict[str, Any]:
         },
         errors=(400, 413, 507),
         parameters=chunk_id,
-        body={
-            "required": True,
-            "description": f"1..{MAX_CHUNK_BYTES} bytes",
-            "content": {
-                "application/octet-stream": {
-                    "schema": {
-                        "type": "string",
-                        "format": "binary",
-                        "minLength": 1,
-                        "maxLength": MAX_CHUNK_BYTES,
-                    }
-                }
-            },
-        },
+        body=_binary_body(f"1..{MAX_CHUNK_BYTES} bytes", 1, MAX_CHUNK_BYTES),
     )
     put_chunks = _op(
         "putChunks",
@@ -758,23 +755,12 @@ def openapi_document() -> dict[str, Any]:
             }
         },
         errors=(400, 413, 507),
-        body={
-            "required": True,
-            "description": (
-                f"1..{MAX_CHUNK_BATCH_ITEMS} chunks, each its id (32 bytes), its size "
-                f"(u32, big-endian, 1..{MAX_CHUNK_BYTES}) and its bytes"
-            ),
-            "content": {
-                "application/octet-stream": {
-                    "schema": {
-                        "type": "string",
-                        "format": "binary",
-                        "minLength": CHUNK_BATCH_HEADER + 1,
-                        "maxLength": MAX_CHUNK_BATCH_BYTES,
-                    }
-                }
-            },
-        },
+        body=_binary_body(
+            f"1..{MAX_CHUNK_BATCH_ITEMS} chunks, each its id (32 bytes), its size "
+            f"(u32, big-endian, 1..{MAX_CHUNK_BYTES}) and its bytes",
+            CHUNK_BATCH_HEADER + 1,
+            MAX_CHUNK_BATCH_BYTES,
+        ),
     )
     get_chunk = _op(
         "getChunk",
