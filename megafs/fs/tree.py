@@ -410,6 +410,10 @@ class Tree:
             links.children = Children()
             self._links_dir = links
             await self.commit(links)
+        else:
+            # Listed (in the root) but maybe not loaded yet: a mount's first
+            # hard link in a folder without any.
+            await self.children(self._links_dir)
         return self._links_dir
 
     # -- hard links -----------------------------------------------------------------

@@ -67,6 +67,30 @@ def test_hard_links(drive: Drive) -> None:
     drive.umount()
 
 
+def test_the_first_hard_link_after_a_remount(drive: Drive) -> None:
+    """The links folder exists from an earlier mount but nothing has loaded
+    it yet (no folder listed here holds a further name): a new link still
+    works, as git's link-then-unlink of every object it writes needs."""
+    drive.mount()
+    m = drive.mnt
+    (m / "docs").mkdir()
+    (m / "docs" / "a").write_bytes(b"first")
+    os.link(m / "docs" / "a", m / "docs" / "b")
+    drive.umount()
+    drive.mount()
+    (m / "objects").mkdir()
+    (m / "objects" / "tmp").write_bytes(b"object")
+    os.link(m / "objects" / "tmp", m / "objects" / "final")
+    os.unlink(m / "objects" / "tmp")
+    assert (m / "objects" / "final").read_bytes() == b"object"
+    assert os.stat(m / "objects" / "final").st_nlink == 1
+    remount_cold(drive)
+    assert os.listdir(m / "objects") == ["final"]
+    assert (m / "objects" / "final").read_bytes() == b"object"
+    assert os.stat(m / "docs" / "a").st_ino == os.stat(m / "docs" / "b").st_ino
+    drive.umount()
+
+
 def test_symlinks_special_files_and_xattrs(drive: Drive) -> None:
     drive.mount()
     m = drive.mnt
