@@ -484,6 +484,15 @@ class LocalState:
 
         await self._run(q)
 
+    async def forget_entry(self, node_id: bytes, seq: int) -> None:
+        """Drop the journal entry of a node that never reached the server
+        (made and removed before it was sent: a temporary file, the name
+        git links an object under and then unlinks). Through the log, as
+        put_entry: the request does not wait for the database."""
+        self._raced.pop(node_id, None)
+        self._raced_folders.discard(node_id)
+        await self._append(_FORGET, (node_id, seq))
+
     async def entries_dropped(self, dropped: list[tuple[bytes, int, int]]) -> None:
         """These ``(node_id, seq, server_version)`` will never land: a change
         of a node never sent (the node is gone), or one that lost to another
@@ -576,8 +585,9 @@ _SAVE_SEEN = (
 )
 
 #: Kinds of log records (cache/statelog.py): a journal entry's row followed
-#: by the revision seen (or None), and a chunk's row.
-_ENTRY, _CHUNK = b"J", b"C"
+#: by the revision seen (or None), a chunk's row, and a journal entry
+#: forgotten (node id, seq).
+_ENTRY, _CHUNK, _FORGET = b"J", b"C", b"F"
 #: A put (or a chunk) waits for a fold once the log holds this many records:
 #: folds otherwise come with the next database call, which the uploader
 #: makes soon, but not while the server is unreachable.
@@ -599,6 +609,8 @@ def _apply(db: sqlite3.Connection, records: list[Record], number: int) -> None:
             db.execute(_PUT_ENTRY, values[:-1])
         elif kind == _CHUNK:
             db.execute(_ADD_CHUNK, values)
+        elif kind == _FORGET:
+            db.execute("DELETE FROM journal WHERE node_id = ? AND seq = ?", values)
         else:
             raise RuntimeError(f"cache log record of unknown kind {kind!r}")
     db.execute("INSERT OR REPLACE INTO meta VALUES ('log_folded', ?)", (str(number).encode(),))

@@ -202,7 +202,7 @@ class Uploader:
             # Never reached the server: forget it instead of deleting.
             if old is not None:
                 del self._entries[node_id]
-                await self._state.entries_dropped([(node_id, old.seq, 0)])
+                await self._state.forget_entry(node_id, old.seq)
             self._versions.pop(node_id, None)
             self._done_seq[node_id] = self._seq
             self._notify()

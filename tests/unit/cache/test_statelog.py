@@ -1,6 +1,6 @@
-"""The local state's log (cache/statelog.py): a journal entry or a chunk is
-kept by a crash of the daemon as soon as the call returns, before any
-database transaction; a log outliving its fold is not applied twice; a torn
+"""The local state's log (cache/statelog.py): a journal entry, its
+forgetting or a chunk is kept by a crash of the daemon as soon as the call
+returns, before any database transaction; a log outliving its fold is not applied twice; a torn
 or failed write loses only itself."""
 
 from __future__ import annotations
@@ -74,6 +74,32 @@ async def test_a_crash_keeps_every_write_once_the_call_returned(tmp_path: Path) 
     finally:
         await again.aclose()
     assert _logs(image.parent) == []
+
+
+async def test_a_forgotten_entry_stays_forgotten_across_a_crash(tmp_path: Path) -> None:
+    """A node made and removed before it was sent (git's temporary name of
+    an object): its entry is forgotten through the log, in order with the
+    writes around it, whether the log was folded or a crash left it."""
+    cache = tmp_path / "cache"
+    state = await LocalState.open(cache / "state.sqlite3")
+    try:
+        await state.put_entry(_entry(A, 1))
+        await state.load_journal()  # folded: the entry is in the database
+        await state.forget_entry(A, 1)
+        await state.put_entry(_entry(B, 2))
+        await state.forget_entry(B, 2)  # put and forgotten within one log
+        await state.put_entry(kept := _entry(B, 3))
+        await state.forget_entry(B, 2)  # an older seq: the newer entry stays
+        image = _crash_image(cache, tmp_path / "crashed")
+        assert [e.seq for e in await state.load_journal()] == [3]
+    finally:
+        await state.aclose()
+    again = await LocalState.open(image)
+    try:
+        (entry,) = await again.load_journal()
+        assert (entry.node_id, entry.seq, entry.commit_id) == (B, 3, kept.commit_id)
+    finally:
+        await again.aclose()
 
 
 async def test_a_log_left_behind_after_its_fold_is_not_applied_again(tmp_path: Path) -> None:
