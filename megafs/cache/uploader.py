@@ -195,10 +195,16 @@ class Uploader:
         seen (rollback detection) in the same local transaction."""
         return await self._journal(node_id, "put", parent, meta, content, chunks, durable, rev)
 
-    async def delete(self, node_id: bytes, *, durable: bool = False) -> int:
+    def unsent(self, node_id: bytes) -> bool:
+        """The node has never reached the server (nor may have: no request
+        with it is on its way or unanswered), so removing it sends nothing."""
         old = self._entries.get(node_id)
         base = old.base_version if old else self._versions.get(node_id, 0)
-        if base == 0 and node_id not in self._inflight and node_id not in self._maybe_created:
+        return base == 0 and node_id not in self._inflight and node_id not in self._maybe_created
+
+    async def delete(self, node_id: bytes, *, durable: bool = False) -> int:
+        old = self._entries.get(node_id)
+        if self.unsent(node_id):
             # Never reached the server: forget it instead of deleting.
             if old is not None:
                 del self._entries[node_id]

@@ -479,9 +479,41 @@ class Tree:
         inode.record = inode.record.evolve(nlink=max(nlink, 1), ctime_ns=time.time_ns())
         if nlink <= 0:
             await self.delete(inode)
+        elif nlink == 1 and (last := self._unsent_name(folder, inode)) is not None:
+            await self._unlink_last_name(folder, *last, inode)
         else:
             await self.commit(inode)
         return inode
+
+    def _unsent_name(self, folder: Inode, inode: Inode) -> tuple[bytes, LinkName] | None:
+        """The node's further name in ``folder`` if that name has never
+        reached the server (looked for in this folder only, where git makes
+        an object's temporary and final names)."""
+        for name, link in folder.links.items():
+            if link.record.target == inode.id and self._uploader.unsent(link.id):
+                return name, link
+        return None
+
+    async def _unlink_last_name(
+        self, folder: Inode, name: bytes, link: LinkName, inode: Inode
+    ) -> None:
+        """A node down to one name, a LINK no other device has seen, becomes
+        an ordinary node under that name again: out of the links folder,
+        the LINK forgotten. git links each object it writes from a temporary
+        name and unlinks that; without this every object would stay a
+        hard-linked node and a LINK, two nodes on the server, and listing
+        its folder would load the whole links folder."""
+        del folder.links[name]
+        links = self._links_dir
+        if links is not None and links.children is not None:
+            links.children.pop(inode.record.name, None)
+        inode.parent = folder
+        inode.record = inode.record.evolve(name=name, nlink=1)
+        # The node first: a crash between the two leaves it under its name
+        # and a LINK naming no linked node (hidden), never a node no name
+        # shows. Sent meanwhile, the LINK is deleted like any other.
+        await self.commit(inode)
+        await self._uploader.delete(link.id)
 
     async def move(self, folder: Inode, name: bytes, new_folder: Inode, new_name: bytes) -> None:
         """Move one name (the target name must be free)."""

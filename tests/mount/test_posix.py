@@ -3,15 +3,18 @@ remount with an empty cache (so everything came back from the server)."""
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import errno
 import os
+import sqlite3
 import stat
 
 import pytest
 
 from megafs.crypto import CHUNK_SIZE
 from tests.helpers.drive import Drive
+from tests.helpers.server import ServerProcess
 
 pytestmark = pytest.mark.mount
 
@@ -88,6 +91,46 @@ def test_the_first_hard_link_after_a_remount(drive: Drive) -> None:
     assert os.listdir(m / "objects") == ["final"]
     assert (m / "objects" / "final").read_bytes() == b"object"
     assert os.stat(m / "docs" / "a").st_ino == os.stat(m / "docs" / "b").st_ino
+    drive.umount()
+
+
+def _server_nodes(server: ServerProcess) -> int:
+    with contextlib.closing(sqlite3.connect(server.data_dir / "meta.sqlite3")) as db:
+        return db.execute("SELECT count(*) FROM nodes").fetchone()[0]
+
+
+def test_a_name_linked_and_unlinked_before_upload_leaves_an_ordinary_file(
+    drive: Drive, server: ServerProcess
+) -> None:
+    """git writes each object under a temporary name, links it to its final
+    name and unlinks the temporary one. Neither name has reached the server
+    when the second goes, so the node becomes an ordinary file again: one
+    node on the server, not a hard-linked node and a LINK."""
+    drive.mount()
+    m = drive.mnt
+    (m / "kept").write_bytes(b"a real hard link")
+    os.link(m / "kept", m / "kept too")  # the links folder exists, with a node in it
+    (m / "objects").mkdir()
+    objects = {f"obj_{i}": os.urandom(100 * i + 1) for i in range(20)}
+    for name, data in objects.items():
+        tmp = m / "objects" / f"tmp_{name}"
+        tmp.write_bytes(data)
+        os.link(tmp, m / "objects" / name)
+        os.unlink(tmp)
+        assert os.stat(m / "objects" / name).st_nlink == 1
+    os.rename(m / "objects" / "obj_0", m / "objects" / "renamed")
+    objects["renamed"] = objects.pop("obj_0")
+    drive.umount()
+    # root, links folder, its node and the node's two LINKs, "objects", the objects
+    assert _server_nodes(server) == 6 + len(objects)
+    drive.drop_cache()
+    drive.mount()
+    assert sorted(os.listdir(m / "objects")) == sorted(objects)
+    for name, data in objects.items():
+        assert (m / "objects" / name).read_bytes() == data
+        assert os.stat(m / "objects" / name).st_nlink == 1
+    assert os.stat(m / "kept").st_ino == os.stat(m / "kept too").st_ino
+    assert os.stat(m / "kept").st_nlink == 2
     drive.umount()
 
 
