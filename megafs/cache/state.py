@@ -626,13 +626,20 @@ def journal_left(path: Path) -> int:
     and its logs, for a daemon that has exited (read only)."""
     db = sqlite3.connect(f"{path.as_uri()}?mode=ro", uri=True)
     try:
-        nodes = {bytes(r[0]) for r in db.execute("SELECT node_id FROM journal")}
+        seqs = {bytes(n): s for n, s in db.execute("SELECT node_id, seq FROM journal")}
         folded = _log_folded(db)
     finally:
         db.close()
     for _, records in leftover_logs(path, folded):
-        nodes.update(bytes(v[0]) for k, v in records if k == _ENTRY and isinstance(v[0], bytes))
-    return len(nodes)
+        for kind, values in records:
+            node_id, seq = values[0], values[1]
+            if not isinstance(node_id, bytes):
+                continue
+            if kind == _ENTRY:
+                seqs[node_id] = seq
+            elif kind == _FORGET and seqs.get(node_id) == seq:
+                del seqs[node_id]
+    return len(seqs)
 
 
 def _entry_from_row(row: tuple[Any, ...]) -> JournalEntry:

@@ -91,6 +91,7 @@ async def test_a_forgotten_entry_stays_forgotten_across_a_crash(tmp_path: Path) 
         await state.put_entry(kept := _entry(B, 3))
         await state.forget_entry(B, 2)  # an older seq: the newer entry stays
         image = _crash_image(cache, tmp_path / "crashed")
+        assert journal_left(image) == 1  # what `megafs umount` reports of a dead daemon
         assert [e.seq for e in await state.load_journal()] == [3]
     finally:
         await state.aclose()
