@@ -15,6 +15,7 @@ import pytest
 from megafs.crypto import CHUNK_SIZE
 from tests.helpers.drive import Drive
 from tests.helpers.server import ServerProcess
+from tests.mount.test_crash import kill_daemon
 
 pytestmark = pytest.mark.mount
 
@@ -91,6 +92,33 @@ def test_the_first_hard_link_after_a_remount(drive: Drive) -> None:
     assert os.listdir(m / "objects") == ["final"]
     assert (m / "objects" / "final").read_bytes() == b"object"
     assert os.stat(m / "docs" / "a").st_ino == os.stat(m / "docs" / "b").st_ino
+    drive.umount()
+
+
+def test_attributes_set_on_an_open_file_are_saved_with_it(drive: Drive) -> None:
+    """tar's order: write, set the times and mode through the open file,
+    close. The attributes are kept in memory until the close, which
+    journals them with the content; an open file that was only chmod'ed is
+    journaled at its close too. A crash right after the closes loses
+    neither."""
+    drive.mount()
+    m = drive.mnt
+    fd = os.open(m / "extracted", os.O_WRONLY | os.O_CREAT, 0o600)
+    os.write(fd, b"from the archive")
+    os.utime(fd, ns=(1_600_000_000_000_000_000, 1_500_000_000_123_456_789))
+    os.fchmod(fd, 0o640)
+    os.close(fd)
+    (m / "old").write_bytes(b"unchanged bytes")
+    with open(m / "old", "rb") as f:
+        os.chmod(m / "old", 0o604)
+        assert f.read() == b"unchanged bytes"
+    kill_daemon(drive)  # before the periodic flush or an unmount could save them
+    drive.mount()
+    remount_cold(drive)
+    st = os.stat(m / "extracted")
+    assert (stat.S_IMODE(st.st_mode), st.st_mtime_ns) == (0o640, 1_500_000_000_123_456_789)
+    assert (m / "extracted").read_bytes() == b"from the archive"
+    assert stat.S_IMODE(os.stat(m / "old").st_mode) == 0o604
     drive.umount()
 
 
