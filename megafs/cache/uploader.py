@@ -104,6 +104,11 @@ class Uploader:
         self._chunks = chunks
         self._relogin = relogin
         self._entries: dict[bytes, JournalEntry] = {}
+        #: Puts that landed, whose node the local copy of the server's nodes
+        #: does not hold until ``LocalState.entries_committed`` returns: a
+        #: listing from that copy made meanwhile misses them, and the
+        #: journal no longer has them (``pending_children``).
+        self._landing: dict[bytes, JournalEntry] = {}
         #: Server version of every node this mount knows; 0 = not on server.
         self._versions: dict[bytes, int] = {}
         self._inflight: set[bytes] = set()
@@ -163,8 +168,11 @@ class Uploader:
         return self._versions.get(node_id, 0)
 
     def pending_children(self, folder_id: bytes) -> list[JournalEntry]:
-        """Journaled puts that place a node in ``folder_id``."""
-        return [e for e in self._entries.values() if e.op == "put" and e.parent == folder_id]
+        """Puts that place a node in ``folder_id`` and that a listing of it
+        may not show: the journal's, and those landed but not yet in the
+        local copy of the server's nodes."""
+        latest = self._landing | self._entries
+        return [e for e in latest.values() if e.op == "put" and e.parent == folder_id]
 
     # -- producing work -------------------------------------------------------
 
@@ -444,7 +452,12 @@ class Uploader:
             for entry in batch:
                 self._inflight.discard(entry.node_id)
         if done:
-            await self._state.entries_committed(done)
+            try:
+                await self._state.entries_committed(done)
+            finally:
+                for entry in batch:
+                    if self._landing.get(entry.node_id) is entry:
+                        del self._landing[entry.node_id]
             self._stats.committed += len(done)
             self._notify()
         if refused:
@@ -481,6 +494,8 @@ class Uploader:
         latest = self._entries.get(entry.node_id)
         if latest is not None and latest.seq == entry.seq:
             del self._entries[entry.node_id]
+            if entry.op == "put":
+                self._landing[entry.node_id] = entry
         elif latest is not None:
             latest.base_version = version
             latest.sent_commit_id = None

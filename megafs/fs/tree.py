@@ -298,12 +298,18 @@ class Tree:
         return ino
 
     async def _load_children(self, folder: Inode) -> Children:
+        # What the journal placed here before the listing counts too: a
+        # change landing while the listing is on its way is in neither the
+        # listing (made before it landed) nor the journal (after).
+        before = {e.node_id: e for e in self._uploader.pending_children(folder.id)}
         listed = await self._fetch_children(folder.id)
         key = folder.record.key
         found: dict[bytes, tuple[NodeRecord, bytes | None, bool]] = {}
         for node in listed:
             if self._uploader.pending(node.id) is not None:
                 continue  # the journal's state wins, added below
+            if node.id in before and node.version < self._uploader.known_version(node.id):
+                continue  # listed before the journal's state landed: that state
             try:
                 record = open_record(key, node.id, folder.id, node.meta)
             except IntegrityError:
@@ -321,7 +327,13 @@ class Tree:
             found[node.id] = (record, node.content, stale)
         for node_id in await self._check_revisions({i: r for i, (r, _, _) in found.items()}):
             del found[node_id]
-        for entry in self._uploader.pending_children(folder.id):
+        entries = {
+            node_id: entry
+            for node_id, entry in before.items()
+            if node_id not in found and self._uploader.pending(node_id) is None
+        }
+        entries.update((e.node_id, e) for e in self._uploader.pending_children(folder.id))
+        for entry in entries.values():
             assert entry.meta is not None
             try:
                 record = open_record(key, entry.node_id, folder.id, entry.meta)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 import re
 import sqlite3
+import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -20,7 +21,9 @@ from pathlib import Path
 import pytest
 
 from tests.helpers.drive import Drive
+from tests.helpers.proxy import Error, Forward, ProxyRequest, ProxyResponse, running_proxy
 from tests.helpers.server import ServerProcess
+from tests.mount.test_crash import kill_daemon
 
 pytestmark = pytest.mark.mount
 
@@ -163,4 +166,56 @@ def test_a_damaged_kept_manifest_is_fetched_again(tmp_path: Path, server: Server
         # Each is fetched from the server instead: the right bytes, a log line.
         assert _mount_and_walk(laptop, server, nodes=1 + len(damaged)) == (made, 0)
         assert laptop.daemon_log().count("the kept manifest does not open") == len(damaged)
+        laptop.umount()
+
+
+def test_a_folder_listed_while_the_last_runs_files_land_shows_them(
+    tmp_path: Path, server: ServerProcess
+) -> None:
+    """A file saved in an earlier run, still in the journal, lands on the
+    server while its folder is being listed for the first time: the
+    listing is made before it lands and answered after. The file shows,
+    readable; it used to be in neither the listing nor, by then, the
+    journal, and was missing until the next mount."""
+    with (
+        running_proxy(server.url) as proxy,
+        _laptop_and_desktop(tmp_path, proxy.url) as (laptop, desktop),
+    ):
+        laptop.mount()
+        (laptop.mnt / "docs").mkdir()
+        (laptop.mnt / "docs" / "old.txt").write_bytes(b"on the server")
+        laptop.umount()
+
+        refused = proxy.on(lambda *_: Error(503), method="POST", path="/v1/nodes/batch")
+        laptop.mount()
+        (laptop.mnt / "docs" / "new.txt").write_bytes(b"in the journal")
+        kill_daemon(laptop)
+        refused.remove()
+
+        # Another device adds to docs, so the laptop lists it from the server.
+        desktop.mount()
+        (desktop.mnt / "docs" / "theirs.txt").write_bytes(b"from the desktop")
+        desktop.umount()
+
+        listed, landed = threading.Event(), threading.Event()
+
+        def listing(request: ProxyRequest, forward: Forward) -> ProxyResponse:
+            answer = forward()
+            listed.set()
+            landed.wait(30)
+            time.sleep(0.5)  # the daemon takes in the commit's answer first
+            return answer
+
+        def commit(request: ProxyRequest, forward: Forward) -> ProxyResponse:
+            listed.wait(30)
+            answer = forward()
+            landed.set()
+            return answer
+
+        proxy.on(listing, method="GET", path=r"/v1/nodes/[0-9a-f]{32}/children", times=1)
+        proxy.on(commit, method="POST", path="/v1/nodes/batch", times=1)
+        laptop.mount()
+        assert sorted(os.listdir(laptop.mnt / "docs")) == ["new.txt", "old.txt", "theirs.txt"]
+        assert listed.is_set() and landed.is_set()
+        assert (laptop.mnt / "docs" / "new.txt").read_bytes() == b"in the journal"
         laptop.umount()
