@@ -766,6 +766,16 @@ class Tree:
         """List every loaded folder again and apply what changed (after the
         change feed lost track)."""
         for folder in [i for i in self._by_id.values() if i.children is not None]:
+            assert folder.children is not None
+            # Only a child on the server, at the version the listing may
+            # show, before the listing was asked for: one of ours landing
+            # meanwhile is missing from it, not gone.
+            settled = {
+                inode.id: version
+                for inode in folder.children.values()
+                if (version := self._uploader.known_version(inode.id))
+                and not self._uploader.busy(inode.id)
+            }
             at = self._state.cursor
             try:
                 listed = await self._remote.list_children(folder.id)
@@ -776,10 +786,10 @@ class Tree:
             for node in listed:
                 if node.version > self._uploader.known_version(node.id):
                     await self._apply_node(node, at=at)
-            assert folder.children is not None
             for inode in list(folder.children.values()):
-                gone = inode.id not in present and self._uploader.known_version(inode.id) > 0
-                if gone and inode.parent is folder and not self._uploader.busy(inode.id):
+                gone = inode.id not in present and inode.id in settled
+                unchanged = self._uploader.known_version(inode.id) == settled.get(inode.id)
+                if gone and unchanged and inode.parent is folder and not self._busy(inode.id):
                     self._detach(inode, deleted=True)
 
     async def _apply_node(self, node: RemoteNode, *, at: int | None) -> None:

@@ -23,7 +23,7 @@ import pytest
 from tests.helpers.drive import Drive
 from tests.helpers.proxy import Error, Forward, ProxyRequest, ProxyResponse, running_proxy
 from tests.helpers.server import ServerProcess
-from tests.mount.test_crash import kill_daemon
+from tests.mount.test_crash import kill_daemon, wait_uploaded
 
 pytestmark = pytest.mark.mount
 
@@ -219,3 +219,60 @@ def test_a_folder_listed_while_the_last_runs_files_land_shows_them(
         assert listed.is_set() and landed.is_set()
         assert (laptop.mnt / "docs" / "new.txt").read_bytes() == b"in the journal"
         laptop.umount()
+
+
+def test_a_file_landing_while_the_feed_lists_again_stays(
+    tmp_path: Path, server: ServerProcess
+) -> None:
+    """The change feed loses track of a mounted drive (410), so the daemon
+    lists its loaded folders again and drops what is gone from them. A file
+    saved just before, landing on the server between that listing and its
+    answer, is not gone: it stays, readable."""
+    with running_proxy(server.url) as proxy:
+        drive = Drive(tmp_path / "alice", proxy.url)
+        drive.signup()
+        try:
+            expire, release, landed = threading.Event(), threading.Event(), threading.Event()
+
+            def feed(request: ProxyRequest, forward: Forward) -> ProxyResponse:
+                if expire.is_set():
+                    expire.clear()
+                    return ProxyResponse.json_answer(
+                        {"error": "cursor_expired", "detail": "forgotten"}, 410
+                    )
+                # No long polls: the daemon asks again every half second.
+                return forward(
+                    request.replace(path=re.sub(r"wait=[0-9.]+", "wait=0", request.path))
+                )
+
+            def commit(request: ProxyRequest, forward: Forward) -> ProxyResponse:
+                release.wait(30)
+                answer = forward()
+                landed.set()
+                return answer
+
+            def listing(request: ProxyRequest, forward: Forward) -> ProxyResponse:
+                answer = forward()
+                release.set()
+                landed.wait(30)
+                time.sleep(0.5)  # the daemon takes in the commit's answer first
+                return answer
+
+            proxy.on(feed, method="GET", path="/v1/changes")
+            drive.mount()
+            (drive.mnt / "old.txt").write_bytes(b"on the server")
+            wait_uploaded(drive)
+            proxy.on(commit, method="POST", path="/v1/nodes/batch", times=1)
+            (drive.mnt / "new.txt").write_bytes(b"landing")
+            relisted = proxy.on(listing, method="GET", path=r"/v1/nodes/[0-9a-f]{32}/children")
+            expire.set()
+            deadline = time.monotonic() + 30
+            while not (relisted.calls and landed.is_set()):
+                assert time.monotonic() < deadline, "the folders were not listed again"
+                time.sleep(0.1)
+            time.sleep(1)  # the listing's answer is applied
+            assert sorted(os.listdir(drive.mnt)) == ["new.txt", "old.txt"]
+            assert (drive.mnt / "new.txt").read_bytes() == b"landing"
+            drive.umount()
+        finally:
+            drive.cleanup()
