@@ -29,7 +29,6 @@ import errno as _errno
 __all__ = [
     "AlreadyExists",
     "AuthFailed",
-    "BadDigest",
     "CursorExpired",
     "FormatError",
     "IntegrityError",
@@ -108,14 +107,6 @@ class InvalidRequest(MegafsError):
     errno, http_status, code = _errno.EINVAL, 400, "invalid_request"
 
 
-class BadDigest(InvalidRequest):
-    """A chunk upload's body does not match the digest it was sent with:
-    it was damaged or cut on the way. Nothing was stored; the client sends
-    it again."""
-
-    errno, code = _errno.EIO, "bad_digest"
-
-
 class TooLarge(MegafsError):
     errno, http_status, code = _errno.EFBIG, 413, "too_large"
 
@@ -168,7 +159,6 @@ _BY_CODE: dict[str, type[MegafsError]] = {
         SecondFactorRequired,
         RateLimited,
         InvalidRequest,
-        BadDigest,
         TooLarge,
         QuotaExceeded,
         CursorExpired,

@@ -102,13 +102,6 @@ Semantics:
   each. A malformed body stores nothing (400); a chunk refused for the quota
   fails the request with 507, and the chunks stored before it stay stored
   (storing one again is harmless, so the client sends the batch again).
-- Chunk uploads (``PUT /chunks/{id}``, ``POST /chunks/batch``) carry
-  ``Content-Digest: sha-256=:<base64>:`` (RFC 9530), the SHA-256 of the
-  body as sent (``content_digest``). The server stores nothing unless the
-  body it received has that digest: 400 ``bad_digest`` otherwise (a body
-  cut or damaged on the way; the client sends it again), 400
-  ``invalid_request`` without the header. An id stored once keeps its
-  first bytes, so a damaged first copy would stay for good.
 - Another account's node or chunk is always 404, never 403: existence is
   not revealed.
 - The change feed: every node write or delete takes the account's next
@@ -129,7 +122,6 @@ Semantics:
 from __future__ import annotations
 
 import base64
-import hashlib
 import re
 
 __all__ = [
@@ -139,7 +131,6 @@ __all__ = [
     "CHUNK_BATCH_HEADER",
     "CHUNK_GRACE_SECONDS",
     "CHUNK_ID_RE",
-    "CONTENT_DIGEST",
     "INLINE_CONTENT_MAX",
     "LIST_PAGE_MAX",
     "LONG_SESSION_IDLE_SECONDS",
@@ -163,7 +154,6 @@ __all__ = [
     "TOTP_STEP",
     "b64d",
     "b64e",
-    "content_digest",
 ]
 
 API_PREFIX = "/v1"
@@ -177,8 +167,6 @@ MAX_CHUNK_BYTES = (1 << 20) + 4096
 #: request's work per file. The body stays small enough to hold in memory
 #: like a chunk's.
 CHUNK_BATCH_HEADER = 36
-#: The header a chunk upload carries its body's digest in (see above).
-CONTENT_DIGEST = "Content-Digest"
 MAX_CHUNK_BATCH_ITEMS = 256
 MAX_CHUNK_BATCH_BYTES = 4 * 1024 * 1024
 #: A sealed node record (name, attributes, key, xattrs).
@@ -252,9 +240,3 @@ def b64d(text: str) -> bytes:
     if not isinstance(text, str):
         raise ValueError("expected a base64 string")
     return base64.b64decode(text.encode("ascii"), validate=True)
-
-
-def content_digest(body: bytes) -> str:
-    """The ``Content-Digest`` value of a chunk upload's body. (Blocking for
-    about 0.5 ms per MiB: callers hash large bodies off the event loop.)"""
-    return f"sha-256=:{b64e(hashlib.sha256(body).digest())}:"

@@ -34,7 +34,6 @@ import trio
 from megafs import __version__
 from megafs.errors import (
     AuthFailed,
-    BadDigest,
     FormatError,
     InvalidRequest,
     MegafsError,
@@ -82,7 +81,6 @@ from megafs.wire import (
     API_PREFIX,
     CHANGES_PAGE_MAX,
     CHANGES_WAIT_MAX,
-    CONTENT_DIGEST,
     MAX_BATCH_OPS,
     MAX_CHUNK_BATCH_BYTES,
     MAX_CHUNK_BATCH_ITEMS,
@@ -93,7 +91,6 @@ from megafs.wire import (
     MAX_MISSING_IDS,
     SESSION_ID_RE,
     b64e,
-    content_digest,
 )
 
 __all__ = ["DeleteNode", "PutNode", "RemoteClient"]
@@ -112,9 +109,6 @@ _TRANSIENT_STATUSES = frozenset({500, 502, 503, 504})
 _ERROR_BODY_MAX = 64 * 1024
 #: JSON larger than this is encoded and parsed in a worker thread.
 _INLINE_JSON_BYTES = 1 << 20
-#: A chunk upload larger than this is hashed (its Content-Digest) in a
-#: worker thread: 0.5 ms per MiB.
-_INLINE_DIGEST_BYTES = 64 * 1024
 #: A batch request is cut before it grows past this much JSON (unless one op
 #: alone is larger): the server parses it and applies it in one transaction,
 #: which should stay short.
@@ -487,9 +481,7 @@ class RemoteClient:
     async def put_chunk(self, chunk_id: bytes, data: bytes) -> None:
         if len(data) > MAX_CHUNK_BYTES:
             raise TooLarge(f"a chunk may have at most {MAX_CHUNK_BYTES} bytes")
-        parse_size(
-            await self._json("PUT", f"/chunks/{_chunk_hex(chunk_id)}", raw=data, digest=True)
-        )
+        parse_size(await self._json("PUT", f"/chunks/{_chunk_hex(chunk_id)}", raw=data))
 
     async def put_chunks(self, chunks: Sequence[tuple[bytes, bytes]]) -> None:
         """Store several ``(chunk id, bytes)`` in one request, each as
@@ -505,7 +497,7 @@ class RemoteClient:
         body = b"".join(parts)
         if len(body) > MAX_CHUNK_BATCH_BYTES:
             raise TooLarge(f"a chunk batch has at most {MAX_CHUNK_BATCH_BYTES} bytes")
-        answer = await self._json("POST", "/chunks/batch", raw=body, digest=True)
+        answer = await self._json("POST", "/chunks/batch", raw=body)
         parse_sizes(answer, [len(data) for _, data in chunks])
 
     async def get_chunk(self, chunk_id: bytes) -> bytes:
@@ -524,31 +516,17 @@ class RemoteClient:
         large: bool = False,
         query: dict[str, str] | None = None,
         wait: float = 0,
-        digest: bool = False,
     ) -> Any:
         """Send ``body`` as JSON (or ``raw`` bytes) and parse the JSON answer.
         ``large``: the body is big enough to encode in a worker thread.
         ``wait``: seconds the server may hold the request on purpose, on
-        top of the usual timeout. ``digest``: send the body's
-        Content-Digest (chunk uploads), so the server stores nothing cut
-        or damaged on the way."""
+        top of the usual timeout."""
         content_type = "application/octet-stream"
         if body is not None:
             raw = await _off_loop(_encode_json, body, large=large)
             content_type = "application/json"
-        extra: list[tuple[bytes, bytes]] = []
-        if digest and raw is not None:
-            value = await _off_loop(content_digest, raw, large=len(raw) > _INLINE_DIGEST_BYTES)
-            extra.append((CONTENT_DIGEST.encode(), value.encode()))
         answer = await self._call(
-            method,
-            path,
-            raw=raw,
-            content_type=content_type,
-            auth=auth,
-            query=query,
-            wait=wait,
-            extra_headers=extra,
+            method, path, raw=raw, content_type=content_type, auth=auth, query=query, wait=wait
         )
         try:
             return await _off_loop(json.loads, answer, large=len(answer) > _INLINE_JSON_BYTES)
@@ -572,12 +550,10 @@ class RemoteClient:
         auth: bool = True,
         cap: int = MAX_JSON_BYTES,
         wait: float = 0,
-        extra_headers: Sequence[tuple[bytes, bytes]] = (),
     ) -> bytes:
-        """One request (with ``extra_headers`` besides the usual), retried
-        while it fails transiently; returns the body of a 2xx answer or
-        raises. ``wait``: see :meth:`_json`."""
-        headers = [*extra_headers]
+        """One request, retried while it fails transiently; returns the body
+        of a 2xx answer or raises. ``wait``: see :meth:`_json`."""
+        headers: list[tuple[bytes, bytes]] = []
         if auth:
             if self.token is None and self.login_on_demand is not None:
                 async with self._login_lock:
@@ -712,10 +688,7 @@ def _error_for(status: int, body: bytes, what: str) -> MegafsError | Transient:
     if status in _TRANSIENT_STATUSES:
         cls = RemoteTimeout if status == 504 else RemoteError
         return Transient(cls(f"{what}: server error {status}: {detail}"))
-    error = error_for_code(code, status)
-    if error is BadDigest:  # the body was damaged on the way: send it again
-        return Transient(BadDigest(f"{what}: {detail}"))
-    return error(detail)
+    return error_for_code(code, status)(detail)
 
 
 def _encode_json(value: Any) -> bytes:

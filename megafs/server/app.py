@@ -427,7 +427,7 @@ class _Api:
     async def put_chunk(self, request: Request) -> Response:
         account_id = await self._account_id(request)
         chunk_id = _path_chunk_id(request)
-        data = await v.read_digested_body(request, MAX_CHUNK_BYTES)
+        data = await v.read_body(request, MAX_CHUNK_BYTES)
         if not data:
             raise InvalidRequest("a chunk cannot be empty")
         await self._store_chunk(account_id, chunk_id, data)
@@ -435,7 +435,7 @@ class _Api:
 
     async def put_chunks(self, request: Request) -> Response:
         account_id = await self._account_id(request)
-        chunks = v.chunk_batch(await v.read_digested_body(request, MAX_CHUNK_BATCH_BYTES))
+        chunks = v.chunk_batch(await v.read_body(request, MAX_CHUNK_BATCH_BYTES))
         refused: list[MegafsError] = []
 
         async def store(chunk_id: str, data: bytes) -> None:

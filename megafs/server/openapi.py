@@ -15,7 +15,6 @@ from megafs import __version__
 from megafs.errors import (
     AlreadyExists,
     AuthFailed,
-    BadDigest,
     CursorExpired,
     InvalidRequest,
     MegafsError,
@@ -36,7 +35,6 @@ from megafs.wire import (
     CHANGES_WAIT_MAX,
     CHUNK_BATCH_HEADER,
     CHUNK_ID_RE,
-    CONTENT_DIGEST,
     INLINE_CONTENT_MAX,
     LIST_PAGE_MAX,
     MAX_BATCH_OPS,
@@ -152,7 +150,6 @@ _SCHEMAS: dict[str, Any] = {
                         VersionConflict.code,
                         AuthFailed.code,
                         InvalidRequest.code,
-                        BadDigest.code,
                         TooLarge.code,
                         QuotaExceeded.code,
                         CursorExpired.code,
@@ -262,23 +259,12 @@ def _binary_body(description: str, min_bytes: int, max_bytes: int) -> dict[str, 
     }
 
 
-#: The header every chunk upload carries (see megafs/wire.py).
-_CONTENT_DIGEST = {
-    "name": CONTENT_DIGEST,
-    "in": "header",
-    "required": True,
-    "description": "the body's SHA-256 (RFC 9530): nothing is stored unless the body matches",
-    "schema": {"type": "string", "pattern": r"^sha-256=:[A-Za-z0-9+/]{43}=:$"},
-}
-
-
 def _body(schema: dict[str, Any], limit: int = MAX_JSON_BYTES) -> dict[str, Any]:
     return {"required": True, "description": f"at most {limit} bytes", **_json(schema)}
 
 
 _ERROR_TEXT = {
-    400: "malformed request, or refused by the protocol's rules (code bad_digest: a "
-    "chunk upload's body does not match its Content-Digest, so it was damaged on the way)",
+    400: "malformed request, or refused by the protocol's rules",
     401: "missing, unknown or expired session, or wrong credentials (code "
     "second_factor_required: right password, a two-factor code is needed)",
     403: "wrong two-factor code or password proof",
@@ -756,7 +742,7 @@ def openapi_document() -> dict[str, Any]:
             }
         },
         errors=(400, 413, 507),
-        parameters=[*chunk_id, _CONTENT_DIGEST],
+        parameters=chunk_id,
         body=_binary_body(f"1..{MAX_CHUNK_BYTES} bytes", 1, MAX_CHUNK_BYTES),
     )
     put_chunks = _op(
@@ -769,7 +755,6 @@ def openapi_document() -> dict[str, Any]:
             }
         },
         errors=(400, 413, 507),
-        parameters=[_CONTENT_DIGEST],
         body=_binary_body(
             f"1..{MAX_CHUNK_BATCH_ITEMS} chunks, each its id (32 bytes), its size "
             f"(u32, big-endian, 1..{MAX_CHUNK_BYTES}) and its bytes",

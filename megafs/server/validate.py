@@ -19,17 +19,15 @@ from typing import Any
 import trio
 from starlette.requests import ClientDisconnect, Request
 
-from megafs.errors import BadDigest, InvalidRequest, TooLarge
+from megafs.errors import InvalidRequest, TooLarge
 from megafs.wire import (
     CHUNK_BATCH_HEADER,
     CHUNK_ID_RE,
-    CONTENT_DIGEST,
     MAX_CHUNK_BATCH_ITEMS,
     MAX_CHUNK_BYTES,
     MAX_JSON_BYTES,
     NODE_ID_RE,
     b64d,
-    content_digest,
 )
 
 __all__ = [
@@ -51,7 +49,6 @@ __all__ = [
     "node_id",
     "optional_text",
     "read_body",
-    "read_digested_body",
     "read_json",
     "text",
 ]
@@ -99,29 +96,6 @@ async def read_body(request: Request, limit: int) -> bytes:
     except ClientDisconnect:
         raise InvalidRequest("the request body was cut short") from None
     return b"".join(parts)
-
-
-#: The sha-256 member of a ``Content-Digest`` dictionary (RFC 9530).
-_SHA256_DIGEST_RE = re.compile(r"(?:^|,)\s*sha-256=:([A-Za-z0-9+/]{43}=):\s*(?=,|$)")
-#: Larger bodies are hashed in a worker thread (0.5 ms per MiB).
-_INLINE_DIGEST_BYTES = 64 * 1024
-
-
-async def read_digested_body(request: Request, limit: int) -> bytes:
-    """A chunk upload's body (as ``read_body``), which must match the
-    SHA-256 its ``Content-Digest`` header names: a body cut or damaged on
-    the way is refused (BadDigest) before anything stores it."""
-    body = await read_body(request, limit)
-    declared = _SHA256_DIGEST_RE.search(request.headers.get(CONTENT_DIGEST, ""))
-    if declared is None:
-        raise InvalidRequest(f"a chunk upload needs a {CONTENT_DIGEST} header with its sha-256")
-    if len(body) <= _INLINE_DIGEST_BYTES:
-        digest = content_digest(body)
-    else:
-        digest = await trio.to_thread.run_sync(content_digest, body)
-    if digest != f"sha-256=:{declared[1]}:":
-        raise BadDigest(f"the body does not match its {CONTENT_DIGEST}: damaged on the way")
-    return body
 
 
 async def read_json(request: Request) -> dict[str, Any]:

@@ -96,8 +96,6 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any, Protocol
 from urllib.parse import urlsplit
 
-from megafs.wire import CONTENT_DIGEST, content_digest
-
 __all__ = [
     "Delay",
     "Drop",
@@ -174,16 +172,6 @@ class ProxyRequest:
 
     def with_json(self, value: Any) -> ProxyRequest:
         return self.replace(body=json.dumps(value).encode())
-
-    def with_body(self, body: bytes) -> ProxyRequest:
-        """Another body, with the Content-Digest of a chunk upload made to
-        match it: what an attacker in the middle sends for the server to
-        take (the body alone would be refused as damaged)."""
-        headers = [
-            (k, content_digest(body) if k.lower() == CONTENT_DIGEST.lower() else v)
-            for k, v in self.headers
-        ]
-        return self.replace(body=body, headers=headers)
 
 
 @dataclass(frozen=True)

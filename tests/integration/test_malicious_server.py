@@ -456,7 +456,7 @@ async def test_claimed_deduplication_is_still_verified(
     decoy_blob = decoy.chunks[0][1]
 
     def keep_decoy(request: Any, forward: Any) -> ProxyResponse:
-        forward(request.with_body(decoy_blob))  # what the server really stores
+        forward(request.replace(body=decoy_blob))  # what the server really stores
         return ProxyResponse.json_answer({"size": len(request.body)}, 201)
 
     proxy.on(keep_decoy, method="PUT", path=r"/v1/chunks/[0-9a-f]{64}")
