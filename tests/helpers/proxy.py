@@ -76,7 +76,10 @@ and body as sent to the client (None when a fault cut it), and the fault
 empties the list; ``proxy.statistics()`` counts requests and faults.
 
 When the server cannot be reached the proxy answers 502, as a real reverse
-proxy does, so a client sees the same thing as behind nginx.
+proxy does, so a client sees the same thing as behind nginx. A request
+whose body its client stopped sending (killed mid-upload) is not forwarded
+at all, as no real proxy forwards an incomplete message; ``statistics()``
+counts it as ``incomplete``.
 """
 
 from __future__ import annotations
@@ -738,11 +741,19 @@ class _ProxyHandler(BaseHTTPRequestHandler):
     do_GET = do_POST = do_PUT = do_DELETE = do_PATCH = do_HEAD = do_OPTIONS = _dispatch
 
     def _read_body(self) -> bytes:
+        """The whole request body. One the client stopped sending (it was
+        killed, say) is incomplete, and an incomplete message is never
+        forwarded (RFC 9112, section 8): the exchange ends here, as it does
+        at any real proxy, instead of reaching the server as a whole,
+        shorter request."""
         if (self.headers.get("Transfer-Encoding") or "").lower() == "chunked":
             parts: list[bytes] = []
             total = 0
             while True:
-                size = int(self.rfile.readline().split(b";")[0].strip(), 16)
+                try:
+                    size = int(self.rfile.readline().split(b";")[0].strip(), 16)
+                except ValueError:
+                    raise _Aborted() from None
                 if size == 0:
                     while self.rfile.readline() not in (b"\r\n", b"\n", b""):
                         pass
@@ -750,12 +761,19 @@ class _ProxyHandler(BaseHTTPRequestHandler):
                 total += size
                 if total > _MAX_REQUEST_BYTES:
                     raise _Aborted()
-                parts.append(self.rfile.read(size))
+                parts.append(self._read_exactly(size))
                 self.rfile.readline()
         length = int(self.headers.get("Content-Length") or 0)
         if length > _MAX_REQUEST_BYTES:
             raise _Aborted()
-        return self.rfile.read(length) if length else b""
+        return self._read_exactly(length)
+
+    def _read_exactly(self, size: int) -> bytes:
+        data = self.rfile.read(size) if size else b""
+        if len(data) < size:
+            self.owner._count("incomplete")
+            raise _Aborted()
+        return data
 
     def _send(
         self,

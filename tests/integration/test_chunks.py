@@ -3,20 +3,24 @@
 from __future__ import annotations
 
 import os
+import re
+import time
 from pathlib import Path
 
 import httpx
 import pytest
+import trio
 
 from megafs.errors import InvalidRequest, NotFound, QuotaExceeded, TooLarge
 from megafs.wire import (
+    API_PREFIX,
     CHUNK_BATCH_HEADER,
     MAX_CHUNK_BATCH_BYTES,
     MAX_CHUNK_BATCH_ITEMS,
     MAX_CHUNK_BYTES,
     MAX_MISSING_IDS,
 )
-from tests.helpers.server import running_server
+from tests.helpers.server import ServerProcess, running_server
 from tests.integration.users import User, new_user
 
 
@@ -141,3 +145,34 @@ async def test_a_batch_counts_against_the_quota(tmp_path: Path) -> None:
             assert (await client.account()).used == used + 6000
             await client.put_chunks([(stored, bytes(6000))])  # stored again: counted once
             assert (await client.account()).used == used + 6000
+
+
+async def send_cut_short(port: int, path: str, token: str, length: int, sent: bytes) -> None:
+    """A PUT announcing ``length`` bytes that stops after ``sent`` and
+    closes the connection: a client killed in the middle of an upload."""
+    stream = await trio.open_tcp_stream("127.0.0.1", port)
+    async with stream:
+        await stream.send_all(
+            f"PUT {path} HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {token}\r\n"
+            f"Content-Type: application/octet-stream\r\nContent-Length: {length}\r\n\r\n".encode()
+            + sent
+        )
+
+
+async def test_an_upload_its_client_stops_sending_stores_nothing(
+    alice: User, server: ServerProcess
+) -> None:
+    """The first bytes of an id stay, so a part of a chunk stored as the
+    whole would be that chunk for good: the server answers such a body 400
+    and stores nothing of it."""
+    chunk_id = os.urandom(32)
+    path = f"{API_PREFIX}/chunks/{chunk_id.hex()}"
+    mark = server.log_path.stat().st_size
+    await send_cut_short(server.port, path, str(alice.client.token), 1 << 20, bytes(128 << 10))
+    line = re.compile(rb"method=PUT path=" + re.escape(path.encode()) + rb" status=(\d+)")
+    deadline = time.monotonic() + 10
+    while not (answered := line.search(server.log_path.read_bytes()[mark:])):
+        assert time.monotonic() < deadline, "the server never answered the upload"
+        await trio.sleep(0.05)
+    assert answered[1] == b"400"
+    assert await alice.client.missing_chunks([chunk_id]) == {chunk_id}

@@ -4,14 +4,20 @@ says, with the real client in front and the real server behind it."""
 
 from __future__ import annotations
 
+import os
+import time
 from collections.abc import Iterator
 
 import pytest
+import trio
 
 from megafs.errors import RemoteError
 from megafs.remote import RemoteClient
+from megafs.wire import API_PREFIX
 from tests.helpers.proxy import Drop, Error, Proxy, ProxyResponse, Reset, Truncate, running_proxy
 from tests.helpers.server import ServerProcess
+from tests.integration.test_chunks import send_cut_short
+from tests.integration.users import new_user
 
 
 @pytest.fixture
@@ -76,3 +82,23 @@ async def test_random_faults_are_seeded_and_cleared(proxy: Proxy) -> None:
     stats = proxy.statistics()
     assert stats["requests"] == 9
     assert sum(stats.get(k, 0) for k in ("drop", "reset", "error", "truncate")) == 8
+
+
+async def test_a_body_the_client_stops_sending_is_not_forwarded(
+    proxy: Proxy, server: ServerProcess
+) -> None:
+    """As at any real proxy, an incomplete request (its client was killed
+    mid-upload) ends at the proxy: it never reaches the server as a whole,
+    shorter one, which the server would store as the chunk."""
+    user = await new_user(server.url)
+    async with user.client as client:
+        chunk_id = os.urandom(32)
+        port = int(proxy.url.rsplit(":", 1)[1])
+        path = f"{API_PREFIX}/chunks/{chunk_id.hex()}"
+        await send_cut_short(port, path, str(client.token), 1 << 20, bytes(128 << 10))
+        deadline = time.monotonic() + 10
+        while proxy.statistics().get("incomplete", 0) < 1:
+            assert time.monotonic() < deadline, "the proxy did not see the body end early"
+            await trio.sleep(0.05)
+        assert not proxy.find("PUT", path)
+        assert await client.missing_chunks([chunk_id]) == {chunk_id}
