@@ -104,6 +104,10 @@ class Uploader:
         self._chunks = chunks
         self._relogin = relogin
         self._entries: dict[bytes, JournalEntry] = {}
+        #: The journal's puts by the folder they place their node in (for
+        #: listings: a scan of a big journal per folder listed would cost
+        #: seconds at a mount that lists thousands of folders).
+        self._puts_in: dict[bytes | None, dict[bytes, JournalEntry]] = {}
         #: Puts that landed, whose node the local copy of the server's nodes
         #: does not hold until ``LocalState.entries_committed`` returns: a
         #: listing from that copy made meanwhile misses them, and the
@@ -145,7 +149,7 @@ class Uploader:
         the tree can show them before they reach the server."""
         entries = await self._state.load_journal()
         for entry in entries:
-            self._entries[entry.node_id] = entry
+            self._set_entry(entry)
             self._seq = max(self._seq, entry.seq)
         for chunk_id in self._chunks.dirty_ids:
             self._queue_chunk(chunk_id)
@@ -171,8 +175,27 @@ class Uploader:
         """Puts that place a node in ``folder_id`` and that a listing of it
         may not show: the journal's, and those landed but not yet in the
         local copy of the server's nodes."""
-        latest = self._landing | self._entries
-        return [e for e in latest.values() if e.op == "put" and e.parent == folder_id]
+        found = list(self._puts_in.get(folder_id, {}).values())
+        found += [
+            e
+            for e in self._landing.values()
+            if e.parent == folder_id and e.node_id not in self._entries
+        ]
+        return found
+
+    def _set_entry(self, entry: JournalEntry) -> None:
+        self._drop_entry(entry.node_id)
+        self._entries[entry.node_id] = entry
+        if entry.op == "put":
+            self._puts_in.setdefault(entry.parent, {})[entry.node_id] = entry
+
+    def _drop_entry(self, node_id: bytes) -> None:
+        old = self._entries.pop(node_id, None)
+        if old is not None and old.op == "put":
+            siblings = self._puts_in[old.parent]
+            del siblings[node_id]
+            if not siblings:
+                del self._puts_in[old.parent]
 
     # -- producing work -------------------------------------------------------
 
@@ -215,7 +238,7 @@ class Uploader:
         if self.unsent(node_id):
             # Never reached the server: forget it instead of deleting.
             if old is not None:
-                del self._entries[node_id]
+                self._drop_entry(node_id)
                 await self._state.forget_entry(node_id, old.seq)
             self._versions.pop(node_id, None)
             self._done_seq[node_id] = self._seq
@@ -252,7 +275,7 @@ class Uploader:
             commit_id=os.urandom(16),
             sent_commit_id=sent,
         )
-        self._entries[node_id] = entry
+        self._set_entry(entry)
         if durable:
             await self._chunks.sync_files([c for c in chunks if self._chunks.is_dirty(c)])
         await self._state.put_entry(entry, durable=durable, rev=rev)
@@ -493,7 +516,7 @@ class Uploader:
         self._done_seq[entry.node_id] = entry.seq
         latest = self._entries.get(entry.node_id)
         if latest is not None and latest.seq == entry.seq:
-            del self._entries[entry.node_id]
+            self._drop_entry(entry.node_id)
             if entry.op == "put":
                 self._landing[entry.node_id] = entry
         elif latest is not None:
@@ -599,7 +622,7 @@ class Uploader:
         """Forget a change the tree has saved otherwise (a conflicted copy);
         the node is at ``server_version`` on the server."""
         if self._entries.get(entry.node_id) is entry:
-            del self._entries[entry.node_id]
+            self._drop_entry(entry.node_id)
         self._versions[entry.node_id] = server_version
         self._done_seq[entry.node_id] = max(entry.seq, self._done_seq.get(entry.node_id, 0))
         await self._state.entries_dropped([(entry.node_id, entry.seq, server_version)])
