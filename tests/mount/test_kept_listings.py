@@ -21,7 +21,15 @@ from pathlib import Path
 import pytest
 
 from tests.helpers.drive import Drive
-from tests.helpers.proxy import Error, Forward, ProxyRequest, ProxyResponse, running_proxy
+from tests.helpers.proxy import (
+    Error,
+    Forward,
+    Hook,
+    Proxy,
+    ProxyRequest,
+    ProxyResponse,
+    running_proxy,
+)
 from tests.helpers.server import ServerProcess
 from tests.mount.test_crash import kill_daemon, wait_uploaded
 
@@ -169,6 +177,31 @@ def test_a_damaged_kept_manifest_is_fetched_again(tmp_path: Path, server: Server
         laptop.umount()
 
 
+def _land_while_listing(proxy: Proxy) -> tuple[threading.Event, Hook]:
+    """Hold the next node commit until a folder listing has been asked of
+    the server, and that listing's answer until the commit has landed: a
+    change of ours lands between a listing and its answer. Returns the
+    event set once it landed, and the listing's hook."""
+    listed, landed = threading.Event(), threading.Event()
+
+    def listing(request: ProxyRequest, forward: Forward) -> ProxyResponse:
+        answer = forward()
+        listed.set()
+        landed.wait(30)
+        time.sleep(0.5)  # the daemon takes in the commit's answer first
+        return answer
+
+    def commit(request: ProxyRequest, forward: Forward) -> ProxyResponse:
+        listed.wait(30)
+        answer = forward()
+        landed.set()
+        return answer
+
+    proxy.on(commit, method="POST", path="/v1/nodes/batch", times=1)
+    hook = proxy.on(listing, method="GET", path=r"/v1/nodes/[0-9a-f]{32}/children", times=1)
+    return landed, hook
+
+
 def test_a_folder_listed_while_the_last_runs_files_land_shows_them(
     tmp_path: Path, server: ServerProcess
 ) -> None:
@@ -197,26 +230,10 @@ def test_a_folder_listed_while_the_last_runs_files_land_shows_them(
         (desktop.mnt / "docs" / "theirs.txt").write_bytes(b"from the desktop")
         desktop.umount()
 
-        listed, landed = threading.Event(), threading.Event()
-
-        def listing(request: ProxyRequest, forward: Forward) -> ProxyResponse:
-            answer = forward()
-            listed.set()
-            landed.wait(30)
-            time.sleep(0.5)  # the daemon takes in the commit's answer first
-            return answer
-
-        def commit(request: ProxyRequest, forward: Forward) -> ProxyResponse:
-            listed.wait(30)
-            answer = forward()
-            landed.set()
-            return answer
-
-        proxy.on(listing, method="GET", path=r"/v1/nodes/[0-9a-f]{32}/children", times=1)
-        proxy.on(commit, method="POST", path="/v1/nodes/batch", times=1)
+        landed, listing = _land_while_listing(proxy)
         laptop.mount()
         assert sorted(os.listdir(laptop.mnt / "docs")) == ["new.txt", "old.txt", "theirs.txt"]
-        assert listed.is_set() and landed.is_set()
+        assert listing.calls == 1 and landed.is_set()
         assert (laptop.mnt / "docs" / "new.txt").read_bytes() == b"in the journal"
         laptop.umount()
 
@@ -232,7 +249,7 @@ def test_a_file_landing_while_the_feed_lists_again_stays(
         drive = Drive(tmp_path / "alice", proxy.url)
         drive.signup()
         try:
-            expire, release, landed = threading.Event(), threading.Event(), threading.Event()
+            expire = threading.Event()
 
             def feed(request: ProxyRequest, forward: Forward) -> ProxyResponse:
                 if expire.is_set():
@@ -245,26 +262,12 @@ def test_a_file_landing_while_the_feed_lists_again_stays(
                     request.replace(path=re.sub(r"wait=[0-9.]+", "wait=0", request.path))
                 )
 
-            def commit(request: ProxyRequest, forward: Forward) -> ProxyResponse:
-                release.wait(30)
-                answer = forward()
-                landed.set()
-                return answer
-
-            def listing(request: ProxyRequest, forward: Forward) -> ProxyResponse:
-                answer = forward()
-                release.set()
-                landed.wait(30)
-                time.sleep(0.5)  # the daemon takes in the commit's answer first
-                return answer
-
             proxy.on(feed, method="GET", path="/v1/changes")
             drive.mount()
             (drive.mnt / "old.txt").write_bytes(b"on the server")
             wait_uploaded(drive)
-            proxy.on(commit, method="POST", path="/v1/nodes/batch", times=1)
+            landed, relisted = _land_while_listing(proxy)
             (drive.mnt / "new.txt").write_bytes(b"landing")
-            relisted = proxy.on(listing, method="GET", path=r"/v1/nodes/[0-9a-f]{32}/children")
             expire.set()
             deadline = time.monotonic() + 30
             while not (relisted.calls and landed.is_set()):
