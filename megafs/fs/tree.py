@@ -773,8 +773,7 @@ class Tree:
             settled = {
                 inode.id: version
                 for inode in folder.children.values()
-                if (version := self._uploader.known_version(inode.id))
-                and not self._uploader.busy(inode.id)
+                if (version := self._uploader.known_version(inode.id)) and not self._busy(inode.id)
             }
             at = self._state.cursor
             try:
