@@ -56,6 +56,13 @@ _KIND_BITS = {
 _STATFS_BLOCK = 4096
 _LINK_MAX = 65000
 _XATTR_NAMESPACES = (b"user.", b"trusted.", b"security.")
+#: The SELinux label, asked of every entry by GNU ``ls -l``. A file
+#: without one answers "unsupported" rather than "no such attribute",
+#: which ls remembers for the rest of its run on this filesystem instead
+#: of asking every entry. A label set on a file (``rsync -X`` from a
+#: labelled disk) is kept and read back like any other attribute; where
+#: SELinux is enforced the kernel labels a FUSE mount itself and never asks.
+_SELINUX_LABEL = b"security.selinux"
 _XATTR_VALUE_MAX = 64 * 1024
 _XATTR_TOTAL_MAX = 64 * 1024
 
@@ -513,7 +520,7 @@ class Operations(pyfuse3.Operations):
         try:
             return self._inode(inode).record.xattrs[name]
         except KeyError:
-            raise _fail(pyfuse3.ENOATTR) from None
+            raise _fail(errno.EOPNOTSUPP if name == _SELINUX_LABEL else pyfuse3.ENOATTR) from None
 
     @_errors
     async def listxattr(self, inode: int, ctx: pyfuse3.RequestContext) -> list[bytes]:

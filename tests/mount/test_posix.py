@@ -9,12 +9,14 @@ import errno
 import os
 import sqlite3
 import stat
+from pathlib import Path
 
 import pytest
 
 from megafs.crypto import CHUNK_SIZE
 from tests.helpers.drive import Drive
 from tests.helpers.server import ServerProcess
+from tests.helpers.tools import need, run
 from tests.mount.test_crash import kill_daemon
 
 pytestmark = pytest.mark.mount
@@ -192,6 +194,38 @@ def test_symlinks_special_files_and_xattrs(drive: Drive) -> None:
     assert sorted(os.listxattr(m / "file")) == ["user.colour", "user.empty"]
     assert os.getxattr(m / "file", "user.colour") == b"blue"
     assert os.getxattr(m / "file", "user.empty") == b""
+    drive.umount()
+
+
+def test_a_missing_selinux_label_is_unsupported_so_ls_asks_once(
+    drive: Drive, tmp_path: Path
+) -> None:
+    """``ls -l`` asks every entry for its SELinux label. A file without one
+    answers EOPNOTSUPP, which GNU ls remembers for the rest of the listing;
+    ENODATA made it send a request per entry. A label given to a file is still kept
+    (megafs/fs/operations.py)."""
+    drive.mount()
+    d = drive.mnt / "d"
+    d.mkdir()
+    for i in range(40):
+        (d / f"f{i}").write_bytes(b"x")
+    with pytest.raises(OSError) as err:
+        os.getxattr(d / "f1", "security.selinux")
+    assert err.value.errno == errno.EOPNOTSUPP
+    label = b"system_u:object_r:user_home_t:s0\0"
+    os.setxattr(d / "f0", "security.selinux", label)
+    trace = tmp_path / "ls.trace"
+    out = run([need("strace"), "-o", trace, "-e", "trace=getxattr,lgetxattr", "ls", "-l", d])
+    assert len(out.stdout.splitlines()) == 41  # "total" and the 40 files
+    asked = [line for line in trace.read_text().splitlines() if "security.selinux" in line]
+    assert len(asked) == 1, asked
+    remount_cold(drive)
+    assert os.listxattr(d / "f0") == ["security.selinux"]
+    assert os.getxattr(d / "f0", "security.selinux") == label
+    os.removexattr(d / "f0", "security.selinux")
+    with pytest.raises(OSError) as err:
+        os.getxattr(d / "f0", "security.selinux")
+    assert err.value.errno == errno.EOPNOTSUPP
     drive.umount()
 
 
