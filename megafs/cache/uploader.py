@@ -53,12 +53,13 @@ log = logging.getLogger(__name__)
 CHUNK_WORKERS = 4
 #: Sealed chunks of at most this many bytes (a source tree's files are
 #: mostly a few KiB) are sent many to a request (``POST /chunks/batch``) by
-#: ``SMALL_CHUNK_WORKERS`` tasks, each taking whatever waits when it is free,
-#: up to ``SMALL_BATCH_BYTES``: a batch grows with the backlog, and a lone
-#: chunk waits for nothing. Larger ones go one to a request, in parallel.
+#: one task, which takes what waits and what comes within ``SMALL_GATHER``,
+#: up to ``SMALL_BATCH_BYTES``, unless someone waits for an upload (fsync,
+#: unmount). Sent as soon as they came, a tree extracted made a request per
+#: file. Larger ones go one to a request, in parallel.
 SMALL_CHUNK_MAX = 256 * 1024
 SMALL_BATCH_BYTES = 1 << 20
-SMALL_CHUNK_WORKERS = 2
+SMALL_GATHER = 0.02
 #: How long the committer lets changes gather before sending a batch
 #: (unless someone waits: fsync, unmount).
 COMMIT_DELAY = 0.05
@@ -141,6 +142,8 @@ class Uploader:
         #: without gathering first.
         self._urgent = False
         self._urgent_event = trio.Event()
+        #: The small-chunk task's wait for more chunks, while it waits.
+        self._gathering: trio.CancelScope | None = None
 
     # -- set-up ---------------------------------------------------------------
 
@@ -277,6 +280,9 @@ class Uploader:
         )
         self._set_entry(entry)
         if durable:
+            # fsync waits for the upload next: its chunks go now, while the
+            # local copy is made durable, not after.
+            self._hurry()
             await self._chunks.sync_files([c for c in chunks if self._chunks.is_dirty(c)])
         await self._state.put_entry(entry, durable=durable, rev=rev)
         self._work.set()
@@ -292,6 +298,8 @@ class Uploader:
         """Someone waits: the committer sends what it has without gathering."""
         self._urgent = True
         self._urgent_event.set()
+        if self._gathering is not None:
+            self._gathering.cancel()
 
     async def wait_committed(self, node_id: bytes, seq: int) -> None:
         """Until the server has the node's state ``seq`` or a later one."""
@@ -346,8 +354,7 @@ class Uploader:
         async with trio.open_nursery() as nursery:
             for _ in range(CHUNK_WORKERS):
                 nursery.start_soon(self._chunk_worker, self._chunk_recv.clone())
-            for _ in range(SMALL_CHUNK_WORKERS):
-                nursery.start_soon(self._small_chunk_worker, self._small_recv.clone())
+            nursery.start_soon(self._small_chunk_worker, self._small_recv.clone())
             nursery.start_soon(self._committer)
             task_status.started()
 
@@ -359,16 +366,29 @@ class Uploader:
     async def _small_chunk_worker(self, recv: trio.MemoryReceiveChannel[bytes]) -> None:
         async with recv:
             async for chunk_id in recv:
-                batch = [chunk_id]
-                size = self._chunks.sealed_size(chunk_id) or 0
+                await self._upload(await self._gather(recv, chunk_id))
+
+    async def _gather(self, recv: trio.MemoryReceiveChannel[bytes], first: bytes) -> list[bytes]:
+        """``first`` and the small chunks queued after it, one request's
+        worth: those waiting, then those that come within ``SMALL_GATHER``
+        unless someone waits for uploads (``_hurry`` ends the wait)."""
+        batch = [first]
+        size = self._chunks.sealed_size(first) or 0
+        with trio.move_on_after(SMALL_GATHER) as self._gathering:
+            try:
                 while len(batch) < MAX_CHUNK_BATCH_ITEMS and size < SMALL_BATCH_BYTES:
                     try:
-                        more = recv.receive_nowait()
-                    except (trio.WouldBlock, trio.EndOfChannel):
-                        break
-                    batch.append(more)
-                    size += self._chunks.sealed_size(more) or 0
-                await self._upload(batch)
+                        chunk_id = recv.receive_nowait()
+                    except trio.WouldBlock:
+                        if self._urgent:
+                            break
+                        chunk_id = await recv.receive()
+                    batch.append(chunk_id)
+                    size += self._chunks.sealed_size(chunk_id) or 0
+            except trio.EndOfChannel:
+                pass
+        self._gathering = None
+        return batch
 
     async def _upload(self, chunk_ids: list[bytes]) -> None:
         await self._with_retry(self._upload_chunks, chunk_ids)

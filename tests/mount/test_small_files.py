@@ -5,10 +5,13 @@ Files that grow past the threshold become chunked, and shrink back."""
 from __future__ import annotations
 
 import os
+import re
 import threading
+import time
 from pathlib import Path
 
 from megafs.cache.content import INLINE_THRESHOLD
+from megafs.cache.uploader import SMALL_GATHER
 from megafs.crypto import CHUNK_SIZE
 from tests.helpers.drive import Drive
 from tests.helpers.proxy import Forward, ProxyRequest, ProxyResponse, running_proxy
@@ -113,7 +116,7 @@ def test_small_chunks_waiting_to_upload_go_many_to_a_request(
             singles = proxy.find("PUT", r"/v1/chunks/[0-9a-f]{64}")
             batches = proxy.find("POST", r"/v1/chunks/batch")
             assert all(r.status == 201 for r in singles + batches)
-            # Two uploads were held (one per small-chunk task), the rest waited.
+            # The first upload was held, the rest waited.
             assert batches and len(singles) + len(batches) <= 10, (len(singles), len(batches))
             drive.drop_cache()
             drive.mount()
@@ -121,3 +124,36 @@ def test_small_chunks_waiting_to_upload_go_many_to_a_request(
                 assert (drive.mnt / name).read_bytes() == data, name
         finally:
             drive.cleanup()
+
+
+def test_small_files_saved_one_after_another_share_requests(
+    tmp_path: Path, server: ServerProcess
+) -> None:
+    """Nothing holds the uploads here: files are saved one after another,
+    10 ms apart (a tree extracted, where each file costs the extracting
+    tool a dozen requests to the daemon). Their chunks still go many to a
+    request, at most one per ``SMALL_GATHER`` of saving; sent as they came,
+    every file made a request of its own."""
+    files = {f"src/f{i:03}.c": os.urandom(INLINE_THRESHOLD + 100 * i) for i in range(40)}
+    drive = Drive(tmp_path / "alice", server.url)
+    drive.signup()
+    try:
+        drive.mount()
+        (drive.mnt / "src").mkdir()
+        offset = server.log_path.stat().st_size
+        started = time.monotonic()
+        for name, data in files.items():
+            (drive.mnt / name).write_bytes(data)
+            time.sleep(0.008)
+        elapsed = time.monotonic() - started
+        drive.umount()
+        log = server.log_since(offset).decode()
+        uploads = re.findall(r"method=(?:PUT path=/v1/chunks/\w+|POST path=/v1/chunks/batch) ", log)
+        # One request per gathering, a last one at the unmount.
+        assert len(uploads) <= elapsed / SMALL_GATHER + 2, (len(uploads), elapsed)
+        drive.drop_cache()
+        drive.mount()
+        for name, data in files.items():
+            assert (drive.mnt / name).read_bytes() == data, name
+    finally:
+        drive.cleanup()
