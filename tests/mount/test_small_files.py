@@ -24,6 +24,14 @@ def _stored_chunks(server: ServerProcess) -> int:
     return sum(1 for p in (server.data_dir / "chunks").rglob("*") if p.is_file())
 
 
+def _reads_back_from_the_server(drive: Drive, files: dict[str, bytes]) -> None:
+    """Mounted again with an empty cache, every file reads back exact."""
+    drive.drop_cache()
+    drive.mount()
+    for name, data in files.items():
+        assert (drive.mnt / name).read_bytes() == data, name
+
+
 def _payload(size: int, seed: int) -> bytes:
     block = os.urandom(64) + bytes([seed])
     return (block * (size // len(block) + 1))[:size]
@@ -118,10 +126,7 @@ def test_small_chunks_waiting_to_upload_go_many_to_a_request(
             assert all(r.status == 201 for r in singles + batches)
             # The first upload was held, the rest waited.
             assert batches and len(singles) + len(batches) <= 10, (len(singles), len(batches))
-            drive.drop_cache()
-            drive.mount()
-            for name, data in files.items():
-                assert (drive.mnt / name).read_bytes() == data, name
+            _reads_back_from_the_server(drive, files)
         finally:
             drive.cleanup()
 
@@ -151,9 +156,6 @@ def test_small_files_saved_one_after_another_share_requests(
         uploads = re.findall(r"method=(?:PUT path=/v1/chunks/\w+|POST path=/v1/chunks/batch) ", log)
         # One request per gathering, a last one at the unmount.
         assert len(uploads) <= elapsed / SMALL_GATHER + 2, (len(uploads), elapsed)
-        drive.drop_cache()
-        drive.mount()
-        for name, data in files.items():
-            assert (drive.mnt / name).read_bytes() == data, name
+        _reads_back_from_the_server(drive, files)
     finally:
         drive.cleanup()
