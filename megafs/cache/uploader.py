@@ -53,12 +53,15 @@ log = logging.getLogger(__name__)
 CHUNK_WORKERS = 4
 #: Sealed chunks of at most this many bytes (a source tree's files are
 #: mostly a few KiB) are sent many to a request (``POST /chunks/batch``) by
-#: one task, which takes what waits and what comes within ``SMALL_GATHER``,
-#: up to ``SMALL_BATCH_BYTES``, unless someone waits for an upload (fsync,
-#: unmount). Sent as soon as they came, a tree extracted made a request per
-#: file. Larger ones go one to a request, in parallel.
+#: ``SMALL_CHUNK_WORKERS`` tasks, one at a time taking what waits and what
+#: comes within ``SMALL_GATHER``, up to ``SMALL_BATCH_BYTES``, unless someone
+#: waits for an upload (fsync, unmount); their uploads overlap. Sent as soon
+#: as they came, a tree extracted made a request per file; with two tasks a
+#: backlog drains two requests at a time. Larger ones go one to a request,
+#: in parallel.
 SMALL_CHUNK_MAX = 256 * 1024
 SMALL_BATCH_BYTES = 1 << 20
+SMALL_CHUNK_WORKERS = 2
 SMALL_GATHER = 0.02
 #: How long the committer lets changes gather before sending a batch
 #: (unless someone waits: fsync, unmount).
@@ -142,8 +145,9 @@ class Uploader:
         #: without gathering first.
         self._urgent = False
         self._urgent_event = trio.Event()
-        #: The small-chunk task's wait for more chunks, while it waits.
-        self._gathering: trio.CancelScope | None = None
+        #: The small-chunk tasks' waits for more chunks, while they wait.
+        self._gathering: set[trio.CancelScope] = set()
+        self._gather_lock = trio.Lock()
 
     # -- set-up ---------------------------------------------------------------
 
@@ -298,8 +302,8 @@ class Uploader:
         """Someone waits: the committer sends what it has without gathering."""
         self._urgent = True
         self._urgent_event.set()
-        if self._gathering is not None:
-            self._gathering.cancel()
+        for scope in self._gathering:
+            scope.cancel()
 
     async def wait_committed(self, node_id: bytes, seq: int) -> None:
         """Until the server has the node's state ``seq`` or a later one."""
@@ -354,7 +358,8 @@ class Uploader:
         async with trio.open_nursery() as nursery:
             for _ in range(CHUNK_WORKERS):
                 nursery.start_soon(self._chunk_worker, self._chunk_recv.clone())
-            nursery.start_soon(self._small_chunk_worker, self._small_recv.clone())
+            for _ in range(SMALL_CHUNK_WORKERS):
+                nursery.start_soon(self._small_chunk_worker, self._small_recv.clone())
             nursery.start_soon(self._committer)
             task_status.started()
 
@@ -365,8 +370,17 @@ class Uploader:
 
     async def _small_chunk_worker(self, recv: trio.MemoryReceiveChannel[bytes]) -> None:
         async with recv:
-            async for chunk_id in recv:
-                await self._upload(await self._gather(recv, chunk_id))
+            while True:
+                # One task gathers at a time (else each would catch every
+                # other chunk of a stream, and batches halve); the others'
+                # uploads overlap it.
+                async with self._gather_lock:
+                    try:
+                        first = await recv.receive()
+                    except trio.EndOfChannel:
+                        return
+                    batch = await self._gather(recv, first)
+                await self._upload(batch)
 
     async def _gather(self, recv: trio.MemoryReceiveChannel[bytes], first: bytes) -> list[bytes]:
         """``first`` and the small chunks queued after it, one request's
@@ -374,7 +388,8 @@ class Uploader:
         unless someone waits for uploads (``_hurry`` ends the wait)."""
         batch = [first]
         size = self._chunks.sealed_size(first) or 0
-        with trio.move_on_after(SMALL_GATHER) as self._gathering:
+        with trio.move_on_after(SMALL_GATHER) as gathering:
+            self._gathering.add(gathering)
             try:
                 while len(batch) < MAX_CHUNK_BATCH_ITEMS and size < SMALL_BATCH_BYTES:
                     try:
@@ -387,7 +402,8 @@ class Uploader:
                     size += self._chunks.sealed_size(chunk_id) or 0
             except trio.EndOfChannel:
                 pass
-        self._gathering = None
+            finally:
+                self._gathering.discard(gathering)
         return batch
 
     async def _upload(self, chunk_ids: list[bytes]) -> None:
