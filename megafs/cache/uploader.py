@@ -145,8 +145,9 @@ class Uploader:
         #: without gathering first.
         self._urgent = False
         self._urgent_event = trio.Event()
-        #: The small-chunk tasks' waits for more chunks, while they wait.
-        self._gathering: set[trio.CancelScope] = set()
+        #: The wait for more small chunks, while one task gathers (one at a
+        #: time: ``_gather_lock``).
+        self._gathering: trio.CancelScope | None = None
         self._gather_lock = trio.Lock()
 
     # -- set-up ---------------------------------------------------------------
@@ -302,8 +303,8 @@ class Uploader:
         """Someone waits: the committer sends what it has without gathering."""
         self._urgent = True
         self._urgent_event.set()
-        for scope in self._gathering:
-            scope.cancel()
+        if self._gathering is not None:
+            self._gathering.cancel()
 
     async def wait_committed(self, node_id: bytes, seq: int) -> None:
         """Until the server has the node's state ``seq`` or a later one."""
@@ -388,8 +389,7 @@ class Uploader:
         unless someone waits for uploads (``_hurry`` ends the wait)."""
         batch = [first]
         size = self._chunks.sealed_size(first) or 0
-        with trio.move_on_after(SMALL_GATHER) as gathering:
-            self._gathering.add(gathering)
+        with trio.move_on_after(SMALL_GATHER) as self._gathering:
             try:
                 while len(batch) < MAX_CHUNK_BATCH_ITEMS and size < SMALL_BATCH_BYTES:
                     try:
@@ -403,7 +403,7 @@ class Uploader:
             except trio.EndOfChannel:
                 pass
             finally:
-                self._gathering.discard(gathering)
+                self._gathering = None
         return batch
 
     async def _upload(self, chunk_ids: list[bytes]) -> None:
