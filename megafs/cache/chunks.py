@@ -23,7 +23,8 @@ keeps a MAC of each 16 KiB piece of its file in memory, and reads, checks
 and decrypts only the pieces the read needs (docs/format.md §14).
 
 Disk I/O and crypto run in worker threads; the event loop thread only does
-bookkeeping.
+bookkeeping, and seals a small chunk, whose file the local state's log
+writes (``LocalState.add_chunk_file``).
 """
 
 from __future__ import annotations
@@ -34,13 +35,13 @@ import logging
 import os
 from collections import OrderedDict
 from collections.abc import Callable
-from pathlib import Path
 from typing import TypeVar, cast
 
 import cachetools
 import trio
 
-from megafs.cache.state import LocalState
+from megafs.cache.chunkfiles import chunk_path, write_chunk_file
+from megafs.cache.state import LOGGED_CHUNK, LocalState
 from megafs.crypto import AccountKeys, open_chunk, seal_chunk
 from megafs.crypto.chunks import PieceMarker, PieceMarks
 from megafs.errors import IntegrityError, MegafsError, NotFound, QuotaExceeded, RemoteError
@@ -82,7 +83,6 @@ class ChunkCache:
 
     def __init__(
         self,
-        directory: Path,
         state: LocalState,
         remote: RemoteClient,
         keys: AccountKeys,
@@ -94,8 +94,8 @@ class ChunkCache:
         """``uploads_failing``: whether uploads fail now (the server is
         unreachable), so a cache full of dirty chunks fails new ones at once
         instead of waiting for room."""
-        self._dir = directory
-        self._root = str(directory)
+        self._dir = state.chunk_dir
+        self._root = str(state.chunk_dir)
         self._uploads_failing = uploads_failing or (lambda: False)
         self._state = state
         self._remote = remote
@@ -355,7 +355,10 @@ class ChunkCache:
             await self._wait_for_room(sealed_size)
             self._reserved += sealed_size
             try:
-                await self._write_file(chunk_id, sealed.blob, dirty=True)
+                if sealed_size <= LOGGED_CHUNK:
+                    await self._log_new(chunk_id, sealed.blob)
+                else:
+                    await self._write_file(chunk_id, sealed.blob, dirty=True)
             finally:
                 self._reserved -= sealed_size
         finally:
@@ -396,10 +399,15 @@ class ChunkCache:
         """The sealed bytes of chunks on disk, for upload: one worker-thread
         call for all of them (a batch of small files' chunks)."""
 
-        def read() -> list[bytes | None]:
-            return [_read_or_none(self._path(chunk_id)) for chunk_id in chunk_ids]
+        blobs = [self._state.unfolded_chunk(chunk_id) for chunk_id in chunk_ids]
+        on_disk = [i for i, blob in enumerate(blobs) if blob is None]
 
-        blobs = await trio.to_thread.run_sync(read, limiter=self._disk)
+        def read() -> None:
+            for i in on_disk:
+                blobs[i] = _read_or_none(self._path(chunk_ids[i]))
+
+        if on_disk:
+            await trio.to_thread.run_sync(read, limiter=self._disk)
         for chunk_id, blob in zip(chunk_ids, blobs, strict=True):
             if blob is None:
                 raise NotFound(f"chunk {_short(chunk_id)} is not in the local cache")
@@ -424,7 +432,9 @@ class ChunkCache:
 
     async def sync_files(self, chunk_ids: list[bytes]) -> None:
         """fsync the given chunk files (before an fsync'd journal entry
-        names them)."""
+        names them), writing first those still in the log."""
+        if any(self._state.unfolded_chunk(chunk_id) is not None for chunk_id in chunk_ids):
+            await self._state.fold()
 
         def sync() -> None:
             for chunk_id in chunk_ids:
@@ -442,39 +452,41 @@ class ChunkCache:
     # -- files --------------------------------------------------------------
 
     def _path(self, chunk_id: bytes) -> str:
-        # A string, not a Path: a random read builds one for every piece,
-        # and pathlib takes 6 µs to join three parts.
-        name = chunk_id.hex()
-        return f"{self._root}/{name[:2]}/{name}"
+        return chunk_path(self._root, chunk_id)
 
     async def _read_file(self, chunk_id: bytes) -> bytes | None:
+        blob = self._state.unfolded_chunk(chunk_id)
+        if blob is not None:
+            return blob
         return await trio.to_thread.run_sync(
             _read_or_none, self._path(chunk_id), limiter=self._disk
         )
 
     async def _write_file(self, chunk_id: bytes, blob: bytes, *, dirty: bool) -> None:
         path = self._path(chunk_id)
-
-        def write() -> None:
-            with contextlib.suppress(FileExistsError):  # load() made the cache dir
-                os.mkdir(os.path.dirname(path))
-            # A name of its own: two writes of one chunk (a store and a
-            # download, say) carry different nonces, and must not mix.
-            tmp = f"{path}.{os.urandom(4).hex()}.tmp"
-            with open(tmp, "wb") as f:
-                f.write(blob)
-            os.replace(tmp, path)
-
-        await trio.to_thread.run_sync(write, limiter=self._disk)
+        await trio.to_thread.run_sync(write_chunk_file, path, blob, limiter=self._disk)
         await self._state.add_chunk(chunk_id, len(blob), dirty=dirty)
+        await self._indexed(chunk_id, len(blob), dirty=dirty)
+
+    async def _log_new(self, chunk_id: bytes, blob: bytes) -> None:
+        """A small new chunk: its sealed bytes go into the local state's
+        log, one ``write(2)`` on the event loop, and the log's next fold
+        writes its file. A close thus waits for no worker thread and no
+        file creation (0.2-1 ms on some disks), and the chunk survives a
+        crash of the daemon all the same."""
+        await self._state.add_chunk_file(chunk_id, blob)
+        await self._indexed(chunk_id, len(blob), dirty=True)
+
+    async def _indexed(self, chunk_id: bytes, size: int, *, dirty: bool) -> None:
+        """Count a chunk the cache now holds (and evict if over the limit)."""
         if chunk_id not in self._index:
-            self._disk_bytes += len(blob)
+            self._disk_bytes += size
         if dirty and chunk_id not in self._dirty:
             self._dirty.add(chunk_id)
-            self._dirty_bytes += len(blob)
+            self._dirty_bytes += size
         elif chunk_id in self._dirty:
-            self._dirty_bytes += len(blob) - self._index[chunk_id]
-        self._index[chunk_id] = len(blob)
+            self._dirty_bytes += size - self._index[chunk_id]
+        self._index[chunk_id] = size
         await self._evict()
 
     async def _drop(self, chunk_id: bytes) -> None:
@@ -486,6 +498,8 @@ class ChunkCache:
         if chunk_id in self._dirty:
             self._dirty.discard(chunk_id)
             self._dirty_bytes -= size
+        if self._state.unfolded_chunk(chunk_id) is not None:
+            await self._state.fold()  # else the fold would write it after the unlink
         path = self._path(chunk_id)
         await trio.to_thread.run_sync(_unlink, path, limiter=self._disk)
         await self._state.forget_chunks([chunk_id])

@@ -53,10 +53,11 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
 import trio
 
+from megafs.cache.chunkfiles import chunk_path, write_chunk_file
 from megafs.cache.statelog import Record, StateLog, Value, leftover_logs
 from megafs.remote import Change, RemoteNode
 
@@ -106,6 +107,15 @@ class JournalEntry:
 class LocalState:
     def __init__(self, path: Path) -> None:
         self._path = path
+        #: The chunk cache's files (docs/format.md §14), beside the
+        #: database: the fold of a logged chunk writes its file there.
+        self.chunk_dir = path.parent / "chunks"
+        self._chunk_root = str(self.chunk_dir)
+        #: Chunks logged by ``add_chunk_file`` whose fold is not done yet:
+        #: chunk id -> sealed bytes. Added on the event loop; removed by the
+        #: fold (database thread), after the files are written and the
+        #: transaction is committed.
+        self._unfolded: dict[bytes, bytes] = {}
         self._limiter = trio.CapacityLimiter(1)
         self._db: sqlite3.Connection | None = None
         self._log = StateLog(path)
@@ -151,7 +161,7 @@ class LocalState:
         if leftover:  # the daemon stopped before folding these
             with _transaction(db):
                 for number, records in leftover:
-                    _apply(db, records, number)
+                    _apply(db, records, number, self._chunk_root)
                     folded = number
         self._log.start(after=folded)
         self._db = db
@@ -173,11 +183,19 @@ class LocalState:
             return
         try:
             with _transaction(self._conn()) as db:
-                _apply(db, batch.records, batch.number)
+                _apply(db, batch.records, batch.number, self._chunk_root)
         except BaseException:
             self._log.restore(batch)
             raise
         self._log.remove(batch)
+        for kind, values in batch.records:
+            if kind == _CHUNK_FILE:
+                self._unfolded.pop(cast(bytes, values[0]), None)
+
+    async def fold(self) -> None:
+        """Apply the log to the database now (and write the files of the
+        chunks it carries)."""
+        await self._run(lambda: None)
 
     def _conn(self) -> sqlite3.Connection:
         if self._db is None:
@@ -209,6 +227,19 @@ class LocalState:
         """Index a chunk file (through the log: a file's close waits for it)."""
         # Wall-clock time: the LRU order must survive restarts.
         await self._append(_CHUNK, (chunk_id, size, int(dirty), time.time_ns()))
+
+    async def add_chunk_file(self, chunk_id: bytes, blob: bytes) -> None:
+        """Keep a new (dirty) chunk of at most ``LOGGED_CHUNK`` sealed bytes:
+        its bytes go into the log, and the fold writes its cache file before
+        the index row that names it, so no row names a missing file. Until
+        then ``unfolded_chunk`` answers its bytes."""
+        self._log.append(_CHUNK_FILE, (chunk_id, len(blob), 1, time.time_ns(), blob))
+        self._unfolded[chunk_id] = blob
+        await self._fold_if_full()
+
+    def unfolded_chunk(self, chunk_id: bytes) -> bytes | None:
+        """The sealed bytes of a chunk whose file the log has yet to write."""
+        return self._unfolded.get(chunk_id)
 
     async def mark_clean(self, chunk_ids: list[bytes]) -> None:
         def q() -> None:
@@ -428,8 +459,11 @@ class LocalState:
 
     async def _append(self, kind: bytes, values: tuple[Value, ...]) -> None:
         self._log.append(kind, values)
-        if len(self._log) >= _FOLD_AT:
-            await self._run(lambda: None)  # bounds the log and the memory it holds
+        await self._fold_if_full()
+
+    async def _fold_if_full(self) -> None:
+        if len(self._log) >= _FOLD_AT or self._log.size >= _FOLD_BYTES:
+            await self.fold()  # bounds the log and the memory it holds
 
     async def sync(self) -> None:
         """Make everything written so far survive a power cut."""
@@ -585,13 +619,18 @@ _SAVE_SEEN = (
 )
 
 #: Kinds of log records (cache/statelog.py): a journal entry's row followed
-#: by the revision seen (or None), a chunk's row, and a journal entry
-#: forgotten (node id, seq).
-_ENTRY, _CHUNK, _FORGET = b"J", b"C", b"F"
-#: A put (or a chunk) waits for a fold once the log holds this many records:
-#: folds otherwise come with the next database call, which the uploader
-#: makes soon, but not while the server is unreachable.
+#: by the revision seen (or None), a chunk's row, a journal entry forgotten
+#: (node id, seq), and a chunk's row followed by its sealed bytes.
+_ENTRY, _CHUNK, _FORGET, _CHUNK_FILE = b"J", b"C", b"F", b"B"
+#: A put (or a chunk) waits for a fold once the log holds this many records,
+#: or this many bytes: folds otherwise come with the next database call,
+#: which the uploader makes soon, but not while the server is unreachable.
 _FOLD_AT = 1000
+_FOLD_BYTES = 8 << 20
+#: New chunks up to this many sealed bytes travel in the log
+#: (``add_chunk_file``); larger ones are written by the chunk cache, in a
+#: worker thread, before the close that sealed them returns.
+LOGGED_CHUNK = 64 * 1024
 _PUT_ENTRY = "INSERT OR REPLACE INTO journal VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
 _ADD_CHUNK = (
     "INSERT INTO chunks VALUES (?, ?, ?, ?) ON CONFLICT(id) DO UPDATE SET "
@@ -599,9 +638,11 @@ _ADD_CHUNK = (
 )
 
 
-def _apply(db: sqlite3.Connection, records: list[Record], number: int) -> None:
+def _apply(db: sqlite3.Connection, records: list[Record], number: int, chunk_root: str) -> None:
     """Apply log records in order, and remember that log ``number`` (and
-    every one before it) is folded, in the caller's transaction."""
+    every one before it) is folded, in the caller's transaction. A logged
+    chunk's file is written (again, if a crash came after an earlier fold
+    wrote it: the same bytes) under ``chunk_root`` before its row."""
     for kind, values in records:
         if kind == _ENTRY:
             if values[-1] is not None:
@@ -609,6 +650,10 @@ def _apply(db: sqlite3.Connection, records: list[Record], number: int) -> None:
             db.execute(_PUT_ENTRY, values[:-1])
         elif kind == _CHUNK:
             db.execute(_ADD_CHUNK, values)
+        elif kind == _CHUNK_FILE:
+            chunk_id, blob = cast(bytes, values[0]), cast(bytes, values[-1])
+            write_chunk_file(chunk_path(chunk_root, chunk_id), blob)
+            db.execute(_ADD_CHUNK, values[:-1])
         elif kind == _FORGET:
             db.execute("DELETE FROM journal WHERE node_id = ? AND seq = ?", values)
         else:

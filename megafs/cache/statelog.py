@@ -1,14 +1,16 @@
 """Writes to the local state that must not wait for SQLite.
 
 Closing a file journals its new state, and a dirty chunk is indexed before
-a journal entry names it. Each must survive a crash of the daemon once the
-request that made it is answered, but a SQLite transaction costs a worker
-thread hop and a commit (200-500 µs, more behind other database work)
-while the FUSE request waits. So these writes are appended to a log file
-instead, with one ``write(2)`` on the event loop (a few µs: the kernel
-keeps the bytes if the daemon dies, as SQLite's WAL with
-``synchronous=NORMAL`` does), and folded into the database in one
-transaction before the database's next call (cache/state.py).
+a journal entry names it (a small one with its sealed bytes, whose file the
+fold writes: cache/state.py). Each must survive a crash of the daemon once
+the request that made it is answered, but a SQLite transaction costs a
+worker thread hop and a commit (200-500 µs, more behind other database
+work) while the FUSE request waits, and so does creating a file. So
+these writes are appended to a log file instead, with one ``write(2)`` on
+the event loop (a few µs: the kernel keeps the bytes if the daemon dies,
+as SQLite's WAL with ``synchronous=NORMAL`` does), and folded into the
+database in one transaction before the database's next call
+(cache/state.py).
 
 Logs are numbered: each fold takes the records written so far, moves
 appends to a new file, and writes the highest number it folded to the
@@ -137,6 +139,11 @@ class StateLog:
 
     def __len__(self) -> int:
         return len(self._records)
+
+    @property
+    def size(self) -> int:
+        """Bytes appended since the last ``take``."""
+        return self._size
 
     def start(self, after: int) -> None:
         """Remove every old log (already folded) and open a new one

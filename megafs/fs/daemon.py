@@ -93,7 +93,6 @@ async def run_mount(
                 return uploader.failing_for > 0
 
             chunks = ChunkCache(
-                cache_dir / "chunks",
                 state,
                 remote,
                 keys,

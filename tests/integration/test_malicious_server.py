@@ -332,7 +332,7 @@ async def device(url: str, keys: AccountKeys, state_dir: Path, token: str) -> As
     async with RemoteClient(url, token) as remote:
         state = await LocalState.open(state_dir / "state.sqlite3")
         try:
-            chunks = ChunkCache(state_dir / "chunks", state, remote, keys, limit_bytes=1 << 30)
+            chunks = ChunkCache(state, remote, keys, limit_bytes=1 << 30)
             await chunks.load()
             uploader = Uploader(remote, state, chunks)
             await uploader.load()

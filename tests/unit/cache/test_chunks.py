@@ -13,6 +13,7 @@ import trio
 import trio.testing
 
 from megafs.cache import ChunkCache, LocalState
+from megafs.cache.state import LOGGED_CHUNK
 from megafs.crypto import AccountKeys, open_chunk
 from megafs.remote import RemoteClient
 
@@ -39,7 +40,7 @@ async def cache(tmp_path: Path) -> AsyncIterator[HeldWrites]:
     state = await LocalState.open(tmp_path / "state.sqlite3")
     try:
         async with RemoteClient("http://127.0.0.1:9") as remote:  # never called
-            cache = HeldWrites(tmp_path / "chunks", state, remote, KEYS, limit_bytes=1 << 30)
+            cache = HeldWrites(state, remote, KEYS, limit_bytes=1 << 30)
             await cache.load()
             yield cache
     finally:
@@ -47,20 +48,26 @@ async def cache(tmp_path: Path) -> AsyncIterator[HeldWrites]:
 
 
 async def test_one_content_stored_twice_at_once_is_written_once(cache: HeldWrites) -> None:
-    # Small enough to be sealed on the event loop: both stores reach the
-    # cache file deterministically. Each seal has its own nonce, so two
-    # writes of the file would be two different blobs.
-    data = os.urandom(1000)
+    # Larger than LOGGED_CHUNK: sealed in a worker thread and written to its
+    # file before the store returns, so a second store of the same content
+    # can arrive meanwhile. (A smaller chunk is stored with no checkpoint at
+    # all: no other store can come between.) Each seal has its own nonce, so
+    # two writes of the file would be two different blobs.
+    data = os.urandom(LOGGED_CHUNK + 1000)
     results: list[tuple[bytes, bytes, bool]] = []
 
     async def store() -> None:
         results.append(await cache.store(data))
 
+    def second_store_waits() -> bool:
+        return any(done.statistics().tasks_waiting for done in cache._storing.values())
+
     async with trio.open_nursery() as nursery:
         nursery.start_soon(store)
         nursery.start_soon(store)
-        await trio.testing.wait_all_tasks_blocked()
-        assert cache.writes == 1  # the second store waits for the first
+        with trio.fail_after(10):
+            while not (cache.writes == 1 and second_store_waits()):
+                await trio.sleep(0.01)
         cache.gate.set()
     assert cache.writes == 1
     (secret, chunk_id, new), again = results
@@ -73,10 +80,30 @@ async def test_a_write_cut_short_by_a_crash_is_removed_at_load(
     cache: HeldWrites, tmp_path: Path
 ) -> None:
     cache.gate.set()
-    _, chunk_id, _ = await cache.store(os.urandom(1000))
+    _, chunk_id, _ = await cache.store(os.urandom(LOGGED_CHUNK + 1))  # written by the store
     name = chunk_id.hex()
     leftover = tmp_path / "chunks" / name[:2] / f"{name}.0badcafe.tmp"
     leftover.write_bytes(b"half a chunk")
     await cache.load()
     assert not leftover.exists()
     assert (tmp_path / "chunks" / name[:2] / name).exists()
+
+
+async def test_a_small_chunk_is_written_by_the_logs_fold_and_read_meanwhile(
+    cache: HeldWrites, tmp_path: Path
+) -> None:
+    data = os.urandom(1000)
+    secret, chunk_id, new = await cache.store(data)
+    assert new and cache.writes == 0  # no worker thread, no file yet
+    name = chunk_id.hex()
+    path = tmp_path / "chunks" / name[:2] / name
+    assert not path.exists()
+    cache._plain.clear()  # read it from where it is kept, not from memory
+    assert await cache.read(secret) == data
+    assert open_chunk(KEYS, secret, (await cache.sealed_blobs([chunk_id]))[0]) == data
+    # An fsync makes its file first, then syncs it.
+    await cache.sync_files([chunk_id])
+    assert path.exists()
+    assert open_chunk(KEYS, secret, path.read_bytes()) == data
+    assert cache._state.unfolded_chunk(chunk_id) is None
+    assert (chunk_id, len(path.read_bytes()), True) in await cache._state.load_chunks()

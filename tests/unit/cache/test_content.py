@@ -74,9 +74,9 @@ async def fx(tmp_path: Path) -> AsyncIterator[Fixture]:
         # Never called: a store only seals and writes the cache.
         async with RemoteClient("http://127.0.0.1:9") as remote:
             keys = AccountKeys.from_master(os.urandom(32), os.urandom(16))
-            cache = GatedCache(tmp_path / "chunks", state, remote, keys, limit_bytes=1 << 30)
+            cache = GatedCache(state, remote, keys, limit_bytes=1 << 30)
             await cache.load()
-            fresh = ChunkCache(tmp_path / "chunks", state, remote, keys, limit_bytes=1 << 30)
+            fresh = ChunkCache(state, remote, keys, limit_bytes=1 << 30)
             sealer = Sealer()
             async with trio.open_nursery() as nursery:
                 await nursery.start(sealer.run)

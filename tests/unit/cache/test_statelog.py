@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from megafs.cache import JournalEntry, LocalState
-from megafs.cache.state import journal_left
+from megafs.cache.state import _FOLD_BYTES, LOGGED_CHUNK, journal_left
 from megafs.cache.statelog import decode, encode
 
 A, B = bytes([1]) * 16, bytes([2]) * 16
@@ -101,6 +101,53 @@ async def test_a_forgotten_entry_stays_forgotten_across_a_crash(tmp_path: Path) 
         assert (entry.node_id, entry.seq, entry.commit_id) == (B, 3, kept.commit_id)
     finally:
         await again.aclose()
+
+
+async def test_a_logged_chunk_survives_a_crash_and_its_fold_writes_its_file(
+    tmp_path: Path,
+) -> None:
+    """A small chunk travels in the log: a crash before any fold keeps it,
+    and the fold on opening writes its cache file before the row naming it."""
+    cache = tmp_path / "cache"
+    state = await LocalState.open(cache / "state.sqlite3")
+    blob = os.urandom(3000)
+    try:
+        await state.add_chunk_file(CHUNK, blob)
+        await state.put_entry(_entry(A, 1))  # names the chunk
+        assert state.unfolded_chunk(CHUNK) == blob
+        image = _crash_image(cache, tmp_path / "crashed")
+    finally:
+        await state.aclose()
+    name = CHUNK.hex()
+    assert (cache / "chunks" / name[:2] / name).read_bytes() == blob  # a clean close folds
+    crashed = image.parent / "chunks" / name[:2] / name
+    assert not crashed.exists()
+
+    assert journal_left(image) == 1
+    again = await LocalState.open(image)
+    try:
+        assert crashed.read_bytes() == blob
+        assert again.unfolded_chunk(CHUNK) is None
+        assert (CHUNK, len(blob), True) in await again.load_chunks()
+        assert [e.chunks for e in await again.load_journal()] == [(CHUNK,)]
+    finally:
+        await again.aclose()
+
+
+async def test_logged_chunks_are_folded_once_their_bytes_reach_the_bound(
+    tmp_path: Path,
+) -> None:
+    """Their bytes wait in memory until the fold: a writer with no database
+    call in between (the server unreachable) folds at ``_FOLD_BYTES``."""
+    state = await LocalState.open(tmp_path / "cache" / "state.sqlite3")
+    try:
+        ids = [os.urandom(32) for _ in range(_FOLD_BYTES // LOGGED_CHUNK + 1)]
+        for chunk_id in ids:
+            await state.add_chunk_file(chunk_id, os.urandom(LOGGED_CHUNK))
+        assert state.unfolded_chunk(ids[0]) is None  # folded: its file is written
+        assert state.unfolded_chunk(ids[-1]) is not None  # after the fold: waits for the next
+    finally:
+        await state.aclose()
 
 
 async def test_a_log_left_behind_after_its_fold_is_not_applied_again(tmp_path: Path) -> None:
