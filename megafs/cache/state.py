@@ -49,6 +49,7 @@ from __future__ import annotations
 import contextlib
 import os
 import sqlite3
+import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -114,8 +115,9 @@ class LocalState:
         #: Chunks logged by ``add_chunk_file`` whose fold is not done yet:
         #: chunk id -> sealed bytes. Added on the event loop; removed by the
         #: fold (database thread), after the files are written and the
-        #: transaction is committed.
+        #: transaction is committed, unless logged again meanwhile.
         self._unfolded: dict[bytes, bytes] = {}
+        self._unfolded_lock = threading.Lock()
         self._limiter = trio.CapacityLimiter(1)
         self._db: sqlite3.Connection | None = None
         self._log = StateLog(path)
@@ -188,9 +190,11 @@ class LocalState:
             self._log.restore(batch)
             raise
         self._log.remove(batch)
-        for kind, values in batch.records:
-            if kind == _CHUNK_FILE:
-                self._unfolded.pop(cast(bytes, values[0]), None)
+        with self._unfolded_lock:
+            for kind, values in batch.records:
+                chunk_id = cast(bytes, values[0])
+                if kind == _CHUNK_FILE and self._unfolded.get(chunk_id) is values[-1]:
+                    del self._unfolded[chunk_id]
 
     async def fold(self) -> None:
         """Apply the log to the database now (and write the files of the
@@ -234,7 +238,8 @@ class LocalState:
         the index row that names it, so no row names a missing file. Until
         then ``unfolded_chunk`` answers its bytes."""
         self._log.append(_CHUNK_FILE, (chunk_id, len(blob), 1, time.time_ns(), blob))
-        self._unfolded[chunk_id] = blob
+        with self._unfolded_lock:
+            self._unfolded[chunk_id] = blob
         await self._fold_if_full()
 
     def unfolded_chunk(self, chunk_id: bytes) -> bytes | None:
