@@ -33,6 +33,7 @@ __all__ = [
     "FormatError",
     "IntegrityError",
     "InvalidRequest",
+    "LocalDiskFull",
     "MegafsError",
     "NotEmpty",
     "NotFound",
@@ -113,6 +114,14 @@ class TooLarge(MegafsError):
 
 class QuotaExceeded(MegafsError):
     errno, http_status, code = _errno.ENOSPC, 507, "quota_exceeded"
+
+
+class LocalDiskFull(MegafsError):
+    """The disk holding the local cache has no room (or no inodes) left:
+    nothing more is saved here until room is made there; what is already
+    saved stays. Never on the wire."""
+
+    errno, code = _errno.ENOSPC, "local_disk_full"
 
 
 class CursorExpired(MegafsError):

@@ -32,6 +32,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import logging
+import math
 import os
 from collections import OrderedDict
 from collections.abc import Callable
@@ -41,7 +42,7 @@ import cachetools
 import trio
 
 from megafs.cache.chunkfiles import chunk_path, write_chunk_file
-from megafs.cache.state import LOGGED_CHUNK, LocalState
+from megafs.cache.state import LOGGED_CHUNK, LocalState, local_disk
 from megafs.crypto import AccountKeys, open_chunk, seal_chunk
 from megafs.crypto.chunks import PieceMarker, PieceMarks
 from megafs.errors import IntegrityError, MegafsError, NotFound, QuotaExceeded, RemoteError
@@ -62,6 +63,10 @@ _NOWAIT = getattr(os, "RWF_NOWAIT", 0)
 #: the decryption context its first piece read makes), so 7 GiB of cached
 #: chunks, more than the default cache holds.
 _MARKS_BYTES = 16 << 20
+#: Free space the cache's disk must have for new small chunks to travel in
+#: the local state's log (``_disk_has_room``): well above what a fold writes
+#: (at most 8 MiB of log, twice while one fold runs).
+DISK_MARGIN = 64 << 20
 #: Seconds a new chunk waits for room in a cache full of chunks waiting for
 #: upload while no upload finishes, before it fails with ENOSPC.
 ROOM_WAIT = 30.0
@@ -125,6 +130,8 @@ class ChunkCache:
         self._marker = PieceMarker()
         self._crypto = trio.CapacityLimiter(max(2, os.cpu_count() or 2))
         self._disk = trio.CapacityLimiter(4)
+        self._disk_checked = -math.inf
+        self._disk_roomy = False
 
     async def load(self) -> None:
         """Read the chunk index left by an earlier run, and remove the
@@ -355,7 +362,7 @@ class ChunkCache:
             await self._wait_for_room(sealed_size)
             self._reserved += sealed_size
             try:
-                if sealed_size <= LOGGED_CHUNK:
+                if sealed_size <= LOGGED_CHUNK and self._disk_has_room():
                     await self._log_new(chunk_id, sealed.blob)
                 else:
                     await self._write_file(chunk_id, sealed.blob, dirty=True)
@@ -447,7 +454,8 @@ class ChunkCache:
                 finally:
                     os.close(fd)
 
-        await trio.to_thread.run_sync(sync, limiter=self._disk)
+        with local_disk(self._dir):
+            await trio.to_thread.run_sync(sync, limiter=self._disk)
 
     # -- files --------------------------------------------------------------
 
@@ -464,7 +472,8 @@ class ChunkCache:
 
     async def _write_file(self, chunk_id: bytes, blob: bytes, *, dirty: bool) -> None:
         path = self._path(chunk_id)
-        await trio.to_thread.run_sync(write_chunk_file, path, blob, limiter=self._disk)
+        with local_disk(self._dir):
+            await trio.to_thread.run_sync(write_chunk_file, path, blob, limiter=self._disk)
         await self._state.add_chunk(chunk_id, len(blob), dirty=dirty)
         await self._indexed(chunk_id, len(blob), dirty=dirty)
 
@@ -476,6 +485,23 @@ class ChunkCache:
         crash of the daemon all the same."""
         await self._state.add_chunk_file(chunk_id, blob)
         await self._indexed(chunk_id, len(blob), dirty=True)
+
+    def _disk_has_room(self) -> bool:
+        """Whether the cache's disk has ``DISK_MARGIN`` free (asked at most
+        once a second). A logged chunk's file is written by a later fold,
+        while the log still holds its bytes: on a nearly full disk that
+        write could fail after its ``close`` succeeded, so chunks are then
+        written before ``close`` returns, which reports a full disk."""
+        now = trio.current_time()
+        if now - self._disk_checked >= 1.0:
+            self._disk_checked = now
+            try:
+                st = os.statvfs(self._root)
+            except OSError:
+                self._disk_roomy = False
+            else:
+                self._disk_roomy = st.f_bavail * st.f_frsize >= DISK_MARGIN
+        return self._disk_roomy
 
     async def _indexed(self, chunk_id: bytes, size: int, *, dirty: bool) -> None:
         """Count a chunk the cache now holds (and evict if over the limit)."""

@@ -47,6 +47,7 @@ call sees them.
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import sqlite3
 import threading
@@ -60,6 +61,7 @@ import trio
 
 from megafs.cache.chunkfiles import chunk_path, write_chunk_file
 from megafs.cache.statelog import Record, StateLog, Value, leftover_logs
+from megafs.errors import LocalDiskFull
 from megafs.remote import Change, RemoteNode
 
 __all__ = ["JournalEntry", "LocalState", "journal_left"]
@@ -176,7 +178,8 @@ class LocalState:
             self._fold()
             return fn(*args)
 
-        return await trio.to_thread.run_sync(work, limiter=self._limiter)
+        with local_disk(self._path.parent):
+            return await trio.to_thread.run_sync(work, limiter=self._limiter)
 
     def _fold(self) -> None:
         """Apply what the log holds in one transaction (database thread)."""
@@ -237,7 +240,8 @@ class LocalState:
         its bytes go into the log, and the fold writes its cache file before
         the index row that names it, so no row names a missing file. Until
         then ``unfolded_chunk`` answers its bytes."""
-        self._log.append(_CHUNK_FILE, (chunk_id, len(blob), 1, time.time_ns(), blob))
+        with local_disk(self._path.parent):
+            self._log.append(_CHUNK_FILE, (chunk_id, len(blob), 1, time.time_ns(), blob))
         with self._unfolded_lock:
             self._unfolded[chunk_id] = blob
         await self._fold_if_full()
@@ -463,7 +467,8 @@ class LocalState:
             await self.sync()
 
     async def _append(self, kind: bytes, values: tuple[Value, ...]) -> None:
-        self._log.append(kind, values)
+        with local_disk(self._path.parent):
+            self._log.append(kind, values)
         await self._fold_if_full()
 
     async def _fold_if_full(self) -> None:
@@ -605,6 +610,24 @@ def _node_from_row(row: tuple[Any, ...]) -> RemoteNode:
         content=None if content is None else bytes(content),
         content_size=size,
     )
+
+
+@contextlib.contextmanager
+def local_disk(where: Path) -> Iterator[None]:
+    """Turn "no room left" from the disk holding ``where`` (ENOSPC or
+    EDQUOT, or SQLite's SQLITE_FULL) into LocalDiskFull: a FUSE request
+    answers it as ENOSPC, and background work (uploads, the periodic
+    flush) retries later instead of stopping the daemon."""
+    try:
+        yield
+    except OSError as exc:
+        if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise LocalDiskFull(f"no room left on the disk of {where}") from exc
+        raise
+    except sqlite3.Error as exc:
+        if getattr(exc, "sqlite_errorcode", None) == sqlite3.SQLITE_FULL:
+            raise LocalDiskFull(f"no room left on the disk of {where}") from exc
+        raise
 
 
 @contextlib.contextmanager

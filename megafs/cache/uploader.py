@@ -36,6 +36,7 @@ from megafs.cache.state import JournalEntry, LocalState
 from megafs.errors import (
     AlreadyExists,
     AuthFailed,
+    LocalDiskFull,
     MegafsError,
     NotEmpty,
     NotFound,
@@ -512,7 +513,7 @@ class Uploader:
                 self._inflight.discard(entry.node_id)
         if done:
             try:
-                await self._state.entries_committed(done)
+                await self._saved_locally(self._state.entries_committed, done)
             finally:
                 for entry in batch:
                     if self._landing.get(entry.node_id) is entry:
@@ -661,12 +662,31 @@ class Uploader:
             self._drop_entry(entry.node_id)
         self._versions[entry.node_id] = server_version
         self._done_seq[entry.node_id] = max(entry.seq, self._done_seq.get(entry.node_id, 0))
-        await self._state.entries_dropped([(entry.node_id, entry.seq, server_version)])
+        await self._saved_locally(
+            self._state.entries_dropped, [(entry.node_id, entry.seq, server_version)]
+        )
         self._notify()
 
     def note_conflict(self, description: str) -> None:
         """A conflicted copy was made; ``megafs status`` lists it."""
         self._stats.conflicts.append(description)
+
+    async def _saved_locally(
+        self,
+        fn: Callable[[list[tuple[bytes, int, int]]], Awaitable[None]],
+        done: list[tuple[bytes, int, int]],
+    ) -> None:
+        """Record in the local state what the server now has, trying again
+        while the cache's disk is full: it must be neither forgotten nor a
+        reason to stop the daemon."""
+        tries = 0
+        while True:
+            try:
+                return await fn(done)
+            except LocalDiskFull as exc:
+                tries += 1
+                self._record_failure(exc)
+                await self._sleep_backoff(tries)
 
     async def _with_retry(self, fn, *args, attempts: int = 0):  # type: ignore[no-untyped-def]
         """Run ``fn``; on a failure the server may recover from, back off and
@@ -721,7 +741,9 @@ class Uploader:
         self._stats.last_error = f"{type(exc).__name__}: {exc.detail}"
         if isinstance(exc, QuotaExceeded):
             self._quota_full = True
-        if not online and self._failing_since is None:
+        if isinstance(exc, LocalDiskFull):
+            log.error("%s: uploads resume once there is room", exc.detail)
+        elif not online and self._failing_since is None:
             self._failing_since = trio.current_time()
             log.warning("server unavailable (%s); changes wait in the journal", exc.detail)
         elif online:

@@ -107,3 +107,21 @@ async def test_a_small_chunk_is_written_by_the_logs_fold_and_read_meanwhile(
     assert open_chunk(KEYS, secret, path.read_bytes()) == data
     assert cache._state.unfolded_chunk(chunk_id) is None
     assert (chunk_id, len(path.read_bytes()), True) in await cache._state.load_chunks()
+
+
+async def test_on_a_disk_short_of_room_a_small_chunk_is_written_before_the_store_returns(
+    small_disk: Path,
+) -> None:
+    """Below ``DISK_MARGIN`` free, a logged chunk's later file write could
+    fail after its close succeeded: the store writes the file itself, and a
+    full disk is its error (ENOSPC), not a fold's."""
+    state = await LocalState.open(small_disk / "state.sqlite3")
+    try:
+        async with RemoteClient("http://127.0.0.1:9") as remote:  # never called
+            cache = HeldWrites(state, remote, KEYS, limit_bytes=1 << 30)
+            cache.gate.set()
+            await cache.load()
+            _, chunk_id, _ = await cache.store(os.urandom(1000))
+            assert cache.writes == 1 and state.unfolded_chunk(chunk_id) is None
+    finally:
+        await state.aclose()

@@ -18,6 +18,7 @@ import pytest
 from megafs.cache import JournalEntry, LocalState
 from megafs.cache.state import _FOLD_BYTES, LOGGED_CHUNK, journal_left
 from megafs.cache.statelog import decode, encode
+from megafs.errors import LocalDiskFull
 
 A, B = bytes([1]) * 16, bytes([2]) * 16
 CHUNK = bytes([7]) * 32
@@ -146,6 +147,36 @@ async def test_logged_chunks_are_folded_once_their_bytes_reach_the_bound(
             await state.add_chunk_file(chunk_id, os.urandom(LOGGED_CHUNK))
         assert state.unfolded_chunk(ids[0]) is None  # folded: its file is written
         assert state.unfolded_chunk(ids[-1]) is not None  # after the fold: waits for the next
+    finally:
+        await state.aclose()
+
+
+async def test_a_fold_that_finds_the_disk_full_keeps_the_logged_chunks(
+    small_disk: Path,
+) -> None:
+    """Their files cannot be written: the fold fails as LocalDiskFull (a
+    request answers ENOSPC, background work tries again), the bytes stay
+    readable and in the log, and the next fold with room writes them."""
+    state = await LocalState.open(small_disk / "cache" / "state.sqlite3")
+    try:
+        blobs = {os.urandom(32): os.urandom(60_000) for _ in range(3)}
+        for chunk_id, blob in blobs.items():
+            await state.add_chunk_file(chunk_id, blob)
+        filler = small_disk / "filler"
+        with contextlib.suppress(OSError), open(filler, "wb") as f:
+            while True:
+                f.write(bytes(64 << 10))
+        with pytest.raises(LocalDiskFull):
+            await state.fold()
+        assert all(state.unfolded_chunk(i) == b for i, b in blobs.items())
+        filler.unlink()
+        await state.fold()
+        for chunk_id, blob in blobs.items():
+            assert state.unfolded_chunk(chunk_id) is None
+            name = chunk_id.hex()
+            assert (small_disk / "cache" / "chunks" / name[:2] / name).read_bytes() == blob
+        chunks = await state.load_chunks()
+        assert all((i, len(b), True) in chunks for i, b in blobs.items())
     finally:
         await state.aclose()
 
