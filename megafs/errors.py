@@ -118,10 +118,12 @@ class QuotaExceeded(MegafsError):
 
 class LocalDiskFull(MegafsError):
     """The disk holding the local cache has no room (or no inodes) left:
-    nothing more is saved here until room is made there; what is already
-    saved stays. Never on the wire."""
+    nothing more is saved there until room is made; what is already saved
+    stays. Raised by the client for its own disk; it has a wire code and
+    status (507 Insufficient Storage) like every class, so that each
+    boundary maps errors the same way."""
 
-    errno, code = _errno.ENOSPC, "local_disk_full"
+    errno, http_status, code = _errno.ENOSPC, 507, "local_disk_full"
 
 
 class CursorExpired(MegafsError):
@@ -170,6 +172,7 @@ _BY_CODE: dict[str, type[MegafsError]] = {
         InvalidRequest,
         TooLarge,
         QuotaExceeded,
+        LocalDiskFull,
         CursorExpired,
         IntegrityError,
         FormatError,
