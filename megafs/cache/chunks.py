@@ -440,8 +440,7 @@ class ChunkCache:
     async def sync_files(self, chunk_ids: list[bytes]) -> None:
         """fsync the given chunk files (before an fsync'd journal entry
         names them), writing first those still in the log."""
-        if any(self._state.unfolded_chunk(chunk_id) is not None for chunk_id in chunk_ids):
-            await self._state.fold()
+        await self._state.write_chunk_files(chunk_ids)
 
         def sync() -> None:
             for chunk_id in chunk_ids:
@@ -524,8 +523,8 @@ class ChunkCache:
         if chunk_id in self._dirty:
             self._dirty.discard(chunk_id)
             self._dirty_bytes -= size
-        if self._state.unfolded_chunk(chunk_id) is not None:
-            await self._state.fold()  # else the fold would write it after the unlink
+        # Else a fold could write it after the unlink.
+        await self._state.write_chunk_files([chunk_id])
         path = self._path(chunk_id)
         await trio.to_thread.run_sync(_unlink, path, limiter=self._disk)
         await self._state.forget_chunks([chunk_id])

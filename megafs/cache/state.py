@@ -195,14 +195,22 @@ class LocalState:
         self._log.remove(batch)
         with self._unfolded_lock:
             for kind, values in batch.records:
+                if kind != _CHUNK_FILE:
+                    continue
                 chunk_id = cast(bytes, values[0])
-                if kind == _CHUNK_FILE and self._unfolded.get(chunk_id) is values[-1]:
+                if self._unfolded.get(chunk_id) is values[-1]:
                     del self._unfolded[chunk_id]
 
     async def fold(self) -> None:
         """Apply the log to the database now (and write the files of the
         chunks it carries)."""
         await self._run(lambda: None)
+
+    async def write_chunk_files(self, chunk_ids: list[bytes]) -> None:
+        """Make sure these chunks have their cache files: fold if one of
+        them is still only in the log (before a file is synced or removed)."""
+        if any(chunk_id in self._unfolded for chunk_id in chunk_ids):
+            await self.fold()
 
     def _conn(self) -> sqlite3.Connection:
         if self._db is None:
@@ -240,8 +248,7 @@ class LocalState:
         its bytes go into the log, and the fold writes its cache file before
         the index row that names it, so no row names a missing file. Until
         then ``unfolded_chunk`` answers its bytes."""
-        with local_disk(self._path.parent):
-            self._log.append(_CHUNK_FILE, (chunk_id, len(blob), 1, time.time_ns(), blob))
+        self._write_log(_CHUNK_FILE, (chunk_id, len(blob), 1, time.time_ns(), blob))
         with self._unfolded_lock:
             self._unfolded[chunk_id] = blob
         await self._fold_if_full()
@@ -467,9 +474,12 @@ class LocalState:
             await self.sync()
 
     async def _append(self, kind: bytes, values: tuple[Value, ...]) -> None:
+        self._write_log(kind, values)
+        await self._fold_if_full()
+
+    def _write_log(self, kind: bytes, values: tuple[Value, ...]) -> None:
         with local_disk(self._path.parent):
             self._log.append(kind, values)
-        await self._fold_if_full()
 
     async def _fold_if_full(self) -> None:
         if len(self._log) >= _FOLD_AT or self._log.size >= _FOLD_BYTES:
@@ -620,12 +630,13 @@ def local_disk(where: Path) -> Iterator[None]:
     flush) retries later instead of stopping the daemon."""
     try:
         yield
-    except OSError as exc:
-        if exc.errno in (errno.ENOSPC, errno.EDQUOT):
-            raise LocalDiskFull(f"no room left on the disk of {where}") from exc
-        raise
-    except sqlite3.Error as exc:
-        if getattr(exc, "sqlite_errorcode", None) == sqlite3.SQLITE_FULL:
+    except (OSError, sqlite3.Error) as exc:
+        full = (
+            exc.errno in (errno.ENOSPC, errno.EDQUOT)
+            if isinstance(exc, OSError)
+            else getattr(exc, "sqlite_errorcode", None) == sqlite3.SQLITE_FULL
+        )
+        if full:
             raise LocalDiskFull(f"no room left on the disk of {where}") from exc
         raise
 

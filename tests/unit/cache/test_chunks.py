@@ -1,9 +1,11 @@
 """The chunk cache's writes (cache/chunks.py): one content stored by two
-writers at once is written once, and a write an earlier run left half-done
-is cleaned up."""
+writers at once is written once, a write an earlier run left half-done is
+cleaned up, and a small chunk's file is written by the local state's log,
+unless its disk is short of room."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -35,9 +37,10 @@ class HeldWrites(ChunkCache):
 KEYS = AccountKeys.from_master(os.urandom(32), os.urandom(16))
 
 
-@pytest.fixture
-async def cache(tmp_path: Path) -> AsyncIterator[HeldWrites]:
-    state = await LocalState.open(tmp_path / "state.sqlite3")
+@contextlib.asynccontextmanager
+async def _held_cache(directory: Path) -> AsyncIterator[HeldWrites]:
+    """A loaded cache (and its local state) in ``directory``."""
+    state = await LocalState.open(directory / "state.sqlite3")
     try:
         async with RemoteClient("http://127.0.0.1:9") as remote:  # never called
             cache = HeldWrites(state, remote, KEYS, limit_bytes=1 << 30)
@@ -45,6 +48,12 @@ async def cache(tmp_path: Path) -> AsyncIterator[HeldWrites]:
             yield cache
     finally:
         await state.aclose()
+
+
+@pytest.fixture
+async def cache(tmp_path: Path) -> AsyncIterator[HeldWrites]:
+    async with _held_cache(tmp_path) as cache:
+        yield cache
 
 
 async def test_one_content_stored_twice_at_once_is_written_once(cache: HeldWrites) -> None:
@@ -115,13 +124,7 @@ async def test_on_a_disk_short_of_room_a_small_chunk_is_written_before_the_store
     """Below ``DISK_MARGIN`` free, a logged chunk's later file write could
     fail after its close succeeded: the store writes the file itself, and a
     full disk is its error (ENOSPC), not a fold's."""
-    state = await LocalState.open(small_disk / "state.sqlite3")
-    try:
-        async with RemoteClient("http://127.0.0.1:9") as remote:  # never called
-            cache = HeldWrites(state, remote, KEYS, limit_bytes=1 << 30)
-            cache.gate.set()
-            await cache.load()
-            _, chunk_id, _ = await cache.store(os.urandom(1000))
-            assert cache.writes == 1 and state.unfolded_chunk(chunk_id) is None
-    finally:
-        await state.aclose()
+    async with _held_cache(small_disk) as cache:
+        cache.gate.set()
+        _, chunk_id, _ = await cache.store(os.urandom(1000))
+        assert cache.writes == 1 and cache._state.unfolded_chunk(chunk_id) is None
