@@ -15,7 +15,8 @@ import stat
 import subprocess
 import threading
 import time
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -29,6 +30,7 @@ __all__ = [
     "du_bytes",
     "need",
     "run",
+    "small_disk",
     "snapshot",
     "vm_rss",
 ]
@@ -51,7 +53,22 @@ PACKAGES = {
     "fallocate": "util-linux",
     "vim": "vim",
     "strace": "strace",
+    "mount": "mount",
+    "umount": "mount",
 }
+
+
+@contextmanager
+def small_disk(directory: Path, size: str) -> Iterator[Path]:
+    """``directory`` (made if missing) as a disk of ``size`` bytes of its own
+    ("16m"): a tmpfs, which the tests, run as root, may mount."""
+    directory.mkdir(parents=True, exist_ok=True)
+    mount = [need("mount"), "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(directory)]
+    subprocess.run(mount, check=True)
+    try:
+        yield directory
+    finally:
+        subprocess.run([need("umount"), "-l", str(directory)], check=False)
 
 
 def need(tool: str) -> str:

@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 
 from tests.helpers.drive import Drive
+from tests.helpers.tools import small_disk
 
 pytestmark = pytest.mark.mount
 
@@ -22,15 +23,12 @@ pytestmark = pytest.mark.mount
 def small_cache_disk(drive: Drive, tmp_path: Path) -> Iterator[Path]:
     """The drive's cache directory on a 16 MiB disk of its own (its log
     kept elsewhere, so it can say what happened once that disk is full)."""
-    drive.cache.mkdir(parents=True)
-    tmpfs = ["mount", "-t", "tmpfs", "-o", "size=16m", "tmpfs", str(drive.cache)]
-    subprocess.run(tmpfs, check=True)
-    (drive.cache / "daemon.log").symlink_to(tmp_path / "daemon.log")
-    try:
-        yield drive.cache
-    finally:
-        drive.cleanup()
-        subprocess.run(["umount", "-l", str(drive.cache)], check=False)
+    with small_disk(drive.cache, "16m"):
+        (drive.cache / "daemon.log").symlink_to(tmp_path / "daemon.log")
+        try:
+            yield drive.cache
+        finally:
+            drive.cleanup()
 
 
 def test_a_full_cache_disk_is_enospc_and_what_was_accepted_reaches_the_server(
