@@ -28,6 +28,7 @@ import os
 import random
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field, replace
+from typing import TypeVar
 
 import trio
 
@@ -48,6 +49,8 @@ from megafs.remote import DeleteNode, PutNode, RemoteClient
 from megafs.wire import MAX_CHUNK_BATCH_ITEMS
 
 __all__ = ["Uploader", "UploaderStats"]
+
+_T = TypeVar("_T")
 
 log = logging.getLogger(__name__)
 
@@ -126,6 +129,10 @@ class Uploader:
         self._small_send, self._small_recv = trio.open_memory_channel[bytes](math.inf)
         self._queued_chunks: set[bytes] = set()
         self._work = trio.Event()
+        #: Replaced whenever set: a task backing off waits on the one current
+        #: when it began, so only work that arrives after its failure wakes it
+        #: (``_work`` may have been set long before, until the committer runs).
+        self._arrived = trio.Event()
         self._progress = trio.Event()
         self._stats = UploaderStats()
         self._failing_since: float | None = None
@@ -291,10 +298,17 @@ class Uploader:
             self._hurry()
             await self._chunks.sync_files([c for c in chunks if self._chunks.is_dirty(c)])
         await self._state.put_entry(entry, durable=durable, rev=rev)
-        self._work.set()
+        self._new_work()
         return entry.seq
 
     # -- waiting ----------------------------------------------------------------
+
+    def _new_work(self) -> None:
+        """Something to send: wakes the committer, and the tasks backing off
+        after a failure, which try again now."""
+        self._work.set()
+        self._arrived.set()
+        self._arrived = trio.Event()
 
     def _notify(self) -> None:
         self._progress.set()
@@ -513,7 +527,7 @@ class Uploader:
                 self._inflight.discard(entry.node_id)
         if done:
             try:
-                await self._saved_locally(self._state.entries_committed, done)
+                await self.until_saved(lambda: self._state.entries_committed(done))
             finally:
                 for entry in batch:
                     if self._landing.get(entry.node_id) is entry:
@@ -559,7 +573,7 @@ class Uploader:
         elif latest is not None:
             latest.base_version = version
             latest.sent_commit_id = None
-            self._work.set()
+            self._new_work()
         if version:
             self._versions[entry.node_id] = version
         else:
@@ -611,8 +625,7 @@ class Uploader:
         if sent and isinstance(exc, VersionConflict | AlreadyExists):
             return await self._ask_about_sent(entry)
         if isinstance(exc, VersionConflict) and self.on_conflict is not None:
-            await self.on_conflict(entry)
-            return True
+            return await self._resolve(entry)
         if entry.op != "put" or not isinstance(exc, AlreadyExists | NotFound):
             return False
         try:
@@ -626,13 +639,24 @@ class Uploader:
                 entry.base_version = version
                 return True
             if self.on_conflict is not None:  # and changed elsewhere since
-                await self.on_conflict(entry)
-                return True
+                return await self._resolve(entry)
         if isinstance(exc, NotFound) and entry.base_version and not version:
             log.warning("node %s was deleted elsewhere; saving it again", entry.node_id.hex())
             entry.base_version = 0
             return True
         return False
+
+    async def _resolve(self, entry: JournalEntry) -> bool:
+        """``on_conflict(entry)``; False when it could not finish (the server
+        unreachable while it asks which version won): the entry stays in the
+        journal and the conflict is settled again in a later round."""
+        assert self.on_conflict is not None
+        try:
+            await self.on_conflict(entry)
+        except MegafsError as exc:
+            self._record_failure(exc, online=not isinstance(exc, RemoteError))
+            return False
+        return True
 
     async def _ask_about_sent(self, entry: JournalEntry) -> bool:
         """Did the earlier commit ``entry`` superseded land? Send this state
@@ -662,27 +686,23 @@ class Uploader:
             self._drop_entry(entry.node_id)
         self._versions[entry.node_id] = server_version
         self._done_seq[entry.node_id] = max(entry.seq, self._done_seq.get(entry.node_id, 0))
-        await self._saved_locally(
-            self._state.entries_dropped, [(entry.node_id, entry.seq, server_version)]
-        )
+        dropped = [(entry.node_id, entry.seq, server_version)]
+        await self.until_saved(lambda: self._state.entries_dropped(dropped))
         self._notify()
 
     def note_conflict(self, description: str) -> None:
         """A conflicted copy was made; ``megafs status`` lists it."""
         self._stats.conflicts.append(description)
 
-    async def _saved_locally(
-        self,
-        fn: Callable[[list[tuple[bytes, int, int]]], Awaitable[None]],
-        done: list[tuple[bytes, int, int]],
-    ) -> None:
-        """Record in the local state what the server now has, trying again
-        while the cache's disk is full: it must be neither forgotten nor a
-        reason to stop the daemon."""
+    async def until_saved(self, fn: Callable[[], Awaitable[_T]]) -> _T:
+        """``fn()``, which records in the local state what the server now
+        has (or how a conflict was settled), tried again while the cache's
+        disk is full: it must be neither forgotten nor a reason to stop the
+        daemon. The committer waits meanwhile, as every upload would."""
         tries = 0
         while True:
             try:
-                return await fn(done)
+                return await fn()
             except LocalDiskFull as exc:
                 tries += 1
                 self._record_failure(exc)
@@ -751,8 +771,9 @@ class Uploader:
 
     async def _sleep_backoff(self, tries: int = 1) -> None:
         delay = min(_BACKOFF_MAX, 0.2 * 2 ** min(tries, 8)) * (0.5 + random.random() / 2)
+        arrived = self._arrived
         with trio.move_on_after(delay):
-            await self._work.wait()
+            await arrived.wait()
 
 
 def _put_op(entry: JournalEntry, commit_id: bytes) -> PutNode:

@@ -867,7 +867,12 @@ class Tree:
         """Our change of a node lost the race against another device's: keep
         ours as "NAME (conflicted copy, HOST, DATE).EXT" next to it, then
         show theirs under the original name. Called by the uploader (not
-        from a FUSE handler) for the entry it holds."""
+        from a FUSE handler) for the entry it holds.
+
+        It either fails before changing anything (the server unreachable
+        while asked for its version: the uploader settles the conflict
+        again later) or finishes: once the copy is made, every local write
+        waits for room on a full disk instead of failing halfway."""
         inode = self._by_id.get(entry.node_id)
         parent = inode.parent if inode is not None else None
         if inode is None or parent is None or parent.children is None:
@@ -893,18 +898,14 @@ class Tree:
                 return
             # We deleted what another device changed: the change wins.
             log.warning("%s was changed on another device; not deleted", inode.record.name)
-            await self._uploader.drop(entry, server.version)
-            await self._forget_own_revisions(entry.node_id)
-            await self._apply_node(server, at=at)
+            await self._take_theirs(entry, server, at)
             return
         record = open_record(parent.record.key, entry.node_id, parent.id, entry.meta)
         if record.kind == Kind.DIR:
             # A folder's own record (name, mode, times): theirs wins; what
             # is inside it is committed node by node and settles itself.
             log.warning("folder %s was changed on two devices; keeping the other's", record.name)
-            await self._uploader.drop(entry, server.version)
-            await self._forget_own_revisions(entry.node_id)
-            await self._apply_node(server, at=at)
+            await self._take_theirs(entry, server, at)
             return
         name = _unique(parent.children, conflict_name(record.name, socket.gethostname()))
         mine = record.evolve(name=name, key=new_key(), rev=0)
@@ -913,14 +914,23 @@ class Tree:
             manifest = open_manifest(record.key, entry.node_id, entry.content)
             sealed = seal_manifest(mine.key, copy.id, manifest)
             self._remember_manifest(copy, sealed, manifest)
+            # Whatever its size: the copy's first commit below has nowhere
+            # else to find it (it is on no server and in no journal yet).
+            copy.sealed_content = sealed
         parent.children[name] = copy
-        await self.commit(copy)
-        await self._uploader.drop(entry, server.version)
-        await self._forget_own_revisions(entry.node_id)
+        # Journaled (again, with a newer state, if a full disk failed it)
+        # before our entry is dropped: the copy is what keeps this change.
+        await self._uploader.until_saved(lambda: self.commit(copy))
         self._uploader.note_conflict(self._path(copy))
         log.warning("conflict with another device: kept this device's version as %s", name)
         self._forget(Forget(parent.ino, name), Forget(parent.ino))
-        await self._apply_node(server, at=at)
+        await self._take_theirs(entry, server, at)
+
+    async def _take_theirs(self, entry: JournalEntry, server: RemoteNode, at: int | None) -> None:
+        """Drop our entry and show the server's version of the node."""
+        await self._uploader.drop(entry, server.version)
+        await self._uploader.until_saved(lambda: self._forget_own_revisions(entry.node_id))
+        await self._uploader.until_saved(lambda: self._apply_node(server, at=at))
 
     async def _forget_own_revisions(self, node_id: bytes) -> None:
         """The revisions we made of a node never reached the server: the

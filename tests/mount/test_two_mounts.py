@@ -4,6 +4,8 @@ of one file on both produce exactly one conflicted copy, on both."""
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import json
 import os
 import threading
@@ -15,8 +17,9 @@ from pathlib import Path
 import pytest
 
 from tests.helpers.drive import Drive
-from tests.helpers.proxy import Forward, ProxyRequest, ProxyResponse, running_proxy
+from tests.helpers.proxy import Error, Forward, ProxyRequest, ProxyResponse, running_proxy
 from tests.helpers.server import ServerProcess
+from tests.helpers.tools import small_disk
 
 #: The issue's bound is 2 s; the polls allow for a loaded CI machine and say
 #: how long it took when they fail.
@@ -24,19 +27,27 @@ DEADLINE = 10.0
 
 
 @contextmanager
-def _two_devices(root: Path, laptop_url: str, desktop_url: str) -> Iterator[tuple[Drive, Drive]]:
-    """A laptop and a desktop of one account, both mounted."""
+def _two_devices(
+    root: Path, laptop_url: str, desktop_url: str, *, desktop_disk: str | None = None
+) -> Iterator[tuple[Drive, Drive]]:
+    """A laptop and a desktop of one account, both mounted; the desktop's
+    cache on a disk of ``desktop_disk`` bytes of its own, if given (its log
+    kept elsewhere)."""
     laptop = Drive(root / "laptop", laptop_url)
     desktop = Drive(root / "desktop", desktop_url)
     laptop.signup()
     desktop.login()
-    try:
-        laptop.mount()
-        desktop.mount()
-        yield laptop, desktop
-    finally:
-        laptop.cleanup()
-        desktop.cleanup()
+    with contextlib.ExitStack() as stack:
+        if desktop_disk is not None:
+            stack.enter_context(small_disk(desktop.cache, desktop_disk))
+            (desktop.cache / "daemon.log").symlink_to(root / "desktop.log")
+        try:
+            laptop.mount()
+            desktop.mount()
+            yield laptop, desktop
+        finally:
+            laptop.cleanup()
+            desktop.cleanup()
 
 
 @pytest.fixture
@@ -214,6 +225,136 @@ def test_delete_on_one_device_while_editing_on_the_other_keeps_the_edit(
     laptop.mount()
     for root in (a, b):
         assert _read(root / "draft.txt") == b"v2, still wanted\n"
+
+
+def test_a_conflict_whose_settling_loses_the_network_is_settled_later(
+    tmp_path: Path, server: ServerProcess
+) -> None:
+    """The device whose commit lost asks the server for the winning version;
+    that request failing (every retry) must leave its change in the journal
+    for a later round, not stop its daemon. The edit (3 000 bytes) travels
+    inside its manifest, larger than the daemon keeps in memory."""
+    mine, theirs = b"d" * 3000, b"laptop's edit\n"
+    with (
+        running_proxy(server.url) as proxy,
+        _two_devices(tmp_path, server.url, proxy.url_for("desktop")) as (laptop, desktop),
+    ):
+        a, b = laptop.mnt, desktop.mnt
+        (a / "plan.txt").write_bytes(b"base\n")
+        _eventually(lambda: _read(b / "plan.txt") == b"base\n", "base version")
+
+        laptop_saved = threading.Event()
+
+        def after_the_laptop(request: ProxyRequest, forward: Forward) -> None:
+            laptop_saved.wait(30)  # so the desktop's commit is the one refused
+
+        proxy.on(
+            after_the_laptop, method="POST", path=r"/v1/nodes/batch", client="desktop", times=1
+        )
+        asked = proxy.on(
+            lambda request, forward: Error(503),
+            method="GET",
+            path=r"/v1/nodes/[0-9a-f]{32}",
+            client="desktop",
+        )
+        try:
+            (b / "plan.txt").write_bytes(mine)
+            with open(a / "plan.txt", "wb") as f:
+                f.write(theirs)
+                f.flush()
+                os.fsync(f.fileno())
+            laptop_saved.set()
+            _eventually(lambda: asked.calls >= 5, "the desktop asking for the winner")
+            time.sleep(1)  # its last retry failed, and the round ended
+        finally:
+            laptop_saved.set()
+            asked.remove()
+        assert os.path.ismount(b)
+
+        def settled(root: Path) -> Callable[[], bool]:
+            def check() -> bool:
+                names = sorted(os.listdir(root))
+                return len(names) == 2 and "plan.txt" in names
+
+            return check
+
+        _eventually(settled(b), "conflicted copy on the desktop")
+        _eventually(settled(a), "conflicted copy on the laptop")
+        for root in (a, b):
+            (copy,) = [n for n in os.listdir(root) if n != "plan.txt"]
+            assert copy.startswith("plan (conflicted copy, "), copy
+            assert _read(root / "plan.txt") == theirs
+            assert _read(root / copy) == mine
+        assert "unexpected failure" not in desktop.daemon_log()
+
+
+@pytest.mark.parametrize("size", [15, 4000], ids=["copy-fits-the-log", "copy-needs-a-page"])
+def test_a_conflict_met_while_the_cache_disk_is_full_is_settled_once_there_is_room(
+    tmp_path: Path, server: ServerProcess, size: int
+) -> None:
+    """The device whose commit lost journals its change as a conflicted copy
+    before it drops the change: on a full disk that waits for room, with the
+    daemon serving meanwhile, and then settles as usual. A small edit's copy
+    fits in the room the log's last page has left, and what fails is the
+    database write that drops the change; an edit close to the inline limit
+    needs a new page for its copy, which fails first."""
+    mine, theirs = b"d" * size, b"laptop's edit\n"
+    with (
+        running_proxy(server.url) as proxy,
+        _two_devices(tmp_path, server.url, proxy.url_for("desktop"), desktop_disk="16m") as (
+            laptop,
+            desktop,
+        ),
+    ):
+        a, b = laptop.mnt, desktop.mnt
+        (a / "plan.txt").write_bytes(b"base\n")
+        _eventually(lambda: _read(b / "plan.txt") == b"base\n", "base version")
+        laptop_saved = threading.Event()
+
+        def after_the_laptop(request: ProxyRequest, forward: Forward) -> None:
+            laptop_saved.wait(30)  # so the desktop's commit is the one refused
+
+        proxy.on(
+            after_the_laptop, method="POST", path=r"/v1/nodes/batch", client="desktop", times=1
+        )
+        try:
+            (b / "plan.txt").write_bytes(mine)
+            filler = desktop.cache / "filler"
+            with open(filler, "wb", buffering=0) as f, pytest.raises(OSError) as full:
+                while True:
+                    f.write(bytes(64 << 10))
+            assert full.value.errno == errno.ENOSPC
+            with open(a / "plan.txt", "wb") as f:
+                f.write(theirs)
+                f.flush()
+                os.fsync(f.fileno())
+        finally:
+            laptop_saved.set()
+        _eventually(
+            lambda: "uploads resume once there is room" in desktop.daemon_log(), "a full disk met"
+        )
+        time.sleep(2)
+        assert os.path.ismount(b)
+        assert _read(b / "plan.txt") is not None  # serving
+        reports = desktop.daemon_log().count("uploads resume once there is room")
+        assert reports < 50, f"the full disk reported {reports} times in about 2 s"
+        filler.unlink()
+
+        def settled(root: Path) -> Callable[[], bool]:
+            def check() -> bool:
+                names = sorted(os.listdir(root))
+                return len(names) == 2 and "plan.txt" in names
+
+            return check
+
+        _eventually(settled(b), "conflicted copy on the desktop")
+        _eventually(settled(a), "conflicted copy on the laptop")
+        for root in (a, b):
+            (copy,) = [n for n in os.listdir(root) if n != "plan.txt"]
+            assert copy.startswith("plan (conflicted copy, "), copy
+            assert _read(root / "plan.txt") == theirs
+            assert _read(root / copy) == mine
+        assert "unexpected failure" not in desktop.daemon_log()
 
 
 def test_an_edit_still_open_when_the_other_device_saves_is_kept(
