@@ -17,7 +17,14 @@ from pathlib import Path
 import pytest
 
 from tests.helpers.drive import Drive
-from tests.helpers.proxy import Error, Forward, ProxyRequest, ProxyResponse, running_proxy
+from tests.helpers.proxy import (
+    Error,
+    Forward,
+    Proxy,
+    ProxyRequest,
+    ProxyResponse,
+    running_proxy,
+)
 from tests.helpers.server import ServerProcess
 from tests.helpers.tools import small_disk
 
@@ -227,6 +234,39 @@ def test_delete_on_one_device_while_editing_on_the_other_keeps_the_edit(
         assert _read(root / "draft.txt") == b"v2, still wanted\n"
 
 
+def _desktop_commits_after(proxy: Proxy, event: threading.Event) -> None:
+    """The desktop's next commit reaches the server only once ``event`` is
+    set: the laptop's, made meanwhile, wins, and the desktop's is refused."""
+
+    def held(request: ProxyRequest, forward: Forward) -> None:
+        event.wait(30)
+
+    proxy.on(held, method="POST", path=r"/v1/nodes/batch", client="desktop", times=1)
+
+
+def _save(path: Path, data: bytes) -> None:
+    """Write and fsync: on the server when this returns."""
+    with open(path, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _settled_as_conflict(root: Path, name: str, won: bytes, lost: bytes) -> None:
+    """``root`` ends up with ``name`` holding ``won`` and one conflicted copy
+    beside it holding ``lost`` (the copy shows first, the winner's version
+    after the kernel has dropped what it cached of the loser's)."""
+
+    def settled() -> bool:
+        copies = [n for n in os.listdir(root) if n != name]
+        return len(copies) == 1 and _read(root / copies[0]) == lost and _read(root / name) == won
+
+    _eventually(settled, f"the conflict settled in {root}")
+    (copy,) = [n for n in os.listdir(root) if n != name]
+    stem, ext = os.path.splitext(name)
+    assert copy.startswith(f"{stem} (conflicted copy, ") and copy.endswith(ext), copy
+
+
 def test_a_conflict_whose_settling_loses_the_network_is_settled_later(
     tmp_path: Path, server: ServerProcess
 ) -> None:
@@ -244,13 +284,7 @@ def test_a_conflict_whose_settling_loses_the_network_is_settled_later(
         _eventually(lambda: _read(b / "plan.txt") == b"base\n", "base version")
 
         laptop_saved = threading.Event()
-
-        def after_the_laptop(request: ProxyRequest, forward: Forward) -> None:
-            laptop_saved.wait(30)  # so the desktop's commit is the one refused
-
-        proxy.on(
-            after_the_laptop, method="POST", path=r"/v1/nodes/batch", client="desktop", times=1
-        )
+        _desktop_commits_after(proxy, laptop_saved)
         asked = proxy.on(
             lambda request, forward: Error(503),
             method="GET",
@@ -259,10 +293,7 @@ def test_a_conflict_whose_settling_loses_the_network_is_settled_later(
         )
         try:
             (b / "plan.txt").write_bytes(mine)
-            with open(a / "plan.txt", "wb") as f:
-                f.write(theirs)
-                f.flush()
-                os.fsync(f.fileno())
+            _save(a / "plan.txt", theirs)
             laptop_saved.set()
             _eventually(lambda: asked.calls >= 5, "the desktop asking for the winner")
             time.sleep(1)  # its last retry failed, and the round ended
@@ -270,21 +301,8 @@ def test_a_conflict_whose_settling_loses_the_network_is_settled_later(
             laptop_saved.set()
             asked.remove()
         assert os.path.ismount(b)
-
-        def settled(root: Path) -> Callable[[], bool]:
-            def check() -> bool:
-                names = sorted(os.listdir(root))
-                return len(names) == 2 and "plan.txt" in names
-
-            return check
-
-        _eventually(settled(b), "conflicted copy on the desktop")
-        _eventually(settled(a), "conflicted copy on the laptop")
-        for root in (a, b):
-            (copy,) = [n for n in os.listdir(root) if n != "plan.txt"]
-            assert copy.startswith("plan (conflicted copy, "), copy
-            assert _read(root / "plan.txt") == theirs
-            assert _read(root / copy) == mine
+        for drive in (desktop, laptop):
+            _settled_as_conflict(drive.mnt, "plan.txt", theirs, mine)
         assert "unexpected failure" not in desktop.daemon_log()
 
 
@@ -310,13 +328,7 @@ def test_a_conflict_met_while_the_cache_disk_is_full_is_settled_once_there_is_ro
         (a / "plan.txt").write_bytes(b"base\n")
         _eventually(lambda: _read(b / "plan.txt") == b"base\n", "base version")
         laptop_saved = threading.Event()
-
-        def after_the_laptop(request: ProxyRequest, forward: Forward) -> None:
-            laptop_saved.wait(30)  # so the desktop's commit is the one refused
-
-        proxy.on(
-            after_the_laptop, method="POST", path=r"/v1/nodes/batch", client="desktop", times=1
-        )
+        _desktop_commits_after(proxy, laptop_saved)
         try:
             (b / "plan.txt").write_bytes(mine)
             filler = desktop.cache / "filler"
@@ -324,10 +336,7 @@ def test_a_conflict_met_while_the_cache_disk_is_full_is_settled_once_there_is_ro
                 while True:
                     f.write(bytes(64 << 10))
             assert full.value.errno == errno.ENOSPC
-            with open(a / "plan.txt", "wb") as f:
-                f.write(theirs)
-                f.flush()
-                os.fsync(f.fileno())
+            _save(a / "plan.txt", theirs)
         finally:
             laptop_saved.set()
         _eventually(
@@ -339,21 +348,8 @@ def test_a_conflict_met_while_the_cache_disk_is_full_is_settled_once_there_is_ro
         reports = desktop.daemon_log().count("uploads resume once there is room")
         assert reports < 50, f"the full disk reported {reports} times in about 2 s"
         filler.unlink()
-
-        def settled(root: Path) -> Callable[[], bool]:
-            def check() -> bool:
-                names = sorted(os.listdir(root))
-                return len(names) == 2 and "plan.txt" in names
-
-            return check
-
-        _eventually(settled(b), "conflicted copy on the desktop")
-        _eventually(settled(a), "conflicted copy on the laptop")
-        for root in (a, b):
-            (copy,) = [n for n in os.listdir(root) if n != "plan.txt"]
-            assert copy.startswith("plan (conflicted copy, "), copy
-            assert _read(root / "plan.txt") == theirs
-            assert _read(root / copy) == mine
+        for drive in (desktop, laptop):
+            _settled_as_conflict(drive.mnt, "plan.txt", theirs, mine)
         assert "unexpected failure" not in desktop.daemon_log()
 
 
