@@ -92,7 +92,7 @@ def unseal(key: bytes, blob: bytes, ad: bytes) -> bytes:
     if not hmac.compare_digest(header[2 + _NONCE :], commit):
         raise IntegrityError()
     try:
-        return cipher.decrypt(header[2 : 2 + _NONCE], bytes(blob[_HEADER:]), header + ad)
+        return cipher.decrypt(header[2 : 2 + _NONCE], memoryview(blob)[_HEADER:], header + ad)
     except InvalidTag:
         raise IntegrityError() from None
 

@@ -500,7 +500,8 @@ class RemoteClient:
         answer = await self._json("POST", "/chunks/batch", raw=body)
         parse_sizes(answer, [len(data) for _, data in chunks])
 
-    async def get_chunk(self, chunk_id: bytes) -> bytes:
+    async def get_chunk(self, chunk_id: bytes) -> bytes | bytearray:
+        """A chunk's sealed bytes, in the buffer they were received into."""
         return await self._call("GET", f"/chunks/{_chunk_hex(chunk_id)}", cap=MAX_CHUNK_BYTES)
 
     # -- transport ------------------------------------------------------------------
@@ -550,7 +551,7 @@ class RemoteClient:
         auth: bool = True,
         cap: int = MAX_JSON_BYTES,
         wait: float = 0,
-    ) -> bytes:
+    ) -> bytes | bytearray:
         """One request, retried while it fails transiently; returns the body
         of a 2xx answer or raises. ``wait``: see :meth:`_json`."""
         headers: list[tuple[bytes, bytes]] = []
@@ -583,7 +584,7 @@ class RemoteClient:
         raw: bytes | None,
         cap: int,
         timeouts: Timeouts,
-    ) -> bytes:
+    ) -> bytes | bytearray:
         started = trio.current_time()
         try:
             response = await self._transport.request(

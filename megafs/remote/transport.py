@@ -85,7 +85,9 @@ class Response:
 
     status: int
     headers: dict[bytes, bytes]
-    body: bytes
+    #: A body of announced length is the buffer it was received into (a
+    #: 1 MiB chunk is not copied again); others are bytes.
+    body: bytes | bytearray
 
 
 class _Connection:
@@ -326,10 +328,10 @@ class Transport:
     @staticmethod
     async def _read_sized(
         conn: _Connection, h: h11.Connection, status: int, length: int, cap: int, timeout: float
-    ) -> tuple[bytes, bool]:
+    ) -> tuple[bytearray, bool]:
         """A body of ``length`` bytes (h11 checked it is a number),
-        received into one buffer; also whether nothing followed it (else
-        the connection is not reused)."""
+        received into one buffer, which is returned; also whether nothing
+        followed it (else the connection is not reused)."""
         if length > cap:
             raise BodyTooLarge(status, cap)
         buffer = bytearray(length)
@@ -343,7 +345,7 @@ class Transport:
             if not n:
                 raise TransportError("the server closed the connection in the middle of an answer")
             got += n
-        return bytes(buffer), len(early) <= length and not closed
+        return buffer, len(early) <= length and not closed
 
     async def _read_events(
         self, conn: _Connection, h: h11.Connection, status: int, cap: int, timeout: float
