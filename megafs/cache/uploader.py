@@ -74,6 +74,9 @@ COMMIT_DELAY = 0.05
 #: ``wire.MAX_BATCH_OPS``.
 MAX_BATCH = 2000
 _BACKOFF_MAX = 15.0
+#: Retries of a write to a full local disk back off no further than this
+#: (1.6 s at most): room made is used soon.
+_DISK_FULL_TRIES = 3
 #: ``last_error`` once the server refuses the mount's session: what happened
 #: and what the user can do, since nothing in the daemon can open a new one.
 SESSION_ENDED = (
@@ -129,9 +132,10 @@ class Uploader:
         self._small_send, self._small_recv = trio.open_memory_channel[bytes](math.inf)
         self._queued_chunks: set[bytes] = set()
         self._work = trio.Event()
-        #: Replaced whenever set: a task backing off waits on the one current
-        #: when it began, so only work that arrives after its failure wakes it
-        #: (``_work`` may have been set long before, until the committer runs).
+        #: Set and replaced whenever work arrives: a task backing off after a
+        #: failed try waits on the one current when the try began, so only
+        #: work that came since wakes it (``_work`` stays set until the
+        #: committer takes it, so waiting on it would not wait at all).
         self._arrived = trio.Event()
         self._progress = trio.Event()
         self._stats = UploaderStats()
@@ -455,11 +459,12 @@ class Uploader:
                 with trio.move_on_after(1):
                     await self._progress.wait()
                 continue
+            arrived = self._arrived
             if await self._commit_batch(batch):
                 failures = 0
             else:
                 failures += 1
-                await self._sleep_backoff(failures)
+                await self._sleep_backoff(failures, arrived)
 
     def _next_batch(self) -> list[JournalEntry]:
         """Pending entries the server can take now, in an order it accepts:
@@ -605,8 +610,9 @@ class Uploader:
 
     async def _settle(self, entry: JournalEntry, exc: MegafsError) -> bool:
         """A change the server refused because the node is not where this
-        mount left it. Returns True when settled (the next round sends what
-        is left), False to retry as it is.
+        mount left it. Returns True when handled here (settled, or a failure
+        to settle it recorded; the next round sends what is left), False to
+        retry as it is.
 
         - Created, but the answer was lost and a newer change took the
           creation's place: the node is ours (ids are random), so the newer
@@ -647,15 +653,17 @@ class Uploader:
         return False
 
     async def _resolve(self, entry: JournalEntry) -> bool:
-        """``on_conflict(entry)``; False when it could not finish (the server
-        unreachable while it asks which version won): the entry stays in the
-        journal and the conflict is settled again in a later round."""
+        """``on_conflict(entry)``. If it could not finish (the server
+        unreachable while asked which version won), the failure is recorded
+        here, and the entry, still in the journal, meets the conflict again
+        in the next round."""
         assert self.on_conflict is not None
         try:
             await self.on_conflict(entry)
+        except AuthFailed as exc:
+            self._session_lost(exc)
         except MegafsError as exc:
             self._record_failure(exc, online=not isinstance(exc, RemoteError))
-            return False
         return True
 
     async def _ask_about_sent(self, entry: JournalEntry) -> bool:
@@ -701,12 +709,13 @@ class Uploader:
         daemon. The committer waits meanwhile, as every upload would."""
         tries = 0
         while True:
+            arrived = self._arrived
             try:
                 return await fn()
             except LocalDiskFull as exc:
                 tries += 1
                 self._record_failure(exc)
-                await self._sleep_backoff(tries)
+                await self._sleep_backoff(min(tries, _DISK_FULL_TRIES), arrived)
 
     async def _with_retry(self, fn, *args, attempts: int = 0):  # type: ignore[no-untyped-def]
         """Run ``fn``; on a failure the server may recover from, back off and
@@ -714,6 +723,7 @@ class Uploader:
         tries = 0
         while True:
             tries += 1
+            arrived = self._arrived
             try:
                 result = await fn(*args)
             except AuthFailed as exc:
@@ -743,7 +753,7 @@ class Uploader:
                 # request per write, only a slow check.
                 await trio.sleep(_BACKOFF_MAX)
             else:
-                await self._sleep_backoff(tries)
+                await self._sleep_backoff(tries, arrived)
 
     def _session_lost(self, exc: AuthFailed) -> None:
         """The server refused the session: one clear log line (not one per
@@ -769,9 +779,11 @@ class Uploader:
         elif online:
             log.error("server refused a change: %s", exc.detail)
 
-    async def _sleep_backoff(self, tries: int = 1) -> None:
+    async def _sleep_backoff(self, tries: int, arrived: trio.Event) -> None:
+        """Wait before try ``tries + 1``, or until new work: ``arrived`` is
+        ``_arrived`` as it was when the failed try began, so work that came
+        during it counts, and a failure that made none waits its delay."""
         delay = min(_BACKOFF_MAX, 0.2 * 2 ** min(tries, 8)) * (0.5 + random.random() / 2)
-        arrived = self._arrived
         with trio.move_on_after(delay):
             await arrived.wait()
 

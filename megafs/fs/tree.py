@@ -240,8 +240,10 @@ class Tree:
             if i not in refused and r.rev > self._seen.get(i, -1)
         ]
         if fresh:
-            self._seen.update(fresh)
+            # Saved first: were it remembered first, a save that failed (a
+            # full disk) would not be tried again by the next call.
             await self._state.save_seen(fresh)
+            self._seen.update(fresh)
         return refused
 
     async def load_root(self) -> Inode:
@@ -869,10 +871,13 @@ class Tree:
         show theirs under the original name. Called by the uploader (not
         from a FUSE handler) for the entry it holds.
 
-        It either fails before changing anything (the server unreachable
-        while asked for its version: the uploader settles the conflict
-        again later) or finishes: once the copy is made, every local write
-        waits for room on a full disk instead of failing halfway."""
+        What can fail other than a write to a full disk (asking the server
+        which version won, opening our own change) comes before anything
+        changes: the uploader then meets the conflict again later. Once the
+        copy is made, every local write waits for room on a full disk
+        instead of failing halfway. The copy is journaled before our entry
+        is dropped, so a crash in between (or an unmount while the disk is
+        full) makes the next mount keep a second copy, never lose it."""
         inode = self._by_id.get(entry.node_id)
         parent = inode.parent if inode is not None else None
         if inode is None or parent is None or parent.children is None:
@@ -909,18 +914,23 @@ class Tree:
             return
         name = _unique(parent.children, conflict_name(record.name, socket.gethostname()))
         mine = record.evolve(name=name, key=new_key(), rev=0)
-        copy = self._new_inode(new_node_id(), parent, mine)
+        copy_id = new_node_id()
+        content: tuple[bytes, Manifest] | None = None
         if record.kind == Kind.FILE and entry.content is not None:
             manifest = open_manifest(record.key, entry.node_id, entry.content)
-            sealed = seal_manifest(mine.key, copy.id, manifest)
-            self._remember_manifest(copy, sealed, manifest)
+            content = seal_manifest(mine.key, copy_id, manifest), manifest
+        copy = self._new_inode(copy_id, parent, mine)
+        if content is not None:
+            self._remember_manifest(copy, *content)
             # Whatever its size: the copy's first commit below has nowhere
             # else to find it (it is on no server and in no journal yet).
-            copy.sealed_content = sealed
+            copy.sealed_content = content[0]
         parent.children[name] = copy
         # Journaled (again, with a newer state, if a full disk failed it)
         # before our entry is dropped: the copy is what keeps this change.
         await self._uploader.until_saved(lambda: self.commit(copy))
+        if content is not None:
+            self._remember_manifest(copy, *content)  # the journal has it now
         self._uploader.note_conflict(self._path(copy))
         log.warning("conflict with another device: kept this device's version as %s", name)
         self._forget(Forget(parent.ino, name), Forget(parent.ino))
