@@ -131,12 +131,11 @@ class Uploader:
         self._chunk_send, self._chunk_recv = trio.open_memory_channel[bytes](math.inf)
         self._small_send, self._small_recv = trio.open_memory_channel[bytes](math.inf)
         self._queued_chunks: set[bytes] = set()
+        #: Set and replaced whenever work arrives. A task takes the current
+        #: one before it looks for work (the committer) or makes a try that
+        #: may fail (a retry loop), and waits on that: what arrived since
+        #: wakes it, and nothing older can make a wait return at once.
         self._work = trio.Event()
-        #: Set and replaced whenever work arrives: a task backing off after a
-        #: failed try waits on the one current when the try began, so only
-        #: work that came since wakes it (``_work`` stays set until the
-        #: committer takes it, so waiting on it would not wait at all).
-        self._arrived = trio.Event()
         self._progress = trio.Event()
         self._stats = UploaderStats()
         self._failing_since: float | None = None
@@ -311,8 +310,7 @@ class Uploader:
         """Something to send: wakes the committer, and the tasks backing off
         after a failure, which try again now."""
         self._work.set()
-        self._arrived.set()
-        self._arrived = trio.Event()
+        self._work = trio.Event()
 
     def _notify(self) -> None:
         self._progress.set()
@@ -444,27 +442,27 @@ class Uploader:
 
     async def _committer(self) -> None:
         failures = 0
+        work = self._work
         while True:
             if not self._entries:
-                await self._work.wait()
+                await work.wait()
             if not self._urgent:
                 # Let a burst of changes (a tree of small files being
                 # written) gather into one batch; fsync does not wait.
                 with trio.move_on_after(COMMIT_DELAY):
                     await self._urgent_event.wait()
-            self._work = trio.Event()
+            work = self._work  # what arrives from here on is the next round's
             batch = self._next_batch()
             if not batch:
                 # Everything pending waits for its chunks (or nothing is).
                 with trio.move_on_after(1):
                     await self._progress.wait()
                 continue
-            arrived = self._arrived
             if await self._commit_batch(batch):
                 failures = 0
             else:
                 failures += 1
-                await self._sleep_backoff(failures, arrived)
+                await self._sleep_backoff(failures, work)
 
     def _next_batch(self) -> list[JournalEntry]:
         """Pending entries the server can take now, in an order it accepts:
@@ -631,7 +629,8 @@ class Uploader:
         if sent and isinstance(exc, VersionConflict | AlreadyExists):
             return await self._ask_about_sent(entry)
         if isinstance(exc, VersionConflict) and self.on_conflict is not None:
-            return await self._resolve(entry)
+            await self._resolve(entry)
+            return True
         if entry.op != "put" or not isinstance(exc, AlreadyExists | NotFound):
             return False
         try:
@@ -645,14 +644,15 @@ class Uploader:
                 entry.base_version = version
                 return True
             if self.on_conflict is not None:  # and changed elsewhere since
-                return await self._resolve(entry)
+                await self._resolve(entry)
+                return True
         if isinstance(exc, NotFound) and entry.base_version and not version:
             log.warning("node %s was deleted elsewhere; saving it again", entry.node_id.hex())
             entry.base_version = 0
             return True
         return False
 
-    async def _resolve(self, entry: JournalEntry) -> bool:
+    async def _resolve(self, entry: JournalEntry) -> None:
         """``on_conflict(entry)``. If it could not finish (the server
         unreachable while asked which version won), the failure is recorded
         here, and the entry, still in the journal, meets the conflict again
@@ -664,7 +664,6 @@ class Uploader:
             self._session_lost(exc)
         except MegafsError as exc:
             self._record_failure(exc, online=not isinstance(exc, RemoteError))
-        return True
 
     async def _ask_about_sent(self, entry: JournalEntry) -> bool:
         """Did the earlier commit ``entry`` superseded land? Send this state
@@ -709,13 +708,13 @@ class Uploader:
         daemon. The committer waits meanwhile, as every upload would."""
         tries = 0
         while True:
-            arrived = self._arrived
+            work = self._work
             try:
                 return await fn()
             except LocalDiskFull as exc:
                 tries += 1
                 self._record_failure(exc)
-                await self._sleep_backoff(min(tries, _DISK_FULL_TRIES), arrived)
+                await self._sleep_backoff(min(tries, _DISK_FULL_TRIES), work)
 
     async def _with_retry(self, fn, *args, attempts: int = 0):  # type: ignore[no-untyped-def]
         """Run ``fn``; on a failure the server may recover from, back off and
@@ -723,7 +722,7 @@ class Uploader:
         tries = 0
         while True:
             tries += 1
-            arrived = self._arrived
+            work = self._work
             try:
                 result = await fn(*args)
             except AuthFailed as exc:
@@ -753,7 +752,7 @@ class Uploader:
                 # request per write, only a slow check.
                 await trio.sleep(_BACKOFF_MAX)
             else:
-                await self._sleep_backoff(tries, arrived)
+                await self._sleep_backoff(tries, work)
 
     def _session_lost(self, exc: AuthFailed) -> None:
         """The server refused the session: one clear log line (not one per
@@ -779,13 +778,13 @@ class Uploader:
         elif online:
             log.error("server refused a change: %s", exc.detail)
 
-    async def _sleep_backoff(self, tries: int, arrived: trio.Event) -> None:
-        """Wait before try ``tries + 1``, or until new work: ``arrived`` is
-        ``_arrived`` as it was when the failed try began, so work that came
+    async def _sleep_backoff(self, tries: int, work: trio.Event) -> None:
+        """Wait before try ``tries + 1``, or until new work: ``work`` is
+        ``_work`` as it was when the failed try began, so work that came
         during it counts, and a failure that made none waits its delay."""
         delay = min(_BACKOFF_MAX, 0.2 * 2 ** min(tries, 8)) * (0.5 + random.random() / 2)
         with trio.move_on_after(delay):
-            await arrived.wait()
+            await work.wait()
 
 
 def _put_op(entry: JournalEntry, commit_id: bytes) -> PutNode:
