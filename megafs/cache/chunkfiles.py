@@ -25,13 +25,21 @@ def write_chunk_file(path: str, blob: bytes) -> None:
     """Write ``blob`` as ``path`` whole or not at all (blocking): to a
     temporary name of its own, then renamed. Two writes of one chunk (a
     store and a download, say) carry different nonces and must not mix; a
-    crash leaves only a ``.tmp`` file, removed at the next mount."""
+    crash leaves only a ``.tmp`` file, removed at the next mount; a failed
+    write leaves nothing."""
     with contextlib.suppress(FileExistsError):
         try:
             os.mkdir(os.path.dirname(path))
         except FileNotFoundError:  # no cache directory yet (a log replayed at start)
             os.makedirs(os.path.dirname(path))
     tmp = f"{path}.{os.urandom(4).hex()}.tmp"
-    with open(tmp, "wb") as f:
-        f.write(blob)
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as f:
+            f.write(blob)
+        os.replace(tmp, path)
+    except OSError:
+        # A full disk, say: what was written of it only takes the room
+        # that the next write needs.
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise

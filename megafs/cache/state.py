@@ -48,6 +48,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import logging
 import os
 import sqlite3
 import threading
@@ -65,6 +66,8 @@ from megafs.errors import LocalDiskFull
 from megafs.remote import Change, RemoteNode
 
 __all__ = ["JournalEntry", "LocalState", "journal_left"]
+
+log = logging.getLogger(__name__)
 
 _T = TypeVar("_T")
 _SCHEMA_VERSION = b"1"
@@ -218,6 +221,9 @@ class LocalState:
         return self._db
 
     async def aclose(self) -> None:
+        """Fold the log and close. On a full disk the log cannot be folded:
+        it is closed as it is, and the next open applies it."""
+
         def close() -> None:
             if self._db is not None:
                 self._db.close()
@@ -225,7 +231,11 @@ class LocalState:
                 self._log.close()
 
         with trio.CancelScope(shield=True):
-            await self._run(close)
+            try:
+                await self.fold()
+            except LocalDiskFull as exc:
+                log.warning("%s: the local state is updated at the next mount", exc.detail)
+            await trio.to_thread.run_sync(close, limiter=self._limiter)
 
     # -- chunks --------------------------------------------------------------
 

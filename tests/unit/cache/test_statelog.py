@@ -181,6 +181,30 @@ async def test_a_fold_that_finds_the_disk_full_keeps_the_logged_chunks(
         await state.aclose()
 
 
+async def test_closing_on_a_full_disk_leaves_the_log_to_the_next_open(
+    small_disk: Path,
+) -> None:
+    """An unmount on a full disk: the close cannot fold, yet closes, and
+    nothing written before it is lost."""
+    path = small_disk / "cache" / "state.sqlite3"
+    state = await LocalState.open(path)
+    blobs = {os.urandom(32): os.urandom(60_000) for _ in range(3)}
+    for chunk_id, blob in blobs.items():
+        await state.add_chunk_file(chunk_id, blob)
+    filler = small_disk / "filler"
+    with contextlib.suppress(OSError), open(filler, "wb") as f:
+        while True:
+            f.write(bytes(64 << 10))
+    await state.aclose()
+    filler.unlink()
+    state = await LocalState.open(path)
+    try:
+        chunks = await state.load_chunks()
+        assert all((i, len(b), True) in chunks for i, b in blobs.items())
+    finally:
+        await state.aclose()
+
+
 async def test_a_log_left_behind_after_its_fold_is_not_applied_again(tmp_path: Path) -> None:
     """A crash between a fold's commit and the removal of its file: the file
     is skipped by its number, or a committed change would come back (and be
