@@ -8,7 +8,11 @@ holds, ciphertext; the plaintext LRU lives in memory only.
 A chunk is *dirty* from the moment it is sealed until the server has it.
 Dirty chunks are never evicted, which is what lets the journal promise that
 a closed file survives a crash of the daemon. Clean chunks are evicted least
-recently used first once the cache is over its size limit.
+recently used first once the cache is over its size limit, and whenever
+its disk runs short of room (``room_to_keep``), whatever filled it: the
+cache gives its room back to the user's other programs, and to its own
+new chunks. On a disk full all the same, a download is served from memory
+without being cached.
 
 Dirty chunks may fill the cache up to its limit and no further: a new one
 then waits for uploads to make room, as long as they do (backpressure on a
@@ -45,7 +49,14 @@ from megafs.cache.chunkfiles import chunk_path, write_chunk_file
 from megafs.cache.state import LOGGED_CHUNK, LocalState, local_disk
 from megafs.crypto import AccountKeys, open_chunk, seal_chunk
 from megafs.crypto.chunks import PieceMarker, PieceMarks
-from megafs.errors import IntegrityError, MegafsError, NotFound, QuotaExceeded, RemoteError
+from megafs.errors import (
+    IntegrityError,
+    LocalDiskFull,
+    MegafsError,
+    NotFound,
+    QuotaExceeded,
+    RemoteError,
+)
 from megafs.remote import RemoteClient
 
 __all__ = ["ChunkCache"]
@@ -67,9 +78,21 @@ _MARKS_BYTES = 16 << 20
 #: the local state's log (``_disk_has_room``): well above what a fold writes
 #: (at most 8 MiB of log, twice while one fold runs).
 DISK_MARGIN = 64 << 20
+#: Free space the cache keeps on its disk at most, by giving back clean
+#: chunks (``room_to_keep``).
+KEEP_FREE_MAX = 512 << 20
 #: Seconds a new chunk waits for room in a cache full of chunks waiting for
 #: upload while no upload finishes, before it fails with ENOSPC.
 ROOM_WAIT = 30.0
+
+
+def room_to_keep(disk_bytes: int) -> int:
+    """The free space the cache keeps on a disk of ``disk_bytes`` by giving
+    back clean chunks: 5 % of it, at least ``DISK_MARGIN`` (what new small
+    chunks need to travel in the log) and at most ``KEEP_FREE_MAX``. A
+    full disk is what users meet otherwise: saves that fail with ENOSPC
+    while gigabytes of the cache could be fetched again."""
+    return max(DISK_MARGIN, min(KEEP_FREE_MAX, disk_bytes // 20))
 
 
 class _Load:
@@ -132,6 +155,10 @@ class ChunkCache:
         self._disk = trio.CapacityLimiter(4)
         self._disk_checked = -math.inf
         self._disk_roomy = False
+        #: Set (and replaced) when a cache file could not be written for room.
+        self._disk_short = trio.Event()
+        #: Whether a download went uncached for room, since one was cached.
+        self._uncached = False
 
     async def load(self) -> None:
         """Read the chunk index left by an earlier run, and remove the
@@ -149,6 +176,23 @@ class ChunkCache:
             if dirty:
                 self._dirty.add(chunk_id)
                 self._dirty_bytes += size
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Keep room on the cache's disk while the mount lasts: once a
+        second, and at once when a cache file found the disk full, give
+        back clean chunks if the disk has less than ``room_to_keep`` free.
+        A save that failed with ENOSPC then succeeds when tried again."""
+        task_status.started()
+        while True:
+            short = self._disk_short
+            with trio.move_on_after(1.0):
+                await short.wait()
+            if short.is_set():
+                self._disk_short = trio.Event()
+            try:
+                await self._give_back_room()
+            except LocalDiskFull as exc:  # forgetting the chunks found no room
+                log.warning("%s: the chunks given back are forgotten later", exc.detail)
 
     # -- facts -------------------------------------------------------------
 
@@ -315,9 +359,27 @@ class ChunkCache:
             raise RemoteError(f"the server does not have chunk {chunk_id.hex()[:16]}") from None
         plain = await self._open(secret, blob, chunk_id if mark else None)
         with trio.CancelScope(shield=True):
-            await self._write_file(chunk_id, blob, dirty=False)
+            await self._keep_download(chunk_id, blob)
         self._plain[secret] = plain
         return plain
+
+    async def _keep_download(self, chunk_id: bytes, blob: bytes) -> None:
+        """Cache a verified download on disk, or on a full disk keep it in
+        memory only: a read must not fail for want of a copy it does not
+        need. The cache then makes room for the next one."""
+        try:
+            await self._write_file(chunk_id, blob, dirty=False)
+        except LocalDiskFull as exc:
+            self._marks.pop(chunk_id, None)  # they would describe no file
+            self._disk_short.set()
+            if chunk_id not in self._index and chunk_id not in self._storing:
+                # Written, then not indexed for room: no row would name it.
+                await trio.to_thread.run_sync(_unlink, self._path(chunk_id), limiter=self._disk)
+            if not self._uncached:
+                self._uncached = True
+                log.warning("%s: downloaded chunks are not cached meanwhile", exc.detail)
+        else:
+            self._uncached = False
 
     async def _open(self, secret: bytes, blob: bytes, mark: bytes | None = None) -> bytes:
         """Open a chunk; with ``mark`` (its id), also mark the pieces of
@@ -365,7 +427,7 @@ class ChunkCache:
                 if sealed_size <= LOGGED_CHUNK and self._disk_has_room():
                     await self._log_new(chunk_id, sealed.blob)
                 else:
-                    await self._write_file(chunk_id, sealed.blob, dirty=True)
+                    await self._write_new_file(chunk_id, sealed.blob)
             finally:
                 self._reserved -= sealed_size
         finally:
@@ -476,6 +538,17 @@ class ChunkCache:
         await self._state.add_chunk(chunk_id, len(blob), dirty=dirty)
         await self._indexed(chunk_id, len(blob), dirty=dirty)
 
+    async def _write_new_file(self, chunk_id: bytes, blob: bytes) -> None:
+        """A new chunk's file; on a full disk, tried once more after giving
+        back clean chunks, so that a cache full of what the server already
+        has does not fail the save."""
+        try:
+            await self._write_file(chunk_id, blob, dirty=True)
+        except LocalDiskFull:
+            if not await self._give_back_room():
+                raise
+            await self._write_file(chunk_id, blob, dirty=True)
+
     async def _log_new(self, chunk_id: bytes, blob: bytes) -> None:
         """A small new chunk: its sealed bytes go into the local state's
         log, one ``write(2)`` on the event loop, and the log's next fold
@@ -531,23 +604,51 @@ class ChunkCache:
 
     async def _evict(self) -> None:
         """Drop clean chunks, least recently used first, until under the limit."""
-        if self._disk_bytes <= self._limit:
-            return
+        if self._disk_bytes > self._limit:
+            await self._evict_clean(self._disk_bytes - self._limit)
+
+    async def _give_back_room(self) -> bool:
+        """If the cache's disk has less than ``room_to_keep`` free, drop
+        clean chunks, least recently used first, to make up the difference
+        (as far as they can). Returns whether any were dropped."""
+        try:
+            st = os.statvfs(self._root)
+        except OSError:
+            return False
+        free = st.f_bavail * st.f_frsize
+        short = room_to_keep(st.f_blocks * st.f_frsize) - free
+        if short <= 0:
+            return False
+        freed = await self._evict_clean(short)
+        if freed:
+            log.info(
+                "the cache's disk has %d MiB free: gave back %d MiB of cached chunks",
+                free >> 20,
+                freed >> 20,
+            )
+        return freed > 0
+
+    async def _evict_clean(self, excess: int) -> int:
+        """Drop clean chunks, least recently used first, until ``excess``
+        bytes are dropped or none is left; returns the bytes dropped."""
         victims: list[bytes] = []
-        excess = self._disk_bytes - self._limit
+        freed = 0
         for chunk_id, size in self._index.items():
-            if excess <= 0:
+            if freed >= excess:
                 break
             if chunk_id in self._dirty or chunk_id in self._loads:
                 continue
             victims.append(chunk_id)
-            excess -= size
+            freed += size
+        if not victims:
+            return 0
         for chunk_id in victims:
             self._disk_bytes -= self._index.pop(chunk_id)
             self._marks.pop(chunk_id, None)
         paths = [self._path(i) for i in victims]
         await trio.to_thread.run_sync(lambda: [_unlink(p) for p in paths], limiter=self._disk)
         await self._state.forget_chunks(victims)
+        return freed
 
 
 def _unlink(path: str) -> None:

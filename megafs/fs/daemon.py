@@ -125,6 +125,7 @@ async def run_mount(
             )
             await _serve(
                 ops,
+                chunks,
                 sealer,
                 uploader,
                 follower,
@@ -139,6 +140,7 @@ async def run_mount(
 
 async def _serve(
     ops: Operations,
+    chunks: ChunkCache,
     sealer: Sealer,
     uploader: Uploader,
     follower: ChangeFollower,
@@ -160,6 +162,7 @@ async def _serve(
     try:
         async with trio.open_nursery() as nursery:
             await nursery.start(uploader.run)
+            await nursery.start(chunks.run)  # room on the cache's disk
             await nursery.start(ops.read_ahead.run)
             await nursery.start(sealer.run)  # kept until flush_all below
             await nursery.start(status.run)  # `megafs status`

@@ -1,11 +1,13 @@
 """The chunk cache's writes (cache/chunks.py): one content stored by two
 writers at once is written once, a write an earlier run left half-done is
-cleaned up, and a small chunk's file is written by the local state's log,
-unless its disk is short of room."""
+cleaned up, a small chunk's file is written by the local state's log
+unless its disk is short of room, and a disk that runs short of room gets
+back the room of chunks the server has."""
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -17,6 +19,7 @@ import trio.testing
 from megafs.cache import ChunkCache, LocalState
 from megafs.cache.state import LOGGED_CHUNK
 from megafs.crypto import AccountKeys, open_chunk
+from megafs.errors import LocalDiskFull
 from megafs.remote import RemoteClient
 
 
@@ -128,3 +131,61 @@ async def test_on_a_disk_short_of_room_a_small_chunk_is_written_before_the_store
         cache.gate.set()
         _, chunk_id, _ = await cache.store(os.urandom(1000))
         assert cache.writes == 1 and cache._state.unfolded_chunk(chunk_id) is None
+
+
+def _fill(disk: Path) -> Path:
+    """Fill ``disk`` until it is full (ENOSPC); returns the filler."""
+    filler = disk / "filler"
+    with open(filler, "wb", buffering=0) as f, pytest.raises(OSError) as full:
+        while True:
+            f.write(bytes(16 << 10))
+    assert full.value.errno == errno.ENOSPC
+    return filler
+
+
+def _file(disk: Path, chunk_id: bytes) -> Path:
+    name = chunk_id.hex()
+    return disk / "chunks" / name[:2] / name
+
+
+async def test_a_disk_that_runs_short_of_room_gets_back_the_room_of_uploaded_chunks(
+    small_disk: Path,
+) -> None:
+    """Whatever fills the disk, the cache gives back chunks the server has,
+    least recently used first, and never one waiting for upload."""
+    async with _held_cache(small_disk) as cache:
+        cache.gate.set()
+        stored = [await cache.store(os.urandom(LOGGED_CHUNK + 1)) for _ in range(3)]
+        uploaded, waiting = [s[1] for s in stored[:2]], stored[2][1]
+        await cache.mark_uploaded(uploaded)
+        _fill(small_disk)
+        async with trio.open_nursery() as nursery:
+            await nursery.start(cache.run)
+            with trio.fail_after(10):
+                while any(_file(small_disk, i).exists() for i in uploaded):
+                    await trio.sleep(0.05)
+            nursery.cancel_scope.cancel()
+        assert _file(small_disk, waiting).exists()
+        assert [c[0] for c in await cache._state.load_chunks()] == [waiting]
+        assert cache.statistics()["disk_chunks"] == 1
+
+
+async def test_a_new_chunk_on_a_full_disk_takes_the_room_of_an_uploaded_one(
+    small_disk: Path,
+) -> None:
+    async with _held_cache(small_disk) as cache:
+        cache.gate.set()
+        uploaded = [(await cache.store(os.urandom(LOGGED_CHUNK + 1)))[1] for _ in range(4)]
+        await cache.mark_uploaded(uploaded)
+        filler = _fill(small_disk)
+        data = os.urandom(LOGGED_CHUNK + 1)
+        secret, chunk_id, new = await cache.store(data)  # no ENOSPC
+        assert new and not any(_file(small_disk, i).exists() for i in uploaded)
+        assert open_chunk(KEYS, secret, _file(small_disk, chunk_id).read_bytes()) == data
+        # With nothing left to give back, a full disk is the store's error.
+        filler.unlink()
+        _fill(small_disk)
+        with pytest.raises(LocalDiskFull):
+            await cache.store(os.urandom(LOGGED_CHUNK + 1))
+        assert _file(small_disk, chunk_id).exists()
+        assert not list(small_disk.glob("chunks/*/*.tmp"))  # nor half a file
