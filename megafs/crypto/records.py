@@ -22,8 +22,12 @@ from __future__ import annotations
 
 import enum
 import itertools
+import operator
 import struct
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, fields
+from types import MappingProxyType
+from typing import Any
 
 from megafs.crypto.aead import seal, unseal
 from megafs.errors import IntegrityError
@@ -104,9 +108,18 @@ _FIXED_TAGS = (
 _FIXED_LENGTHS = (32, 4, 4, 4, 8, 8, 8, 8, 8)
 
 
-@dataclass(frozen=True)
+#: The xattrs of a record that has none: one shared read-only mapping, not
+#: an empty dict per node (64 bytes each, in a tree of 100 000 nodes).
+NO_XATTRS: Mapping[bytes, bytes] = MappingProxyType({})
+
+
+@dataclass(frozen=True, slots=True)
 class NodeRecord:
     """The decrypted record of one node. Times are nanoseconds since the epoch.
+
+    Slots, not an attribute dictionary: the mount keeps a record for every
+    node it has seen, and a dictionary of 15 fields took 464 bytes of the
+    865 a decoded record cost (420 with slots).
 
     ``rev`` grows by one with every change the client commits; it is what
     rollback detection compares (rule 8).
@@ -125,7 +138,7 @@ class NodeRecord:
     rev: int
     target: bytes = b""
     rdev: int = 0
-    xattrs: dict[bytes, bytes] = field(default_factory=dict)
+    xattrs: Mapping[bytes, bytes] = field(default_factory=lambda: NO_XATTRS)
     #: Names this node has; only nodes in the LINKS folder have more than one.
     nlink: int = 1
 
@@ -137,9 +150,10 @@ class NodeRecord:
         unknown = changes.keys() - _NODE_FIELDS
         if unknown:
             raise TypeError(f"NodeRecord has no field {', '.join(sorted(unknown))}")
-        new = object.__new__(NodeRecord)
-        new.__dict__.update(self.__dict__, **changes)
-        return new
+        values = list(_node_fields(self))
+        for name, value in changes.items():
+            values[_NODE_FIELD_INDEX[name]] = value
+        return _built(*values)
 
     def _check(self) -> None:
         """The rules on single fields that ``encode`` applies (and so
@@ -227,7 +241,7 @@ class NodeRecord:
             pos += _FIXED.size
             optional = pos < len(data)
             target, rdev, nlink = b"", 0, 1
-            xattrs: dict[bytes, bytes] = {}
+            xattrs: dict[bytes, bytes] = {}  # (NO_XATTRS if it stays empty)
             while pos < len(data):
                 tag = data[pos]
                 (length,) = _U32.unpack_from(data, pos + 1)
@@ -247,23 +261,22 @@ class NodeRecord:
                     raise ValueError("unknown field")
             # What the dataclass's __init__ does, without its 3 µs: a cold
             # listing opens thousands of records (as ``evolve``).
-            record = object.__new__(cls)
-            record.__dict__.update(
-                kind=Kind(kind),
-                name=name,
-                key=key,
-                mode=mode,
-                uid=uid,
-                gid=gid,
-                atime_ns=atime,
-                mtime_ns=mtime,
-                ctime_ns=ctime,
-                size=size,
-                rev=rev,
-                target=target,
-                rdev=rdev,
-                xattrs=xattrs,
-                nlink=nlink,
+            record = _built(
+                Kind(kind),
+                name,
+                key,
+                mode,
+                uid,
+                gid,
+                atime,
+                mtime,
+                ctime,
+                size,
+                rev,
+                target,
+                rdev,
+                xattrs or NO_XATTRS,
+                nlink,
             )
             if not optional:
                 # The bytes read are the head, the name and the fixed fields,
@@ -305,7 +318,56 @@ def open_record(parent_key: bytes, node_id: bytes, parent_id: bytes, blob: bytes
     return NodeRecord.decode(unseal(parent_key, blob, _record_ad(node_id, parent_id)))
 
 
-_NODE_FIELDS = frozenset(f.name for f in fields(NodeRecord))
+_NODE_FIELD_NAMES = tuple(f.name for f in fields(NodeRecord))
+_NODE_FIELDS = frozenset(_NODE_FIELD_NAMES)
+_NODE_FIELD_INDEX = {name: i for i, name in enumerate(_NODE_FIELD_NAMES)}
+#: All of a record's fields as a tuple, in field order, in one call.
+_node_fields = operator.attrgetter(*_NODE_FIELD_NAMES)
+#: Each field's slot setter, in field order: they write a frozen record.
+_NODE_SETTERS: tuple[Callable[[NodeRecord, Any], None], ...] = tuple(
+    getattr(NodeRecord, name).__set__ for name in _NODE_FIELD_NAMES
+)
+
+
+def _built(
+    kind: Kind,
+    name: bytes,
+    key: bytes,
+    mode: int,
+    uid: int,
+    gid: int,
+    atime_ns: int,
+    mtime_ns: int,
+    ctime_ns: int,
+    size: int,
+    rev: int,
+    target: bytes,
+    rdev: int,
+    xattrs: Mapping[bytes, bytes],
+    nlink: int,
+) -> NodeRecord:
+    """A record of these fields, without ``__init__`` (a frozen dataclass's
+    goes through ``object.__setattr__``, 3 µs). One setter call per field,
+    written out: a loop over them took 1.5 µs, this 0.8."""
+    record = object.__new__(NodeRecord)
+    (s_kind, s_name, s_key, s_mode, s_uid, s_gid, s_atime, s_mtime, s_ctime) = _NODE_SETTERS[:9]
+    (s_size, s_rev, s_target, s_rdev, s_xattrs, s_nlink) = _NODE_SETTERS[9:]
+    s_kind(record, kind)
+    s_name(record, name)
+    s_key(record, key)
+    s_mode(record, mode)
+    s_uid(record, uid)
+    s_gid(record, gid)
+    s_atime(record, atime_ns)
+    s_mtime(record, mtime_ns)
+    s_ctime(record, ctime_ns)
+    s_size(record, size)
+    s_rev(record, rev)
+    s_target(record, target)
+    s_rdev(record, rdev)
+    s_xattrs(record, xattrs)
+    s_nlink(record, nlink)
+    return record
 
 
 @dataclass(frozen=True)
