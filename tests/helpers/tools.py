@@ -7,6 +7,7 @@ the Debian package that provides it (CI installs them), never a skip.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
@@ -15,7 +16,7 @@ import stat
 import subprocess
 import threading
 import time
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,11 +29,13 @@ __all__ = [
     "compare_trees",
     "daemon_pid",
     "du_bytes",
+    "fill_disk",
     "need",
     "run",
     "small_disk",
     "snapshot",
     "vm_rss",
+    "wait_for",
 ]
 
 #: tool name -> Debian package that ships it (for the failure message).
@@ -69,6 +72,27 @@ def small_disk(directory: Path, size: str) -> Iterator[Path]:
         yield directory
     finally:
         subprocess.run([need("umount"), "-l", str(directory)], check=False)
+
+
+def fill_disk(path: Path) -> Path:
+    """Write ``path`` until its disk is full (ENOSPC, checked), as another
+    program would; returns ``path``, to unlink when room is wanted again."""
+    with open(path, "wb", buffering=0) as f, pytest.raises(OSError) as full:
+        while True:
+            f.write(bytes(64 << 10))
+    assert full.value.errno == errno.ENOSPC, full.value
+    return path
+
+
+def wait_for(
+    what: str, condition: Callable[[], bool], timeout: float = 60, interval: float = 0.05
+) -> None:
+    """Poll ``condition()`` until true: a generous deadline, not a timing
+    claim; fails naming ``what``."""
+    end = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < end, f"timed out waiting for {what}"
+        time.sleep(interval)
 
 
 def need(tool: str) -> str:

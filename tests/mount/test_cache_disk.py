@@ -8,13 +8,12 @@ small tmpfs as the cache directory."""
 from __future__ import annotations
 
 import errno
-import json
 import os
 import random
 import re
 import shutil
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -22,7 +21,8 @@ import pytest
 
 from tests.helpers.drive import Drive
 from tests.helpers.server import ServerProcess
-from tests.helpers.tools import small_disk
+from tests.helpers.tools import fill_disk, small_disk, wait_for
+from tests.mount.test_crash import wait_uploaded
 
 pytestmark = pytest.mark.mount
 
@@ -39,36 +39,12 @@ def _cache_on_small_disk(drive: Drive, tmp_path: Path, size: str) -> Iterator[Pa
             drive.cleanup()
 
 
-def _fill(disk: Path, name: str) -> Path:
-    """Another program's file, written until the disk is full."""
-    filler = disk / name
-    with open(filler, "wb", buffering=0) as f, pytest.raises(OSError) as full:
-        while True:
-            f.write(bytes(256 << 10))
-    assert full.value.errno == errno.ENOSPC
-    return filler
-
-
 def _free(disk: Path) -> int:
     return shutil.disk_usage(disk).free
 
 
 def _cached_bytes(cache: Path) -> int:
     return sum(p.stat().st_size for p in (cache / "chunks").glob("*/*"))
-
-
-def _eventually(check: Callable[[], bool], what: str, timeout: float = 60) -> None:
-    """Poll ``check()`` until true; a generous deadline, not a timing claim."""
-    deadline = time.monotonic() + timeout
-    while not check():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"gave up waiting: {what}")
-        time.sleep(0.1)
-
-
-def _all_uploaded(drive: Drive) -> bool:
-    doc = json.loads(drive.cli("status", str(drive.mnt), "--json").stdout)
-    return bool(doc["pending_files"] == 0 and doc["pending_chunks"] == 0)
 
 
 def test_a_cache_disk_full_of_changes_waiting_for_upload_is_enospc_and_they_reach_the_server(
@@ -128,16 +104,16 @@ def test_a_cache_disk_filled_by_other_programs_gets_the_caches_room_back_and_rea
         assert _cached_bytes(disk) >= len(big)
 
         # Another program fills the disk: the cache gives its room back.
-        fillers = [_fill(disk, "filler-0")]
-        _eventually(lambda: _free(disk) >= 32 << 20, "the cache giving back its room")
+        fillers = [fill_disk(disk / "filler-0")]
+        wait_for("the cache giving back its room", lambda: _free(disk) >= 32 << 20)
         assert _cached_bytes(disk) < 1 << 20
         assert re.search(r"gave back \d+ MiB of cached chunks", drive.daemon_log())
         (drive.mnt / "saved").write_bytes(saved)  # not ENOSPC
 
         # Full, with nothing left to give back once `saved` is uploaded.
-        _eventually(lambda: _all_uploaded(drive), "`saved` uploaded")
+        wait_uploaded(drive)
         while True:
-            fillers.append(_fill(disk, f"filler-{len(fillers)}"))
+            fillers.append(fill_disk(disk / f"filler-{len(fillers)}"))
             time.sleep(1.5)  # for the cache to give back whatever it can
             if _free(disk) < 1 << 20:
                 break

@@ -32,7 +32,6 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -45,7 +44,7 @@ from megafs.crypto import CHUNK_SIZE
 from megafs.fs import status_socket_path
 from tests.helpers.drive import Drive
 from tests.helpers.server import ServerProcess
-from tests.helpers.tools import daemon_pid
+from tests.helpers.tools import daemon_pid, wait_for
 
 pytestmark = pytest.mark.mount
 
@@ -294,15 +293,6 @@ def _in_mount_table(path: Path) -> bool:
     target = os.fsencode(path.resolve()).replace(b" ", b"\\040")
     with open("/proc/self/mountinfo", "rb") as f:
         return any(line.split()[4] == target for line in f)
-
-
-def wait_for(
-    what: str, condition: Callable[[], bool], timeout: float = 60, interval: float = 0.05
-) -> None:
-    end = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < end, f"timed out waiting for {what}"
-        time.sleep(interval)
 
 
 def wait_uploaded(drive: Drive, timeout: float = 120) -> None:

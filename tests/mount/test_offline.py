@@ -9,7 +9,6 @@ import errno
 import json
 import os
 import signal
-import time
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +17,7 @@ import pytest
 from megafs.crypto import CHUNK_SIZE
 from tests.helpers.drive import Drive
 from tests.helpers.server import ServerProcess
+from tests.helpers.tools import wait_for
 
 pytestmark = pytest.mark.mount
 
@@ -35,15 +35,6 @@ def _read_tree(root: Path) -> dict[str, bytes | None]:
 
 def _status(drive: Drive) -> dict[str, Any]:
     return json.loads(drive.cli("status", str(drive.mnt), "--json").stdout)
-
-
-def _wait_for(what: str, check, timeout: float = 90) -> None:  # type: ignore[no-untyped-def]
-    """Poll ``check()`` until true; a generous deadline, not a timing claim."""
-    deadline = time.monotonic() + timeout
-    while not check():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"gave up waiting: {what}")
-        time.sleep(0.2)
 
 
 def _gone(pid: int) -> bool:
@@ -64,7 +55,7 @@ def _umount_offline(drive: Drive) -> None:
     assert not os.path.ismount(drive.mnt)
     assert not _gone(pid), "the daemon gave up its changes"
     os.kill(pid, signal.SIGTERM)
-    _wait_for("the daemon to exit", lambda: _gone(pid), timeout=30)
+    wait_for("the daemon to exit", lambda: _gone(pid), timeout=30)
 
 
 def test_offline_start_changes_and_sync(
@@ -163,7 +154,7 @@ def test_server_stops_while_mounted(drive: Drive, server: ServerProcess) -> None
     (mnt / "cached.bin").write_bytes(cached)
     (mnt / "dir").mkdir()
     (mnt / "dir/small.txt").write_bytes(b"small")
-    _wait_for("the first files to upload", lambda: _status(drive)["pending_files"] == 0)
+    wait_for("the first files to upload", lambda: _status(drive)["pending_files"] == 0, timeout=90)
 
     server.stop()
     later = os.urandom(2 * CHUNK_SIZE)
@@ -171,7 +162,7 @@ def test_server_stops_while_mounted(drive: Drive, server: ServerProcess) -> None
     (mnt / "dir/small.txt").rename(mnt / "dir/renamed.txt")
     (mnt / "dir/more.txt").write_bytes(b"more")
     assert (mnt / "cached.bin").read_bytes() == cached
-    _wait_for("the mount to notice", lambda: _status(drive)["online"] is False)
+    wait_for("the mount to notice", lambda: _status(drive)["online"] is False, timeout=90)
     assert _status(drive)["pending_files"] > 0
 
     server.start()
@@ -180,7 +171,7 @@ def test_server_stops_while_mounted(drive: Drive, server: ServerProcess) -> None
         s = _status(drive)
         return bool(s["online"] and s["pending_files"] == 0 and s["pending_chunks"] == 0)
 
-    _wait_for("the changes to reach the server", synced)
+    wait_for("the changes to reach the server", synced, timeout=90)
     expected = {
         "cached.bin": cached,
         "dir": None,
@@ -222,7 +213,7 @@ def test_enospc_when_changes_fill_the_cache_offline(drive: Drive, server: Server
     (mnt / "note.txt").write_bytes(b"still writable")
 
     server.start()
-    _wait_for("room in the cache", lambda: _status(drive)["pending_chunks"] == 0)
+    wait_for("room in the cache", lambda: _status(drive)["pending_chunks"] == 0, timeout=90)
     # Online, a file larger than the cache goes through: writes wait for
     # uploads to make room.
     (mnt / "too-much.bin").write_bytes(too_much)

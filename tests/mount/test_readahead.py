@@ -15,7 +15,6 @@ import os
 import random
 import threading
 import time
-from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -24,6 +23,7 @@ from megafs.crypto import CHUNK_SIZE
 from megafs.remote import RemoteClient
 from tests.helpers.drive import Drive
 from tests.helpers.server import ServerProcess
+from tests.helpers.tools import wait_for
 
 pytestmark = pytest.mark.mount
 
@@ -33,13 +33,6 @@ PIECE = 128 * 1024  # what the kernel asks for at a time
 def _cached_ids(drive: Drive) -> set[str]:
     root = drive.cache / "chunks"
     return {p.name for p in root.rglob("*") if p.is_file() and p.suffix != ".tmp"}
-
-
-def _wait_for(what: str, condition: Callable[[], bool], timeout: float = 60) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, f"never happened: {what}"
-        time.sleep(0.05)
 
 
 def _put_cold(drive: Drive, name: str, data: bytes) -> Path:
@@ -91,7 +84,7 @@ def test_cold_sequential_read_is_exact_and_fetches_ahead(drive: Drive) -> None:
         for k in range(3):
             assert f.read(PIECE) == data[k * PIECE : (k + 1) * PIECE]
         # The reader is still in chunk 0; read-ahead fetches what follows.
-        _wait_for("read-ahead", lambda: len(_cached_ids(drive)) >= 5)
+        wait_for("read-ahead", lambda: len(_cached_ids(drive)) >= 5)
         rest = b"".join(iter(lambda: f.read(PIECE), b""))
     assert data[3 * PIECE :] == rest
     assert len(_cached_ids(drive)) == 21
@@ -150,7 +143,7 @@ def test_prefetch_meeting_a_server_error_leaves_later_reads_intact(
     fd = os.open(path, os.O_RDONLY)
     try:
         _read_in_pieces(fd, 0, 3 * CHUNK_SIZE, data)  # read-ahead reaches chunk 5
-        _wait_for(
+        wait_for(
             "the prefetch gave up",
             lambda: server.log().count(f"{victim} status=500") >= attempts,
         )
@@ -315,7 +308,7 @@ def test_the_kernel_reads_ahead_a_chunk_per_request(drive: Drive) -> None:
     drive.mount()
     dev = os.stat(drive.mnt).st_dev
     setting = Path(f"/sys/class/bdi/{os.major(dev)}:{os.minor(dev)}/read_ahead_kb")
-    _wait_for(
+    wait_for(
         "the wider read-ahead",
         lambda: int(setting.read_text()) == CHUNK_SIZE // 1024,
         timeout=10,

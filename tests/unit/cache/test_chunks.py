@@ -7,7 +7,6 @@ back the room of chunks the server has."""
 from __future__ import annotations
 
 import contextlib
-import errno
 import os
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -21,6 +20,7 @@ from megafs.cache.state import LOGGED_CHUNK
 from megafs.crypto import AccountKeys, open_chunk
 from megafs.errors import LocalDiskFull
 from megafs.remote import RemoteClient
+from tests.helpers.tools import fill_disk
 
 
 class HeldWrites(ChunkCache):
@@ -133,16 +133,6 @@ async def test_on_a_disk_short_of_room_a_small_chunk_is_written_before_the_store
         assert cache.writes == 1 and cache._state.unfolded_chunk(chunk_id) is None
 
 
-def _fill(disk: Path) -> Path:
-    """Fill ``disk`` until it is full (ENOSPC); returns the filler."""
-    filler = disk / "filler"
-    with open(filler, "wb", buffering=0) as f, pytest.raises(OSError) as full:
-        while True:
-            f.write(bytes(16 << 10))
-    assert full.value.errno == errno.ENOSPC
-    return filler
-
-
 def _file(disk: Path, chunk_id: bytes) -> Path:
     name = chunk_id.hex()
     return disk / "chunks" / name[:2] / name
@@ -158,7 +148,7 @@ async def test_a_disk_that_runs_short_of_room_gets_back_the_room_of_uploaded_chu
         stored = [await cache.store(os.urandom(LOGGED_CHUNK + 1)) for _ in range(3)]
         uploaded, waiting = [s[1] for s in stored[:2]], stored[2][1]
         await cache.mark_uploaded(uploaded)
-        _fill(small_disk)
+        fill_disk(small_disk / "filler")
         async with trio.open_nursery() as nursery:
             await nursery.start(cache.run)
             with trio.fail_after(10):
@@ -177,14 +167,14 @@ async def test_a_new_chunk_on_a_full_disk_takes_the_room_of_an_uploaded_one(
         cache.gate.set()
         uploaded = [(await cache.store(os.urandom(LOGGED_CHUNK + 1)))[1] for _ in range(4)]
         await cache.mark_uploaded(uploaded)
-        filler = _fill(small_disk)
+        filler = fill_disk(small_disk / "filler")
         data = os.urandom(LOGGED_CHUNK + 1)
         secret, chunk_id, new = await cache.store(data)  # no ENOSPC
         assert new and not any(_file(small_disk, i).exists() for i in uploaded)
         assert open_chunk(KEYS, secret, _file(small_disk, chunk_id).read_bytes()) == data
         # With nothing left to give back, a full disk is the store's error.
         filler.unlink()
-        _fill(small_disk)
+        fill_disk(small_disk / "filler")
         with pytest.raises(LocalDiskFull):
             await cache.store(os.urandom(LOGGED_CHUNK + 1))
         assert _file(small_disk, chunk_id).exists()

@@ -19,6 +19,7 @@ from megafs.cache import JournalEntry, LocalState
 from megafs.cache.state import _FOLD_BYTES, LOGGED_CHUNK, journal_left
 from megafs.cache.statelog import decode, encode
 from megafs.errors import LocalDiskFull
+from tests.helpers.tools import fill_disk
 
 A, B = bytes([1]) * 16, bytes([2]) * 16
 CHUNK = bytes([7]) * 32
@@ -162,10 +163,7 @@ async def test_a_fold_that_finds_the_disk_full_keeps_the_logged_chunks(
         blobs = {os.urandom(32): os.urandom(60_000) for _ in range(3)}
         for chunk_id, blob in blobs.items():
             await state.add_chunk_file(chunk_id, blob)
-        filler = small_disk / "filler"
-        with contextlib.suppress(OSError), open(filler, "wb") as f:
-            while True:
-                f.write(bytes(64 << 10))
+        filler = fill_disk(small_disk / "filler")
         with pytest.raises(LocalDiskFull):
             await state.fold()
         assert all(state.unfolded_chunk(i) == b for i, b in blobs.items())
@@ -191,10 +189,7 @@ async def test_closing_on_a_full_disk_leaves_the_log_to_the_next_open(
     blobs = {os.urandom(32): os.urandom(60_000) for _ in range(3)}
     for chunk_id, blob in blobs.items():
         await state.add_chunk_file(chunk_id, blob)
-    filler = small_disk / "filler"
-    with contextlib.suppress(OSError), open(filler, "wb") as f:
-        while True:
-            f.write(bytes(64 << 10))
+    filler = fill_disk(small_disk / "filler")
     await state.aclose()
     filler.unlink()
     state = await LocalState.open(path)
