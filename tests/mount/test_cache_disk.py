@@ -105,9 +105,14 @@ def test_a_cache_disk_filled_by_other_programs_gets_the_caches_room_back_and_rea
 
         # Another program fills the disk: the cache gives its room back.
         fillers = [fill_disk(disk / "filler-0")]
-        wait_for("the cache giving back its room", lambda: _free(disk) >= 32 << 20)
-        assert _cached_bytes(disk) < 1 << 20
-        assert re.search(r"gave back \d+ MiB of cached chunks", drive.daemon_log())
+        wait_for(  # (the log line comes once the index forgot them too)
+            "the cache giving back its room, and saying so",
+            lambda: (
+                _free(disk) >= 32 << 20
+                and _cached_bytes(disk) < 1 << 20
+                and bool(re.search(r"gave back \d+ MiB of cached chunks", drive.daemon_log()))
+            ),
+        )
         (drive.mnt / "saved").write_bytes(saved)  # not ENOSPC
 
         # Full, with nothing left to give back once `saved` is uploaded.
