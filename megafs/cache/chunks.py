@@ -183,6 +183,7 @@ class ChunkCache:
         back clean chunks if the disk has less than ``room_to_keep`` free.
         A save that failed with ENOSPC then succeeds when tried again."""
         task_status.started()
+        failure = ""
         while True:
             short = self._disk_short
             with trio.move_on_after(1.0):
@@ -191,8 +192,14 @@ class ChunkCache:
                 self._disk_short = trio.Event()
             try:
                 await self._give_back_room()
-            except LocalDiskFull as exc:  # forgetting the chunks found no room
-                log.warning("%s: the chunks given back are forgotten later", exc.detail)
+            except (MegafsError, OSError) as exc:
+                # A full disk that the index's write still met, or a cache
+                # directory gone bad: tried again in a second, said once.
+                if str(exc) != failure:
+                    log.warning("could not give back the cache's room: %s", exc)
+                failure = str(exc)
+            else:
+                failure = ""
 
     # -- facts -------------------------------------------------------------
 

@@ -7,6 +7,7 @@ back the room of chunks the server has."""
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -179,3 +180,35 @@ async def test_a_new_chunk_on_a_full_disk_takes_the_room_of_an_uploaded_one(
             await cache.store(os.urandom(LOGGED_CHUNK + 1))
         assert _file(small_disk, chunk_id).exists()
         assert not list(small_disk.glob("chunks/*/*.tmp"))  # nor half a file
+
+
+async def test_a_give_back_that_fails_is_tried_again_and_said_once(
+    small_disk: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The task that keeps room runs for the whole mount: a failure of the
+    disk (injected: the first three tries) is logged once, never stops it."""
+    async with _held_cache(small_disk) as cache:
+        cache.gate.set()
+        _, uploaded, _ = await cache.store(os.urandom(LOGGED_CHUNK + 1))
+        await cache.mark_uploaded([uploaded])
+        evict_clean = cache._evict_clean
+        failures = 0
+
+        async def failing(excess: int) -> int:
+            nonlocal failures
+            if failures < 3:
+                failures += 1
+                raise OSError(errno.EIO, "Input/output error")
+            return await evict_clean(excess)
+
+        cache._evict_clean = failing  # type: ignore[method-assign]
+        fill_disk(small_disk / "filler")
+        async with trio.open_nursery() as nursery:
+            await nursery.start(cache.run)
+            with trio.fail_after(20):
+                while _file(small_disk, uploaded).exists():
+                    await trio.sleep(0.05)
+            nursery.cancel_scope.cancel()
+        assert failures == 3
+        said = [r for r in caplog.records if "could not give back" in r.getMessage()]
+        assert len(said) == 1, said
