@@ -574,13 +574,17 @@ class ChunkCache:
         now = trio.current_time()
         if now - self._disk_checked >= 1.0:
             self._disk_checked = now
-            try:
-                st = os.statvfs(self._root)
-            except OSError:
-                self._disk_roomy = False
-            else:
-                self._disk_roomy = st.f_bavail * st.f_frsize >= DISK_MARGIN
+            space = self._disk_space()
+            self._disk_roomy = space is not None and space[0] >= DISK_MARGIN
         return self._disk_roomy
+
+    def _disk_space(self) -> tuple[int, int] | None:
+        """(free bytes, size) of the cache's disk, or None if it cannot say."""
+        try:
+            st = os.statvfs(self._root)
+        except OSError:
+            return None
+        return st.f_bavail * st.f_frsize, st.f_blocks * st.f_frsize
 
     async def _indexed(self, chunk_id: bytes, size: int, *, dirty: bool) -> None:
         """Count a chunk the cache now holds (and evict if over the limit)."""
@@ -618,12 +622,11 @@ class ChunkCache:
         """If the cache's disk has less than ``room_to_keep`` free, drop
         clean chunks, least recently used first, to make up the difference
         (as far as they can). Returns whether any were dropped."""
-        try:
-            st = os.statvfs(self._root)
-        except OSError:
+        space = self._disk_space()
+        if space is None:
             return False
-        free = st.f_bavail * st.f_frsize
-        short = room_to_keep(st.f_blocks * st.f_frsize) - free
+        free, size = space
+        short = room_to_keep(size) - free
         if short <= 0:
             return False
         freed = await self._evict_clean(short)
