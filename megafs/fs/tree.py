@@ -74,13 +74,17 @@ class LinkName:
 
 class Children(dict[bytes, "Inode"]):
     """A folder's children by name, counting its subfolders as they change, so
-    a folder's link count (2 + subfolders) costs nothing in big folders."""
+    a folder's link count (2 + subfolders) costs nothing in big folders.
+    ``links``: the names that are LINK nodes (further names of a hard-linked
+    node), by name; kept here, not on every inode, since only folders have
+    them."""
 
-    __slots__ = ("subdirs",)
+    __slots__ = ("links", "subdirs")
 
     def __init__(self) -> None:
         super().__init__()
         self.subdirs = 0
+        self.links: dict[bytes, LinkName] = {}
 
     def __setitem__(self, name: bytes, inode: Inode) -> None:
         old = self.get(name)
@@ -387,7 +391,7 @@ class Tree:
                     )
                     continue
                 children[record.name] = target
-                folder.links[record.name] = LinkName(link_id, record)
+                children.links[record.name] = LinkName(link_id, record)
         return children
 
     async def _linked_nodes(self) -> dict[bytes, Inode]:
@@ -469,7 +473,7 @@ class Tree:
             target=inode.id,
         )
         link = LinkName(new_node_id(), record)
-        folder.links[name] = link
+        (await self.children(folder)).links[name] = link
         await self._put_link(folder, link)
 
     async def _put_link(self, folder: Inode, link: LinkName) -> None:
@@ -484,7 +488,7 @@ class Tree:
         children = await self.children(folder)
         inode = children.pop(name)
         touch(folder, time.time_ns())
-        link = folder.links.pop(name, None)
+        link = children.links.pop(name, None)
         if link is None:
             await self.delete(inode)
             return inode
@@ -493,17 +497,17 @@ class Tree:
         inode.record = inode.record.evolve(nlink=max(nlink, 1), ctime_ns=time.time_ns())
         if nlink <= 0:
             await self.delete(inode)
-        elif nlink == 1 and (last := self._unsent_name(folder, inode)) is not None:
+        elif nlink == 1 and (last := self._unsent_name(children, inode)) is not None:
             await self._unlink_last_name(folder, *last, inode)
         else:
             await self.commit(inode)
         return inode
 
-    def _unsent_name(self, folder: Inode, inode: Inode) -> tuple[bytes, LinkName] | None:
-        """The node's further name in ``folder`` if that name has never
+    def _unsent_name(self, children: Children, inode: Inode) -> tuple[bytes, LinkName] | None:
+        """The node's further name among ``children`` if that name has never
         reached the server (looked for in this folder only, where git makes
         an object's temporary and final names)."""
-        for name, link in folder.links.items():
+        for name, link in children.links.items():
             if link.record.target == inode.id and self._uploader.unsent(link.id):
                 return name, link
         return None
@@ -517,7 +521,8 @@ class Tree:
         name and unlinks that; without this every object would stay a
         hard-linked node and a LINK, two nodes on the server, and listing
         its folder would load the whole links folder."""
-        del folder.links[name]
+        assert folder.children is not None  # (the name was just removed from them)
+        del folder.children.links[name]
         links = self._links_dir
         if links is not None and links.children is not None:
             links.children.pop(inode.record.name, None)
@@ -538,14 +543,14 @@ class Tree:
         now = time.time_ns()
         touch(folder, now)
         touch(new_folder, now)
-        link = folder.links.pop(name, None)
+        link = children.links.pop(name, None)
         if link is None:
             inode.parent = new_folder
             inode.record = inode.record.evolve(name=new_name, ctime_ns=now)
             await self.commit(inode)
             return
         link.record = link.record.evolve(name=new_name, rev=link.record.rev + 1)
-        new_folder.links[new_name] = link
+        new_children.links[new_name] = link
         await self._put_link(new_folder, link)
         inode.record = inode.record.evolve(ctime_ns=now)
         await self.commit(inode)
