@@ -127,9 +127,6 @@ class Operations(pyfuse3.Operations):
         self._dir_handles: dict[int, list[tuple[bytes, Inode]]] = {}
         self._next_fh = 1
         self._statfs: tuple[float, int, int] | None = None
-        #: Per closed file, the content key it had when its last handle was
-        #: released: what the kernel's page cache holds (see _open_handle).
-        self._released_keys: dict[int, bytes] = {}
         #: Bytes of file growth accepted that the account's ``used`` (as last
         #: asked) does not count yet.
         self._accepted = 0
@@ -211,7 +208,7 @@ class Operations(pyfuse3.Operations):
             if inode is not None:
                 inode.lookups = max(0, inode.lookups - count)
                 if inode.lookups == 0:
-                    self._released_keys.pop(ino, None)  # its page cache went too
+                    inode.released_key = None  # its page cache went too
 
     @_errors
     async def getattr(
@@ -553,7 +550,8 @@ class Operations(pyfuse3.Operations):
         fh = self._next_fh
         self._next_fh += 1
         self._handles[fh] = _Handle(inode, flags, self.read_ahead.reader())
-        keep = inode.opens > 0 or self._released_keys.pop(inode.ino, None) == inode.record.key
+        keep = inode.opens > 0 or inode.released_key == inode.record.key
+        inode.released_key = None
         inode.opens += 1
         return pyfuse3.FileInfo(fh=fh, keep_cache=keep)
 
@@ -653,7 +651,7 @@ class Operations(pyfuse3.Operations):
             # tree of many small files does not keep their bytes in memory.
             inode.content = None
         if inode.opens == 0:
-            self._released_keys[inode.ino] = inode.record.key
+            inode.released_key = inode.record.key
 
     @_errors
     async def fsync(self, fh: int, datasync: bool) -> None:

@@ -151,9 +151,9 @@ class Inode:
     #: bytes, as much as the rest of an inode, and every node committed
     #: once would keep one.
     _lock: trio.Lock | None = field(default=None, repr=False)
-    #: Folders: names that are LINK nodes (further names of a hard-linked
-    #: node), by name.
-    links: dict[bytes, LinkName] = field(default_factory=dict)
+    #: A closed file's content key when its last handle was released: what
+    #: the kernel's page cache holds of it (None: nothing it may keep).
+    released_key: bytes | None = None
 
     @contextlib.asynccontextmanager
     async def locked(self) -> AsyncIterator[None]:
