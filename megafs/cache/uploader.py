@@ -146,7 +146,9 @@ class Uploader:
         #: Nodes whose current entry was sent without an answer yet (it may
         #: have landed): a change superseding it remembers its commit id.
         self._unconfirmed: set[bytes] = set()
-        #: Highest journal seq of each node that is on the server (or moot).
+        #: Highest journal seq of each busy node that is on the server (or
+        #: moot). A node that is not busy has all of its seqs done, and no
+        #: entry here: a mount that wrote a big tree keeps none for it.
         self._done_seq: dict[bytes, int] = {}
         #: Keeps a change the server refused for a version conflict (set by
         #: the tree, which knows names and keys): see ``_settle``.
@@ -260,7 +262,7 @@ class Uploader:
                 self._drop_entry(node_id)
                 await self._state.forget_entry(node_id, old.seq)
             self._versions.pop(node_id, None)
-            self._done_seq[node_id] = self._seq
+            self._done_seq.pop(node_id, None)  # not busy now: every seq is done
             self._notify()
             return 0
         return await self._journal(node_id, "delete", None, None, None, (), durable, None)
@@ -325,7 +327,7 @@ class Uploader:
 
     async def wait_committed(self, node_id: bytes, seq: int) -> None:
         """Until the server has the node's state ``seq`` or a later one."""
-        while self._done_seq.get(node_id, 0) < seq:
+        while self.busy(node_id) and self._done_seq.get(node_id, 0) < seq:
             self._hurry()
             await self._progress.wait()
 
@@ -536,6 +538,9 @@ class Uploader:
                     if self._landing.get(entry.node_id) is entry:
                         del self._landing[entry.node_id]
             self._stats.committed += len(done)
+            for node_id, _, _ in done:
+                if not self.busy(node_id):
+                    self._done_seq.pop(node_id, None)
             self._notify()
         if refused:
             await self._refused(refused)
