@@ -52,13 +52,16 @@ OVERHEAD = _HEADER + _TAG
 HEADER = _HEADER
 
 
-@functools.lru_cache(maxsize=4096)
+@functools.lru_cache(maxsize=1024)
 def _subkeys(key: bytes) -> tuple[AESGCM, bytes, bytes]:
     """The encryption cipher, the commitment and the encryption key for an
     object key.
 
     Cached because folder and file keys seal many objects in a row; the
-    cache holds keys only in this process's memory.
+    cache holds keys only in this process's memory. 1024 keys (about 2 MiB:
+    an AESGCM object holds 1.7 KiB of OpenSSL state) cover the folders being
+    written to; most other keys seal or open one object (a file revision's
+    manifest, a chunk) and would only crowd a larger cache.
     """
     if len(key) != 32:
         raise ValueError("object keys are 32 bytes")
