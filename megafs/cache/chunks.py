@@ -81,6 +81,10 @@ DISK_MARGIN = 64 << 20
 #: Free space the cache keeps on its disk at most, by giving back clean
 #: chunks (``room_to_keep``).
 KEEP_FREE_MAX = 512 << 20
+#: Plaintext of chunks kept in memory (least recently used out): what the
+#: read-ahead of four sequential readers holds (8 chunks each), and a hot
+#: file of this size read at random decrypts each chunk once.
+PLAINTEXT_BYTES = 32 << 20
 #: Seconds a new chunk waits for room in a cache full of chunks waiting for
 #: upload while no upload finishes, before it fails with ENOSPC.
 ROOM_WAIT = 30.0
@@ -116,7 +120,7 @@ class ChunkCache:
         keys: AccountKeys,
         *,
         limit_bytes: int,
-        memory_bytes: int = 64 << 20,
+        memory_bytes: int = PLAINTEXT_BYTES,
         uploads_failing: Callable[[], bool] | None = None,
     ) -> None:
         """``uploads_failing``: whether uploads fail now (the server is

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import pytest
 
+from megafs.cache.chunks import PLAINTEXT_BYTES
 from megafs.crypto import CHUNK_SIZE
 from megafs.remote import RemoteClient
 from tests.helpers.drive import Drive
@@ -263,7 +264,8 @@ def test_random_reads_of_verified_chunks_check_each_piece_on_disk(drive: Drive) 
     held when it was verified whole: a flipped byte in another piece of the
     file goes unread, a flipped byte in the piece read is caught and the
     chunk fetched again; never a wrong byte."""
-    count = 80  # more than the 64 MiB of plaintext the daemon keeps in memory
+    count = 80
+    assert count // 2 * CHUNK_SIZE > PLAINTEXT_BYTES  # more than the daemon keeps in memory
     data = random.Random(5).randbytes(count * CHUNK_SIZE - 999)
     path = _put_cold(drive, "vm.img", data)
     # Chunks are loaded even first, then odd: the even ones below 32 have
