@@ -44,7 +44,6 @@ from typing import Any
 import pytest
 import trio
 
-from megafs.cache import ChunkCache, LocalState, Uploader
 from megafs.cli.account import login
 from megafs.cli.config import Paths
 from megafs.cli.main import CliError, build_parser
@@ -67,6 +66,7 @@ from megafs.fs.tree import Inode, Tree
 from megafs.remote import RemoteClient
 from megafs.wire import b64d, b64e
 from tests.helpers.keyholder import FileNode, Folder, KeyHolder, flip_bit
+from tests.helpers.parts import local_parts
 from tests.helpers.proxy import Proxy, ProxyResponse, running_proxy
 from tests.helpers.server import ServerProcess
 
@@ -328,19 +328,13 @@ async def device(url: str, keys: AccountKeys, state_dir: Path, token: str) -> As
     """One run of a device's client (the mount's tree, chunk cache, local
     state and uploader) without FUSE, remembering what it saw in
     ``state_dir`` across runs."""
-    state_dir.mkdir(parents=True, exist_ok=True)
-    async with RemoteClient(url, token) as remote:
-        state = await LocalState.open(state_dir / "state.sqlite3")
-        try:
-            chunks = ChunkCache(state, remote, keys, limit_bytes=1 << 30)
-            await chunks.load()
-            uploader = Uploader(remote, state, chunks)
-            await uploader.load()
-            tree = Tree(remote, uploader, chunks, keys, state)
-            await tree.load_root()
-            yield tree
-        finally:
-            await state.aclose()
+    async with (
+        RemoteClient(url, token) as remote,
+        local_parts(remote, keys, state_dir) as (state, chunks, uploader),
+    ):
+        tree = Tree(remote, uploader, chunks, keys, state)
+        await tree.load_root()
+        yield tree
 
 
 async def _lookup(tree: Tree, *path: bytes) -> Inode | None:

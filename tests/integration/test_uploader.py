@@ -8,9 +8,10 @@ from pathlib import Path
 
 import trio
 
-from megafs.cache import ChunkCache, LocalState, Uploader
+from megafs.cache import Uploader
 from megafs.crypto import AccountKeys
 from megafs.remote import RemoteClient
+from tests.helpers.parts import local_parts
 from tests.helpers.server import ServerProcess
 from tests.integration.users import User
 
@@ -27,37 +28,32 @@ async def test_landed_changes_leave_nothing_per_node_and_their_waits_return(
     journal states that landed (it would grow with every node written), yet
     a wait for any of them, before or after it landed, returns."""
     keys = AccountKeys.from_master(os.urandom(32), alice.root)
-    async with RemoteClient(server.url, alice.session.token) as remote:
-        state = await LocalState.open(tmp_path / "state.sqlite3")
-        try:
-            chunks = ChunkCache(state, remote, keys, limit_bytes=1 << 30)
-            await chunks.load()
-            uploader = Uploader(remote, state, chunks)
-            await uploader.load()
-            nodes = [os.urandom(16) for _ in range(300)]
-            async with trio.open_nursery() as nursery:
-                await nursery.start(uploader.run)
-                with trio.fail_after(60):
-                    seqs = [await _put(uploader, alice.root, n) for n in nodes]
-                    await uploader.wait_committed(nodes[0], seqs[0])
-                    await uploader.wait_idle()
-                    for node_id, seq in zip(nodes, seqs, strict=True):
-                        await uploader.wait_committed(node_id, seq)
-                assert uploader._done_seq == {}
-                assert not any(uploader.busy(n) for n in nodes)
+    async with (
+        RemoteClient(server.url, alice.session.token) as remote,
+        local_parts(remote, keys, tmp_path) as (_, _, uploader),
+    ):
+        nodes = [os.urandom(16) for _ in range(300)]
+        async with trio.open_nursery() as nursery:
+            await nursery.start(uploader.run)
+            with trio.fail_after(60):
+                seqs = [await _put(uploader, alice.root, n) for n in nodes]
+                await uploader.wait_committed(nodes[0], seqs[0])
+                await uploader.wait_idle()
+                for node_id, seq in zip(nodes, seqs, strict=True):
+                    await uploader.wait_committed(node_id, seq)
+            assert uploader._done_seq == {}
+            assert not any(uploader.busy(n) for n in nodes)
 
-                # Two more states of one node: a wait for each returns.
-                first = await _put(uploader, alice.root, nodes[0])
-                second = await _put(uploader, alice.root, nodes[0], b"latest")
-                assert uploader.busy(nodes[0])
-                with trio.fail_after(60):
-                    await uploader.wait_committed(nodes[0], first)
-                    await uploader.wait_committed(nodes[0], second)
-                assert not uploader.busy(nodes[0])
-                assert uploader._done_seq == {}
-                listed = {n.id: n.meta for n in await remote.list_children(alice.root)}
-                assert set(nodes) <= set(listed)
-                assert listed[nodes[0]] == b"latest"
-                nursery.cancel_scope.cancel()
-        finally:
-            await state.aclose()
+            # Two more states of one node: a wait for each returns.
+            first = await _put(uploader, alice.root, nodes[0])
+            second = await _put(uploader, alice.root, nodes[0], b"latest")
+            assert uploader.busy(nodes[0])
+            with trio.fail_after(60):
+                await uploader.wait_committed(nodes[0], first)
+                await uploader.wait_committed(nodes[0], second)
+            assert not uploader.busy(nodes[0])
+            assert uploader._done_seq == {}
+            listed = {n.id: n.meta for n in await remote.list_children(alice.root)}
+            assert set(nodes) <= set(listed)
+            assert listed[nodes[0]] == b"latest"
+            nursery.cancel_scope.cancel()
