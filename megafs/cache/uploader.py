@@ -262,7 +262,7 @@ class Uploader:
                 self._drop_entry(node_id)
                 await self._state.forget_entry(node_id, old.seq)
             self._versions.pop(node_id, None)
-            self._done_seq.pop(node_id, None)  # not busy now: every seq is done
+            self._mark_done(node_id, self._seq)
             self._notify()
             return 0
         return await self._journal(node_id, "delete", None, None, None, (), durable, None)
@@ -324,6 +324,14 @@ class Uploader:
         self._urgent_event.set()
         if self._gathering is not None:
             self._gathering.cancel()
+
+    def _mark_done(self, node_id: bytes, seq: int) -> None:
+        """The node's state ``seq`` is on the server (or moot). Remembered
+        only while the node is busy: once it is not, every state is."""
+        if self.busy(node_id):
+            self._done_seq[node_id] = max(seq, self._done_seq.get(node_id, 0))
+        else:
+            self._done_seq.pop(node_id, None)
 
     async def wait_committed(self, node_id: bytes, seq: int) -> None:
         """Until the server has the node's state ``seq`` or a later one."""
@@ -538,9 +546,8 @@ class Uploader:
                     if self._landing.get(entry.node_id) is entry:
                         del self._landing[entry.node_id]
             self._stats.committed += len(done)
-            for node_id, _, _ in done:
-                if not self.busy(node_id):
-                    self._done_seq.pop(node_id, None)
+            for node_id, seq, _ in done:
+                self._mark_done(node_id, seq)  # (no longer in flight)
             self._notify()
         if refused:
             await self._refused(refused)
@@ -572,7 +579,7 @@ class Uploader:
         checkpoint, while the node still counts as in flight (a delete
         arriving meanwhile must see that the node now exists)."""
         self._maybe_created.discard(entry.node_id)
-        self._done_seq[entry.node_id] = entry.seq
+        self._mark_done(entry.node_id, entry.seq)
         latest = self._entries.get(entry.node_id)
         if latest is not None and latest.seq == entry.seq:
             self._drop_entry(entry.node_id)
@@ -697,7 +704,7 @@ class Uploader:
         if self._entries.get(entry.node_id) is entry:
             self._drop_entry(entry.node_id)
         self._versions[entry.node_id] = server_version
-        self._done_seq[entry.node_id] = max(entry.seq, self._done_seq.get(entry.node_id, 0))
+        self._mark_done(entry.node_id, entry.seq)
         dropped = [(entry.node_id, entry.seq, server_version)]
         await self.until_saved(lambda: self._state.entries_dropped(dropped))
         self._notify()
