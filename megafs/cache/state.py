@@ -125,6 +125,10 @@ class LocalState:
         self._unfolded_lock = threading.Lock()
         self._limiter = trio.CapacityLimiter(1)
         self._db: sqlite3.Connection | None = None
+        #: A second connection, in a thread of its own, for reads of the
+        #: local copy of the server's nodes (see ``_read``).
+        self._read_limiter = trio.CapacityLimiter(1)
+        self._reader: sqlite3.Connection | None = None
         self._log = StateLog(path)
         #: The change feed's position the ``current`` listings are exact at
         #: (None: none is). Changed only in the database thread, in the
@@ -172,6 +176,9 @@ class LocalState:
                     folded = number
         self._log.start(after=folded)
         self._db = db
+        reader = sqlite3.connect(self._path, check_same_thread=False, isolation_level=None)
+        reader.execute("PRAGMA query_only=1")
+        self._reader = reader
 
     async def _run(self, fn: Callable[..., _T], *args: Any) -> _T:
         """Run ``fn`` in the database's thread, after folding the log: every
@@ -183,6 +190,32 @@ class LocalState:
 
         with local_disk(self._path.parent):
             return await trio.to_thread.run_sync(work, limiter=self._limiter)
+
+    async def _read(self, fn: Callable[[sqlite3.Connection], _T]) -> _T:
+        """Run ``fn(connection)`` in one read transaction on the reader's
+        thread, for reads of the tables the log never changes (``nodes``,
+        ``listed``, ``current``: the local copy of the server's nodes).
+
+        Such a read waits for no fold and no transaction of the database
+        thread: a file opened while others are being written (``git add``
+        reads each file and writes an object) would otherwise wait for the
+        fold of what was just written. WAL gives the reader a snapshot of
+        the last committed transaction, the state a read queued behind the
+        writers would have seen had it run a moment earlier.
+        """
+
+        def work() -> _T:
+            if self._reader is None:
+                raise RuntimeError("local state is closed")
+            db = self._reader
+            db.execute("BEGIN")
+            try:
+                return fn(db)
+            finally:
+                db.execute("COMMIT")
+
+        with local_disk(self._path.parent):
+            return await trio.to_thread.run_sync(work, limiter=self._read_limiter)
 
     def _fold(self) -> None:
         """Apply what the log holds in one transaction (database thread)."""
@@ -230,11 +263,17 @@ class LocalState:
                 self._db = None
                 self._log.close()
 
+        def close_reader() -> None:
+            if self._reader is not None:
+                self._reader.close()
+                self._reader = None
+
         with trio.CancelScope(shield=True):
             try:
                 await self.fold()
             except LocalDiskFull as exc:
                 log.warning("%s: the local state is updated at the next mount", exc.detail)
+            await trio.to_thread.run_sync(close_reader, limiter=self._read_limiter)
             await trio.to_thread.run_sync(close, limiter=self._limiter)
 
     # -- chunks --------------------------------------------------------------
@@ -426,11 +465,11 @@ class LocalState:
         await self._run(lambda: self._conn().execute("DELETE FROM nodes WHERE id = ?", (node_id,)))
 
     async def cached_node(self, node_id: bytes) -> RemoteNode | None:
-        def q() -> RemoteNode | None:
-            row = self._conn().execute(f"{_NODE_SELECT} WHERE id = ?", (node_id,)).fetchone()
+        def q(db: sqlite3.Connection) -> RemoteNode | None:
+            row = db.execute(f"{_NODE_SELECT} WHERE id = ?", (node_id,)).fetchone()
             return None if row is None else _node_from_row(row)
 
-        return await self._run(q)
+        return await self._read(q)
 
     async def cached_children(
         self, folder_id: bytes, *, current: bool = False
@@ -438,15 +477,14 @@ class LocalState:
         """The folder's children as last listed, or None if it never was
         (``current``: or if that listing is not the server's at ``cursor``)."""
 
-        def q() -> list[RemoteNode] | None:
-            db = self._conn()
+        def q(db: sqlite3.Connection) -> list[RemoteNode] | None:
             table = "current" if current else "listed"
             if db.execute(f"SELECT 1 FROM {table} WHERE id = ?", (folder_id,)).fetchone() is None:
                 return None
             rows = db.execute(f"{_NODE_SELECT} WHERE parent = ?", (folder_id,))
             return [_node_from_row(r) for r in rows]
 
-        return await self._run(q)
+        return await self._read(q)
 
     # -- journal -------------------------------------------------------------
 
