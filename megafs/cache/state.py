@@ -308,17 +308,20 @@ class LocalState:
 
     async def mark_clean(self, chunk_ids: list[bytes]) -> None:
         def q() -> None:
-            self._conn().executemany(
-                "UPDATE chunks SET dirty = 0 WHERE id = ?", [(i,) for i in chunk_ids]
-            )
+            # One transaction: in autocommit mode each row would be one.
+            with _transaction(self._conn()) as db:
+                db.executemany(
+                    "UPDATE chunks SET dirty = 0 WHERE id = ?", [(i,) for i in chunk_ids]
+                )
 
         await self._run(q)
 
     async def forget_chunks(self, chunk_ids: list[bytes]) -> None:
         def q() -> None:
-            self._conn().executemany(
-                "DELETE FROM chunks WHERE id = ? AND dirty = 0", [(i,) for i in chunk_ids]
-            )
+            with _transaction(self._conn()) as db:
+                db.executemany(
+                    "DELETE FROM chunks WHERE id = ? AND dirty = 0", [(i,) for i in chunk_ids]
+                )
 
         await self._run(q)
 
