@@ -12,6 +12,8 @@ import os
 
 __all__ = ["chunk_path", "write_chunk_file"]
 
+_CREATE = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC
+
 
 def chunk_path(root: str, chunk_id: bytes) -> str:
     """``root/<id[0:2]>/<id>`` in hex (docs/format.md §14). A string, not a
@@ -27,15 +29,23 @@ def write_chunk_file(path: str, blob: bytes) -> None:
     store and a download, say) carry different nonces and must not mix; a
     crash leaves only a ``.tmp`` file, removed at the next mount; a failed
     write leaves nothing."""
-    with contextlib.suppress(FileExistsError):
-        try:
-            os.mkdir(os.path.dirname(path))
-        except FileNotFoundError:  # no cache directory yet (a log replayed at start)
-            os.makedirs(os.path.dirname(path))
     tmp = f"{path}.{os.urandom(4).hex()}.tmp"
     try:
-        with open(tmp, "wb") as f:
-            f.write(blob)
+        try:
+            fd = os.open(tmp, _CREATE, 0o600)
+        except FileNotFoundError:
+            # The first file of its folder (or no cache directory yet: a log
+            # replayed at start). Made only then: a mkdir before every write
+            # is one more system call in a worker thread, and after each the
+            # thread waits for the event loop to give back the GIL.
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            fd = os.open(tmp, _CREATE, 0o600)
+        try:
+            view = memoryview(blob)
+            while view:
+                view = view[os.write(fd, view) :]
+        finally:
+            os.close(fd)
         os.replace(tmp, path)
     except OSError:
         # A full disk, say: what was written of it only takes the room
