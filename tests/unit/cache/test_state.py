@@ -64,6 +64,29 @@ async def test_a_listing_replaces_what_was_kept(tmp_path: Path) -> None:
         await state.aclose()
 
 
+async def test_reading_the_kept_nodes_leaves_the_log_to_its_next_fold(tmp_path: Path) -> None:
+    """A file opened while others are written (git add) reads its manifest
+    from the kept nodes; that read must not wait for the fold of what the
+    writes appended, which the log never holds anything of."""
+    state = await LocalState.open(tmp_path / "state.sqlite3")
+    try:
+        node = _node(bytes([1]) * 16, 1)
+        await state.save_listing(FOLDER, [node], at=None)
+        chunk_id, blob = os.urandom(32), os.urandom(100)
+        await state.add_chunk_file(chunk_id, blob)
+        kept = await state.cached_node(node.id)
+        assert kept is not None and kept.meta == node.meta
+        assert _key(await state.cached_children(FOLDER)) == _key([node])
+        # Not folded: the chunk's file is still to be written.
+        assert state.unfolded_chunk(chunk_id) == blob
+        assert not list(state.chunk_dir.rglob("*"))
+        await state.fold()
+        assert state.unfolded_chunk(chunk_id) is None
+        assert [p.read_bytes() for p in state.chunk_dir.rglob("*") if p.is_file()] == [blob]
+    finally:
+        await state.aclose()
+
+
 def _change(node: RemoteNode, seq: int, *, deleted: bool = False) -> Change:
     return Change(node.id, node.parent, node.version, seq, deleted)
 
