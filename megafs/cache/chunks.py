@@ -315,24 +315,23 @@ class ChunkCache:
         path = self._path(chunk_id)
 
         def read(flags: int) -> bytes | None:
-            try:
-                fd = os.open(path, os.O_RDONLY)
-            except FileNotFoundError:
+            view = _pread(path, offset, size, flags)
+            if view is None:
                 return None
             try:
-                buf = bytearray(size)
-                got = os.preadv(fd, [buf], offset, flags)
-            finally:
-                os.close(fd)
-            if got < size and flags:
-                raise BlockingIOError(errno.EAGAIN, "partly on disk")
-            try:
-                return self._marker.open(marks, memoryview(buf)[:got], start, n)
+                return self._marker.open(marks, view, start, n)
             except IntegrityError:
                 return None
 
         if chunk_id not in self._index:
             return None
+        return await self._read_small(size, read)
+
+    async def _read_small(self, size: int, read: Callable[[int], _T]) -> _T:
+        """``read(RWF_NOWAIT)`` on the event loop if it reads at most
+        ``_INLINE_CRYPTO`` bytes, all of them in the page cache (the flag
+        makes it fail rather than wait for the disk: less than the hop to a
+        worker thread); else ``read(0)`` in a worker thread."""
         if _NOWAIT and size <= _INLINE_CRYPTO:
             try:
                 return read(_NOWAIT)
@@ -344,8 +343,8 @@ class ChunkCache:
     async def _load(self, secret: bytes, chunk_id: bytes, mark: bool) -> bytes:
         """Disk cache, else server; verified, and kept in the LRU (and
         marked, if ``mark``)."""
-        if chunk_id in self._index:
-            blob = await self._read_file(chunk_id)
+        if (size := self._index.get(chunk_id)) is not None:
+            blob = await self._read_file(chunk_id, size)
             if blob is None:
                 if chunk_id in self._dirty:
                     raise IntegrityError("a chunk waiting for upload is missing from the cache")
@@ -534,8 +533,9 @@ class ChunkCache:
     def _path(self, chunk_id: bytes) -> str:
         return chunk_path(self._root, chunk_id)
 
-    async def _read_file(self, chunk_id: bytes) -> bytes | None:
-        """A cache file's sealed bytes (None if it is missing). A small one
+    async def _read_file(self, chunk_id: bytes, size: int) -> bytes | None:
+        """A cache file's sealed bytes (``size`` as indexed; None if it is
+        missing). A small one
         whose bytes are all in the page cache is read on the event loop, as
         ``_read_piece`` reads a piece: opening a tree of small files (``git
         add``, a file manager's thumbnails) then costs no thread hop per
@@ -544,14 +544,14 @@ class ChunkCache:
         if blob is not None:
             return blob
         path = self._path(chunk_id)
-        size = self._index.get(chunk_id)
-        if _NOWAIT and size is not None and size <= _INLINE_CRYPTO:
-            try:
-                return _read_cached(path, size)
-            except OSError as exc:
-                if exc.errno not in (errno.EAGAIN, errno.EOPNOTSUPP):
-                    raise
-        return await trio.to_thread.run_sync(_read_or_none, path, limiter=self._disk)
+
+        def read(flags: int) -> bytes | None:
+            if not flags:
+                return _read_or_none(path)  # whole, whatever its index row says
+            view = _pread(path, 0, size, flags)
+            return None if view is None else bytes(view)
+
+        return await self._read_small(size, read)
 
     async def _write_file(self, chunk_id: bytes, blob: bytes, *, dirty: bool) -> None:
         path = self._path(chunk_id)
@@ -685,22 +685,23 @@ def _short(chunk_id: bytes) -> str:
     return chunk_id.hex()[:12]
 
 
-def _read_cached(path: str, size: int) -> bytes | None:
-    """The first ``size`` bytes of a cache file (all it holds, if its index
-    row is right) if the page cache has them all, None if it is missing;
-    EAGAIN if any would need the disk."""
+def _pread(path: str, offset: int, size: int, flags: int) -> memoryview | None:
+    """Up to ``size`` bytes of a cache file from ``offset``, None if it is
+    missing. With ``RWF_NOWAIT`` in ``flags``: EAGAIN unless the page cache
+    holds all ``size`` of them (a file shorter than that is then read by
+    the caller without the flag)."""
     try:
         fd = os.open(path, os.O_RDONLY)
     except FileNotFoundError:
         return None
     try:
         buf = bytearray(size)
-        got = os.preadv(fd, [buf], 0, _NOWAIT)
+        got = os.preadv(fd, [buf], offset, flags)
     finally:
         os.close(fd)
-    if got < size:  # partly on disk (or shorter than indexed: read it whole)
+    if got < size and flags:
         raise BlockingIOError(errno.EAGAIN, "partly on disk")
-    return bytes(buf)
+    return memoryview(buf)[:got]
 
 
 def _read_or_none(path: str) -> bytes | None:
