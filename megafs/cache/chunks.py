@@ -302,15 +302,9 @@ class ChunkCache:
         self, chunk_id: bytes, marks: PieceMarks, start: int, n: int
     ) -> bytes | None:
         """The range from the chunk's cache file, or None if the file is gone
-        or does not match its marks.
-
-        A small range whose bytes are in the page cache (usual once the chunk
-        was verified whole: that read brought its file in) is read and
-        decrypted on the event loop: ``RWF_NOWAIT`` makes the read fail
-        rather than wait for the disk, and the crypto is a few dozen
-        microseconds, less than the hop to a worker thread. Anything else
-        goes to a worker thread.
-        """
+        or does not match its marks. A small range is usually in the page
+        cache (the chunk's whole read brought its file in), and is then read
+        and decrypted on the event loop (``_read_small``)."""
         offset, size = marks.span(start, n)
         path = self._path(chunk_id)
 
@@ -330,8 +324,9 @@ class ChunkCache:
     async def _read_small(self, size: int, read: Callable[[int], _T]) -> _T:
         """``read(RWF_NOWAIT)`` on the event loop if it reads at most
         ``_INLINE_CRYPTO`` bytes, all of them in the page cache (the flag
-        makes it fail rather than wait for the disk: less than the hop to a
-        worker thread); else ``read(0)`` in a worker thread."""
+        makes it fail rather than wait for the disk; reading and decrypting
+        such a range costs less than the hop to a worker thread); else
+        ``read(0)`` in a worker thread."""
         if _NOWAIT and size <= _INLINE_CRYPTO:
             try:
                 return read(_NOWAIT)
@@ -535,11 +530,10 @@ class ChunkCache:
 
     async def _read_file(self, chunk_id: bytes, size: int) -> bytes | None:
         """A cache file's sealed bytes (``size`` as indexed; None if it is
-        missing). A small one
-        whose bytes are all in the page cache is read on the event loop, as
-        ``_read_piece`` reads a piece: opening a tree of small files (``git
-        add``, a file manager's thumbnails) then costs no thread hop per
-        file, which waits for a core and for the GIL."""
+        missing). A small one in the page cache is read on the event loop
+        (``_read_small``): opening a tree of small files (``git add``, a file
+        manager's thumbnails) then costs no thread hop per file, which waits
+        for a core and for the GIL."""
         blob = self._state.unfolded_chunk(chunk_id)
         if blob is not None:
             return blob

@@ -207,12 +207,8 @@ class LocalState:
         def work() -> _T:
             if self._reader is None:
                 raise RuntimeError("local state is closed")
-            db = self._reader
-            db.execute("BEGIN")
-            try:
+            with _transaction(self._reader) as db:
                 return fn(db)
-            finally:
-                db.execute("COMMIT")
 
         with local_disk(self._path.parent):
             return await trio.to_thread.run_sync(work, limiter=self._read_limiter)
