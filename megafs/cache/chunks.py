@@ -47,7 +47,7 @@ import trio
 
 from megafs.cache.chunkfiles import chunk_path, write_chunk_file
 from megafs.cache.state import LOGGED_CHUNK, LocalState, local_disk
-from megafs.crypto import AccountKeys, open_chunk, seal_chunk
+from megafs.crypto import AccountKeys, SealedChunk, open_chunk, seal_chunk
 from megafs.crypto.chunks import PieceMarker, PieceMarks
 from megafs.errors import (
     IntegrityError,
@@ -85,6 +85,10 @@ KEEP_FREE_MAX = 512 << 20
 #: read-ahead of four sequential readers holds (8 chunks each), and a hot
 #: file of this size read at random decrypts each chunk once.
 PLAINTEXT_BYTES = 32 << 20
+#: Sealed bytes of new chunks kept in memory from their file's write until
+#: their upload, which then does not read the file back: a sequential
+#: writer's next few chunks.
+UNSENT_BYTES = 8 << 20
 #: Seconds a new chunk waits for room in a cache full of chunks waiting for
 #: upload while no upload finishes, before it fails with ENOSPC.
 ROOM_WAIT = 30.0
@@ -144,6 +148,10 @@ class ChunkCache:
         self._reserved = 0
         #: Set (and replaced) whenever dirty chunks become clean.
         self._room = trio.Event()
+        #: chunk id -> sealed bytes of a new chunk's file not yet uploaded
+        #: (at most ``UNSENT_BYTES`` in all).
+        self._unsent: dict[bytes, bytes] = {}
+        self._unsent_bytes = 0
         #: chunk id -> set once its store (sealed by another task) is done.
         self._storing: dict[bytes, trio.Event] = {}
         self._disk_bytes = 0
@@ -410,8 +418,19 @@ class ChunkCache:
         sealed at once): this one waits for it and shares its file.
         """
         size = len(plaintext)
-        secret = await self._in_crypto(size, lambda: self._keys.chunk_secret(plaintext))
-        chunk_id = self._keys.chunk_id(secret)
+
+        def secret_and_seal() -> tuple[bytes, bytes, SealedChunk | None]:
+            # One hop for both: the seal is skipped for a chunk the cache
+            # holds or is storing (a copy's chunks are not encrypted at all).
+            # Seen from a worker thread these can be stale; the checks
+            # below are the ones that count.
+            secret = self._keys.chunk_secret(plaintext)
+            chunk_id = self._keys.chunk_id(secret)
+            if chunk_id in self._index or chunk_id in self._storing:
+                return secret, chunk_id, None
+            return secret, chunk_id, seal_chunk(self._keys, plaintext, secret=secret)
+
+        secret, chunk_id, sealed = await self._in_crypto(size, secret_and_seal)
         self._plain[secret] = bytes(plaintext)
         while (other := self._storing.get(chunk_id)) is not None:
             await other.wait()  # the same content, sealed by another writer
@@ -422,9 +441,10 @@ class ChunkCache:
             return secret, chunk_id, chunk_id in self._dirty
         done = self._storing[chunk_id] = trio.Event()
         try:
-            sealed = await self._in_crypto(
-                size, lambda: seal_chunk(self._keys, plaintext, secret=secret)
-            )
+            if sealed is None:
+                sealed = await self._in_crypto(
+                    size, lambda: seal_chunk(self._keys, plaintext, secret=secret)
+                )
             sealed_size = len(sealed.blob)
             await self._wait_for_room(sealed_size)
             self._reserved += sealed_size
@@ -433,6 +453,7 @@ class ChunkCache:
                     await self._log_new(chunk_id, sealed.blob)
                 else:
                     await self._write_new_file(chunk_id, sealed.blob)
+                    self._keep_unsent(chunk_id, sealed.blob)
             finally:
                 self._reserved -= sealed_size
         finally:
@@ -469,11 +490,25 @@ class ChunkCache:
             if room.is_set():
                 last_progress = trio.current_time()
 
-    async def sealed_blobs(self, chunk_ids: list[bytes]) -> list[bytes]:
-        """The sealed bytes of chunks on disk, for upload: one worker-thread
-        call for all of them (a batch of small files' chunks)."""
+    def _keep_unsent(self, chunk_id: bytes, blob: bytes) -> None:
+        if chunk_id in self._dirty and self._unsent_bytes + len(blob) <= UNSENT_BYTES:
+            self._unsent[chunk_id] = blob
+            self._unsent_bytes += len(blob)
 
-        blobs = [self._state.unfolded_chunk(chunk_id) for chunk_id in chunk_ids]
+    def _sent(self, chunk_id: bytes) -> None:
+        blob = self._unsent.pop(chunk_id, None)
+        if blob is not None:
+            self._unsent_bytes -= len(blob)
+
+    async def sealed_blobs(self, chunk_ids: list[bytes]) -> list[bytes]:
+        """The sealed bytes of chunks on disk, for upload: from memory if
+        they were sealed moments ago, else one worker-thread call for all
+        of them (a batch of small files' chunks)."""
+
+        blobs = [
+            self._unsent.get(chunk_id) or self._state.unfolded_chunk(chunk_id)
+            for chunk_id in chunk_ids
+        ]
         on_disk = [i for i, blob in enumerate(blobs) if blob is None]
 
         def read() -> None:
@@ -497,6 +532,7 @@ class ChunkCache:
             return
         await self._state.mark_clean(ids)
         for chunk_id in ids:
+            self._sent(chunk_id)
             if chunk_id in self._dirty:
                 self._dirty.discard(chunk_id)
                 self._dirty_bytes -= self._index.get(chunk_id, 0)
@@ -609,6 +645,7 @@ class ChunkCache:
 
     async def _drop(self, chunk_id: bytes) -> None:
         self._marks.pop(chunk_id, None)
+        self._sent(chunk_id)
         size = self._index.pop(chunk_id, None)
         if size is None:
             return

@@ -19,7 +19,7 @@ import trio.testing
 from megafs.cache import ChunkCache, LocalState
 from megafs.cache.state import LOGGED_CHUNK
 from megafs.crypto import AccountKeys, open_chunk
-from megafs.errors import LocalDiskFull
+from megafs.errors import LocalDiskFull, NotFound
 from megafs.remote import RemoteClient
 from tests.helpers.tools import fill_disk
 
@@ -100,6 +100,22 @@ async def test_a_write_cut_short_by_a_crash_is_removed_at_load(
     await cache.load()
     assert not leftover.exists()
     assert (tmp_path / "chunks" / name[:2] / name).exists()
+
+
+async def test_a_new_chunk_is_uploaded_from_memory_until_the_server_has_it(
+    cache: HeldWrites, tmp_path: Path
+) -> None:
+    """A new chunk's upload does not read back the file its store just
+    wrote; the bytes are let go once the server has them."""
+    cache.gate.set()
+    data = os.urandom(LOGGED_CHUNK + 1)
+    secret, chunk_id, _ = await cache.store(data)
+    name = chunk_id.hex()
+    (tmp_path / "chunks" / name[:2] / name).unlink()  # not where the upload looks
+    assert open_chunk(KEYS, secret, (await cache.sealed_blobs([chunk_id]))[0]) == data
+    await cache.mark_uploaded([chunk_id])
+    with pytest.raises(NotFound):
+        await cache.sealed_blobs([chunk_id])
 
 
 async def test_a_small_chunk_is_written_by_the_logs_fold_and_read_meanwhile(
