@@ -46,7 +46,12 @@ from megafs.errors import (
     VersionConflict,
 )
 from megafs.remote import DeleteNode, PutNode, RemoteClient
-from megafs.wire import MAX_CHUNK_BATCH_ITEMS
+from megafs.wire import (
+    CHUNK_BATCH_HEADER,
+    MAX_CHUNK_BATCH_BYTES,
+    MAX_CHUNK_BATCH_ITEMS,
+    MAX_CHUNK_BYTES,
+)
 
 __all__ = ["Uploader", "UploaderStats"]
 
@@ -61,12 +66,17 @@ CHUNK_WORKERS = 4
 #: comes within ``SMALL_GATHER``, up to ``SMALL_BATCH_BYTES``, unless someone
 #: waits for an upload (fsync, unmount); their uploads overlap. Sent as soon
 #: as they came, a tree extracted made a request per file; with two tasks a
-#: backlog drains two requests at a time. Larger ones go one to a request,
-#: in parallel.
+#: backlog drains two requests at a time. Larger ones go in parallel, each
+#: worker taking with its next chunk those already waiting, up to
+#: ``LARGE_BATCH_ITEMS`` to a request: the server's cost per request is
+#: about that of storing a MiB, so a writer's backlog of full chunks costs
+#: it a fifth less CPU per MiB in threes than one by one.
 SMALL_CHUNK_MAX = 256 * 1024
 SMALL_BATCH_BYTES = 1 << 20
 SMALL_CHUNK_WORKERS = 2
 SMALL_GATHER = 0.02
+#: As many of the largest chunks as fit in one batch.
+LARGE_BATCH_ITEMS = MAX_CHUNK_BATCH_BYTES // (CHUNK_BATCH_HEADER + MAX_CHUNK_BYTES)
 #: How long the committer lets changes gather before sending a batch
 #: (unless someone waits: fsync, unmount).
 COMMIT_DELAY = 0.05
@@ -394,7 +404,13 @@ class Uploader:
     async def _chunk_worker(self, recv: trio.MemoryReceiveChannel[bytes]) -> None:
         async with recv:
             async for chunk_id in recv:
-                await self._upload([chunk_id])
+                batch = [chunk_id]
+                while len(batch) < LARGE_BATCH_ITEMS:
+                    try:
+                        batch.append(recv.receive_nowait())
+                    except (trio.WouldBlock, trio.EndOfChannel):
+                        break
+                await self._upload(batch)
 
     async def _small_chunk_worker(self, recv: trio.MemoryReceiveChannel[bytes]) -> None:
         async with recv:

@@ -1,6 +1,8 @@
 """Small files travel inline: their bytes ride in the sealed manifest, so
 saving one costs no chunk upload and the server stores no chunk for it.
-Files that grow past the threshold become chunked, and shrink back."""
+Files that grow past the threshold become chunked, and shrink back. Chunks
+waiting for upload go several to a request: many small ones, or a few
+full ones."""
 
 from __future__ import annotations
 
@@ -11,7 +13,7 @@ import time
 from pathlib import Path
 
 from megafs.cache.content import INLINE_THRESHOLD
-from megafs.cache.uploader import SMALL_GATHER
+from megafs.cache.uploader import CHUNK_WORKERS, LARGE_BATCH_ITEMS, SMALL_GATHER
 from megafs.crypto import CHUNK_SIZE
 from tests.helpers.drive import Drive
 from tests.helpers.proxy import Forward, ProxyRequest, ProxyResponse, running_proxy
@@ -126,6 +128,43 @@ def test_small_chunks_waiting_to_upload_go_many_to_a_request(
             assert all(r.status == 201 for r in singles + batches)
             # The first upload was held, the rest waited.
             assert batches and len(singles) + len(batches) <= 10, (len(singles), len(batches))
+            _reads_back_from_the_server(drive, files)
+        finally:
+            drive.cleanup()
+
+
+def test_full_chunks_waiting_to_upload_go_a_few_to_a_request(
+    tmp_path: Path, server: ServerProcess
+) -> None:
+    """A 12 MiB file written while the server holds the first uploads: the
+    chunks that waited meanwhile go ``LARGE_BATCH_ITEMS`` to a request once
+    it answers. What lands is exact, read back from an empty cache."""
+    files = {"video.ts": os.urandom(12 * CHUNK_SIZE)}
+    with running_proxy(server.url) as proxy:
+        drive = Drive(tmp_path / "alice", proxy.url)
+        drive.signup()
+        try:
+            drive.mount()
+            release = threading.Event()
+
+            def held(request: ProxyRequest, forward: Forward) -> ProxyResponse:
+                release.wait(60)
+                return forward()
+
+            proxy.on(held, method="PUT", path=r"/v1/chunks/[0-9a-f]{64}")
+            proxy.on(held, method="POST", path=r"/v1/chunks/batch")
+            for name, data in files.items():
+                (drive.mnt / name).write_bytes(data)
+            release.set()
+            drive.umount()
+            singles = proxy.find("PUT", r"/v1/chunks/[0-9a-f]{64}")
+            batches = proxy.find("POST", r"/v1/chunks/batch")
+            assert all(r.status == 201 for r in singles + batches)
+            # At most one request per upload task was held; the rest waited.
+            assert len(singles) + len(batches) <= CHUNK_WORKERS + -(-12 // LARGE_BATCH_ITEMS), (
+                len(singles),
+                len(batches),
+            )
             _reads_back_from_the_server(drive, files)
         finally:
             drive.cleanup()
