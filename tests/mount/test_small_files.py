@@ -97,14 +97,13 @@ def test_a_file_crosses_the_threshold_both_ways(drive: Drive, tmp_path: Path) ->
     assert os.stat(path).st_mode & 0o777 == 0o600
 
 
-def test_small_chunks_waiting_to_upload_go_many_to_a_request(
-    tmp_path: Path, server: ServerProcess
-) -> None:
-    """Files too large to travel inline but small (a source tree's) are
-    uploaded many to a request when they wait: while the server holds the
-    first uploads, 120 files are saved; then it answers, and the rest go
-    in a few batches. What lands is exact, read back from an empty cache."""
-    files = {f"src/f{i:03}.c": os.urandom(INLINE_THRESHOLD + 100 * i) for i in range(120)}
+def _saved_while_uploads_wait(
+    tmp_path: Path, server: ServerProcess, files: dict[str, bytes]
+) -> tuple[int, int]:
+    """Save ``files`` while the server holds every chunk upload, then let
+    it answer and unmount; returns how many single-chunk and batch
+    uploads there were. What lands is exact, read back from an empty
+    cache."""
     with running_proxy(server.url) as proxy:
         drive = Drive(tmp_path / "alice", proxy.url)
         drive.signup()
@@ -118,19 +117,31 @@ def test_small_chunks_waiting_to_upload_go_many_to_a_request(
 
             proxy.on(held, method="PUT", path=r"/v1/chunks/[0-9a-f]{64}")
             proxy.on(held, method="POST", path=r"/v1/chunks/batch")
-            (drive.mnt / "src").mkdir()
             for name, data in files.items():
+                (drive.mnt / name).parent.mkdir(exist_ok=True)
                 (drive.mnt / name).write_bytes(data)
             release.set()
             drive.umount()  # returns once everything is on the server
             singles = proxy.find("PUT", r"/v1/chunks/[0-9a-f]{64}")
             batches = proxy.find("POST", r"/v1/chunks/batch")
             assert all(r.status == 201 for r in singles + batches)
-            # The first upload was held, the rest waited.
-            assert batches and len(singles) + len(batches) <= 10, (len(singles), len(batches))
             _reads_back_from_the_server(drive, files)
+            return len(singles), len(batches)
         finally:
             drive.cleanup()
+
+
+def test_small_chunks_waiting_to_upload_go_many_to_a_request(
+    tmp_path: Path, server: ServerProcess
+) -> None:
+    """Files too large to travel inline but small (a source tree's) are
+    uploaded many to a request when they wait: while the server holds the
+    first uploads, 120 files are saved; then it answers, and the rest go
+    in a few batches."""
+    files = {f"src/f{i:03}.c": os.urandom(INLINE_THRESHOLD + 100 * i) for i in range(120)}
+    singles, batches = _saved_while_uploads_wait(tmp_path, server, files)
+    # The first upload was held, the rest waited.
+    assert batches and singles + batches <= 10, (singles, batches)
 
 
 def test_full_chunks_waiting_to_upload_go_a_few_to_a_request(
@@ -138,36 +149,11 @@ def test_full_chunks_waiting_to_upload_go_a_few_to_a_request(
 ) -> None:
     """A 12 MiB file written while the server holds the first uploads: the
     chunks that waited meanwhile go ``LARGE_BATCH_ITEMS`` to a request once
-    it answers. What lands is exact, read back from an empty cache."""
+    it answers."""
     files = {"video.ts": os.urandom(12 * CHUNK_SIZE)}
-    with running_proxy(server.url) as proxy:
-        drive = Drive(tmp_path / "alice", proxy.url)
-        drive.signup()
-        try:
-            drive.mount()
-            release = threading.Event()
-
-            def held(request: ProxyRequest, forward: Forward) -> ProxyResponse:
-                release.wait(60)
-                return forward()
-
-            proxy.on(held, method="PUT", path=r"/v1/chunks/[0-9a-f]{64}")
-            proxy.on(held, method="POST", path=r"/v1/chunks/batch")
-            for name, data in files.items():
-                (drive.mnt / name).write_bytes(data)
-            release.set()
-            drive.umount()
-            singles = proxy.find("PUT", r"/v1/chunks/[0-9a-f]{64}")
-            batches = proxy.find("POST", r"/v1/chunks/batch")
-            assert all(r.status == 201 for r in singles + batches)
-            # At most one request per upload task was held; the rest waited.
-            assert len(singles) + len(batches) <= CHUNK_WORKERS + -(-12 // LARGE_BATCH_ITEMS), (
-                len(singles),
-                len(batches),
-            )
-            _reads_back_from_the_server(drive, files)
-        finally:
-            drive.cleanup()
+    singles, batches = _saved_while_uploads_wait(tmp_path, server, files)
+    # At most one request per upload task was held; the rest waited.
+    assert singles + batches <= CHUNK_WORKERS + -(-12 // LARGE_BATCH_ITEMS), (singles, batches)
 
 
 def test_small_files_saved_one_after_another_share_requests(
