@@ -317,11 +317,11 @@ class ChunkCache:
         path = self._path(chunk_id)
 
         def read(flags: int) -> bytes | None:
-            view = _pread(path, offset, size, flags)
-            if view is None:
+            sealed = _pread(path, offset, size, flags)
+            if sealed is None:
                 return None
             try:
-                return self._marker.open(marks, view, start, n)
+                return self._marker.open(marks, sealed, start, n)
             except IntegrityError:
                 return None
 
@@ -394,7 +394,9 @@ class ChunkCache:
         else:
             self._uncached = False
 
-    async def _open(self, secret: bytes, blob: bytes, mark: bytes | None = None) -> bytes:
+    async def _open(
+        self, secret: bytes, blob: bytes | bytearray, mark: bytes | None = None
+    ) -> bytes:
         """Open a chunk; with ``mark`` (its id), also mark the pieces of
         ``blob``, which is then its cache file's content."""
 
@@ -564,7 +566,7 @@ class ChunkCache:
     def _path(self, chunk_id: bytes) -> str:
         return chunk_path(self._root, chunk_id)
 
-    async def _read_file(self, chunk_id: bytes, size: int) -> bytes | None:
+    async def _read_file(self, chunk_id: bytes, size: int) -> bytes | bytearray | None:
         """A cache file's sealed bytes (``size`` as indexed; None if it is
         missing). A small one in the page cache is read on the event loop
         (``_read_small``): opening a tree of small files (``git add``, a file
@@ -575,11 +577,10 @@ class ChunkCache:
             return blob
         path = self._path(chunk_id)
 
-        def read(flags: int) -> bytes | None:
+        def read(flags: int) -> bytes | bytearray | None:
             if not flags:
                 return _read_or_none(path)  # whole, whatever its index row says
-            view = _pread(path, 0, size, flags)
-            return None if view is None else bytes(view)
+            return _pread(path, 0, size, flags)
 
         return await self._read_small(size, read)
 
@@ -716,11 +717,12 @@ def _short(chunk_id: bytes) -> str:
     return chunk_id.hex()[:12]
 
 
-def _pread(path: str, offset: int, size: int, flags: int) -> memoryview | None:
-    """Up to ``size`` bytes of a cache file from ``offset``, None if it is
-    missing. With ``RWF_NOWAIT`` in ``flags``: EAGAIN unless the page cache
-    holds all ``size`` of them (a file shorter than that is then read by
-    the caller without the flag)."""
+def _pread(path: str, offset: int, size: int, flags: int) -> bytearray | None:
+    """Up to ``size`` bytes of a cache file from ``offset``, in the buffer
+    they were read into; None if the file is missing. With ``RWF_NOWAIT``
+    in ``flags``: EAGAIN unless the page cache holds all ``size`` of them
+    (a file shorter than that is then read by the caller without the
+    flag)."""
     try:
         fd = os.open(path, os.O_RDONLY)
     except FileNotFoundError:
@@ -730,9 +732,11 @@ def _pread(path: str, offset: int, size: int, flags: int) -> memoryview | None:
         got = os.preadv(fd, [buf], offset, flags)
     finally:
         os.close(fd)
-    if got < size and flags:
-        raise BlockingIOError(errno.EAGAIN, "partly on disk")
-    return memoryview(buf)[:got]
+    if got < size:
+        if flags:
+            raise BlockingIOError(errno.EAGAIN, "partly on disk")
+        del buf[got:]
+    return buf
 
 
 def _read_or_none(path: str) -> bytes | None:

@@ -126,7 +126,7 @@ class OpenedPieces:
         self._nonce = nonce
         self._spare: list[CipherContext] = []
 
-    def decrypt(self, piece: bytes | memoryview, offset: int) -> bytes:
+    def decrypt(self, piece: bytes | bytearray | memoryview, offset: int) -> bytes:
         """``piece``: the object's ciphertext from plaintext byte ``offset``
         (a multiple of 16) on."""
         if offset % 16:

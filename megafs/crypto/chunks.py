@@ -145,7 +145,9 @@ class PieceMarker:
         pieces = OpenedPieces(_chunk_key(secret), bytes(blob[2:14]))
         return PieceMarks(pieces, length, salt, macs)
 
-    def open(self, marks: PieceMarks, data: bytes | memoryview, start: int, n: int) -> bytes:
+    def open(
+        self, marks: PieceMarks, data: bytes | bytearray | memoryview, start: int, n: int
+    ) -> bytes:
         """Plaintext [start, start+n) of a marked chunk from ``data``, the
         blob bytes :meth:`PieceMarks.span` names; IntegrityError if any piece
         differs from the one marked."""
