@@ -102,6 +102,10 @@ Semantics:
   each. A malformed body stores nothing (400); a chunk refused for the quota
   fails the request with 507, and the chunks stored before it stay stored
   (storing one again is harmless, so the client sends the batch again).
+- ``POST /chunks/fetch`` answers up to ``MAX_FETCH_ITEMS`` chunks in one
+  body, framed as a chunk batch, in the order asked; a chunk the account
+  does not have is left out (its ``GET`` would be 404). A reader ahead of
+  the network gets its next chunks in fewer requests.
 - Another account's node or chunk is always 404, never 403: existence is
   not revealed.
 - The change feed: every node write or delete takes the account's next
@@ -139,6 +143,7 @@ __all__ = [
     "MAX_CHUNK_BATCH_ITEMS",
     "MAX_CHUNK_BYTES",
     "MAX_CONTENT_BYTES",
+    "MAX_FETCH_ITEMS",
     "MAX_JSON_BYTES",
     "MAX_META_BYTES",
     "MAX_MISSING_IDS",
@@ -169,6 +174,10 @@ MAX_CHUNK_BYTES = (1 << 20) + 4096
 CHUNK_BATCH_HEADER = 36
 MAX_CHUNK_BATCH_ITEMS = 256
 MAX_CHUNK_BATCH_BYTES = 4 * 1024 * 1024
+#: ``POST /chunks/fetch``: chunks in one answer, which is then at most
+#: about as large as an upload batch. The server's cost is mostly per
+#: request (about 1.4 ms of CPU for a request, 0.5 ms more for a MiB).
+MAX_FETCH_ITEMS = 4
 #: A sealed node record (name, attributes, key, xattrs).
 MAX_META_BYTES = 256 * 1024
 #: A sealed manifest: 32 bytes per chunk plus a small header, so this covers

@@ -52,6 +52,7 @@ from megafs.remote.responses import (
     parse_batch,
     parse_changes,
     parse_count,
+    parse_fetched,
     parse_health,
     parse_keyblob,
     parse_missing,
@@ -81,11 +82,13 @@ from megafs.wire import (
     API_PREFIX,
     CHANGES_PAGE_MAX,
     CHANGES_WAIT_MAX,
+    CHUNK_BATCH_HEADER,
     MAX_BATCH_OPS,
     MAX_CHUNK_BATCH_BYTES,
     MAX_CHUNK_BATCH_ITEMS,
     MAX_CHUNK_BYTES,
     MAX_CONTENT_BYTES,
+    MAX_FETCH_ITEMS,
     MAX_JSON_BYTES,
     MAX_META_BYTES,
     MAX_MISSING_IDS,
@@ -503,6 +506,23 @@ class RemoteClient:
     async def get_chunk(self, chunk_id: bytes) -> bytes | bytearray:
         """A chunk's sealed bytes, in the buffer they were received into."""
         return await self._call("GET", f"/chunks/{_chunk_hex(chunk_id)}", cap=MAX_CHUNK_BYTES)
+
+    async def get_chunks(self, chunk_ids: Sequence[bytes]) -> dict[bytes, memoryview]:
+        """The sealed bytes of up to ``MAX_FETCH_ITEMS`` chunks in one
+        request: id -> bytes (views of the one buffer they were received
+        into), for those the server has; the others are left out, as
+        ``get_chunk`` would raise NotFound for them."""
+        if not 1 <= len(chunk_ids) <= MAX_FETCH_ITEMS or len(set(chunk_ids)) < len(chunk_ids):
+            raise InvalidRequest(f"a fetch asks for 1..{MAX_FETCH_ITEMS} distinct chunks")
+        body = _encode_json({"ids": [_chunk_hex(chunk_id) for chunk_id in chunk_ids]})
+        answer = await self._call(
+            "POST",
+            "/chunks/fetch",
+            raw=body,
+            content_type="application/json",
+            cap=len(chunk_ids) * (CHUNK_BATCH_HEADER + MAX_CHUNK_BYTES),
+        )
+        return parse_fetched(answer, list(chunk_ids))
 
     # -- transport ------------------------------------------------------------------
 

@@ -18,8 +18,10 @@ from typing import Any
 from megafs.errors import FormatError, MegafsError, error_for_code
 from megafs.wire import (
     CHANGES_PAGE_MAX,
+    CHUNK_BATCH_HEADER,
     CHUNK_ID_RE,
     LIST_PAGE_MAX,
+    MAX_CHUNK_BYTES,
     MAX_CONTENT_BYTES,
     MAX_META_BYTES,
     NODE_ID_RE,
@@ -41,6 +43,7 @@ __all__ = [
     "parse_batch",
     "parse_changes",
     "parse_count",
+    "parse_fetched",
     "parse_health",
     "parse_keyblob",
     "parse_missing",
@@ -369,6 +372,30 @@ def parse_sizes(value: Any, sent: list[int]) -> None:
     """A chunk batch's answer: the size of every chunk sent, in order."""
     if _Fields(value, "chunks").items("sizes") != sent:
         raise _bad("chunks.sizes", "are not the sizes of the chunks sent")
+
+
+def parse_fetched(body: bytes | bytearray, asked: list[bytes]) -> dict[bytes, memoryview]:
+    """A ``POST /chunks/fetch`` answer: chunk id -> its bytes (views of
+    ``body``, not copies), for each asked id the server has. The chunks
+    come framed as in an upload batch, each at most once and in the order
+    asked; anything else is a FormatError."""
+    view = memoryview(body)
+    found: dict[bytes, memoryview] = {}
+    pending = iter(asked)
+    offset = 0
+    while offset < len(view):
+        start = offset + CHUNK_BATCH_HEADER
+        if start > len(view):
+            raise _bad("chunks", "are cut short in a header")
+        chunk_id = bytes(view[offset : start - 4])
+        size = int.from_bytes(view[start - 4 : start], "big")
+        offset = start + size
+        if chunk_id not in pending:  # consumes the iterator up to it: in order, once
+            raise _bad("chunks", "hold one that was not asked for, or out of order")
+        if not 1 <= size <= MAX_CHUNK_BYTES or offset > len(view):
+            raise _bad("chunks", "hold one of a wrong size")
+        found[chunk_id] = view[start:offset]
+    return found
 
 
 def parse_missing(value: Any, asked: set[str]) -> set[bytes]:

@@ -60,6 +60,7 @@ from megafs.wire import (
     MAX_CHUNK_BATCH_BYTES,
     MAX_CHUNK_BYTES,
     MAX_CONTENT_BYTES,
+    MAX_FETCH_ITEMS,
     MAX_JSON_BYTES,
     MAX_META_BYTES,
     MAX_MISSING_IDS,
@@ -127,6 +128,7 @@ def create_app(
             # Before chunks/{id}, which would take these names for (bad) chunk ids.
             f"{p}/chunks/missing": {"POST": api.missing_chunks},
             f"{p}/chunks/batch": {"POST": api.put_chunks},
+            f"{p}/chunks/fetch": {"POST": api.fetch_chunks},
             f"{p}/chunks/{{id}}": {"PUT": api.put_chunk, "GET": api.get_chunk},
             "/openapi.json": {"GET": api.openapi},
         }.items()
@@ -451,6 +453,22 @@ class _Api:
         if refused:
             raise refused[0]
         return JSONResponse({"sizes": [len(data) for _, data in chunks]}, status_code=201)
+
+    async def fetch_chunks(self, request: Request) -> Response:
+        account_id = await self._account_id(request)
+        body = v.exact_fields(await v.read_json(request), ("ids",), "body")
+        ids = body["ids"]
+        if not isinstance(ids, list) or not 1 <= len(ids) <= MAX_FETCH_ITEMS:
+            raise InvalidRequest(f"ids must be a list of 1..{MAX_FETCH_ITEMS} chunk ids")
+        unique = list(dict.fromkeys(v.chunk_id(item, "ids[]") for item in ids))
+        stored = await self._meta.stored_chunks(account_id, unique)
+        found = [chunk_id for chunk_id in unique if chunk_id in stored]
+        datas = await self._chunks.get_many(account_id, found)
+        parts: list[bytes] = []
+        for chunk_id, data in zip(found, datas, strict=True):
+            if data is not None:
+                parts += (bytes.fromhex(chunk_id), len(data).to_bytes(4, "big"), data)
+        return Response(b"".join(parts), media_type="application/octet-stream")
 
     async def _store_chunk(self, account_id: int, chunk_id: str, data: bytes) -> None:
         """Store a chunk and record it (idempotent: an id stored already

@@ -15,7 +15,7 @@ import errno
 import os
 import secrets
 from abc import ABC, abstractmethod
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from functools import partial
@@ -65,8 +65,15 @@ class ChunkStore(ABC):
         """Store durably (replacing any earlier bytes) before returning."""
 
     @abstractmethod
+    async def get_many(self, account_id: int, chunk_ids: Sequence[str]) -> list[bytes | None]:
+        """Each chunk's bytes, in order; None for one that is absent."""
+
     async def get(self, account_id: int, chunk_id: str) -> bytes:
         """Raises NotFound if absent."""
+        (data,) = await self.get_many(account_id, [chunk_id])
+        if data is None:
+            raise NotFound("no such chunk")
+        return data
 
     @abstractmethod
     async def delete(self, account_id: int, chunk_id: str) -> None:
@@ -111,12 +118,13 @@ class LocalChunkStore(ChunkStore):
         writes = self._small_writes if len(data) < _LARGE_CHUNK else self._large_writes
         await writes.run((self._path(account_id, chunk_id), data))
 
-    async def get(self, account_id: int, chunk_id: str) -> bytes:
-        path = self._path(account_id, chunk_id)
-        try:
-            return await trio.to_thread.run_sync(path.read_bytes, limiter=self._limiter)
-        except FileNotFoundError:
-            raise NotFound("no such chunk") from None
+    async def get_many(self, account_id: int, chunk_ids: Sequence[str]) -> list[bytes | None]:
+        paths = [self._path(account_id, chunk_id) for chunk_id in chunk_ids]
+        # One worker-thread call for all: the hop, not the read, is most of
+        # the cost of a chunk the page cache holds.
+        return await trio.to_thread.run_sync(
+            lambda: [_read_or_none(path) for path in paths], limiter=self._limiter
+        )
 
     async def delete(self, account_id: int, chunk_id: str) -> None:
         path = self._path(account_id, chunk_id)
@@ -128,6 +136,13 @@ class LocalChunkStore(ChunkStore):
 
     async def aclose(self) -> None:
         """Nothing to release: every file is closed after each call."""
+
+
+def _read_or_none(path: Path) -> bytes | None:
+    try:
+        return path.read_bytes()
+    except FileNotFoundError:
+        return None
 
 
 def _write_group(jobs: list[tuple[Path, bytes]]) -> list[Exception | None]:

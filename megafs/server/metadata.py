@@ -414,7 +414,11 @@ class MetadataStore(ABC):
     # -- chunks -------------------------------------------------------------------
 
     @abstractmethod
-    async def has_chunk(self, account_id: int, chunk_id: str) -> bool: ...
+    async def stored_chunks(self, account_id: int, chunk_ids: Sequence[str]) -> set[str]:
+        """Which of ``chunk_ids`` are recorded (nothing is touched)."""
+
+    async def has_chunk(self, account_id: int, chunk_id: str) -> bool:
+        return chunk_id in await self.stored_chunks(account_id, [chunk_id])
 
     @abstractmethod
     async def missing_chunks(
@@ -1379,16 +1383,19 @@ class SQLiteMetadataStore(MetadataStore):
 
     # -- chunks -------------------------------------------------------------------
 
-    async def has_chunk(self, account_id: int, chunk_id: str) -> bool:
-        return await self._read(
-            lambda db: (
-                db.execute(
-                    "SELECT 1 FROM chunks WHERE account_id = ? AND id = ?",
-                    (account_id, chunk_id),
-                ).fetchone()
-                is not None
-            )
-        )
+    async def stored_chunks(self, account_id: int, chunk_ids: Sequence[str]) -> set[str]:
+        def stored(db: sqlite3.Connection) -> set[str]:
+            return {
+                row[0]
+                for batch in _batches(chunk_ids)
+                for row in db.execute(
+                    f"SELECT id FROM chunks WHERE account_id = ? AND id IN"
+                    f" ({', '.join('?' * len(batch))})",
+                    (account_id, *batch),
+                )
+            }
+
+        return await self._read(stored)
 
     async def missing_chunks(
         self, account_id: int, chunk_ids: Sequence[str], *, now: int

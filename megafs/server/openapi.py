@@ -42,6 +42,7 @@ from megafs.wire import (
     MAX_CHUNK_BATCH_ITEMS,
     MAX_CHUNK_BYTES,
     MAX_CONTENT_BYTES,
+    MAX_FETCH_ITEMS,
     MAX_JSON_BYTES,
     MAX_META_BYTES,
     MAX_MISSING_IDS,
@@ -247,6 +248,20 @@ _NODE_WRITE = {
 
 def _json(schema: dict[str, Any]) -> dict[str, Any]:
     return {"content": {"application/json": {"schema": schema}}}
+
+
+def _chunk_ids(low: int, high: int) -> dict[str, Any]:
+    """A JSON body listing ``low..high`` chunk ids."""
+    ids = {"type": "array", "items": _CHUNK_ID, "minItems": low, "maxItems": high}
+    return _body(_object({"ids": ids}))
+
+
+def _binary(description: str) -> dict[str, Any]:
+    """A raw answer."""
+    return {
+        "description": description,
+        "content": {"application/octet-stream": {"schema": {"type": "string", "format": "binary"}}},
+    }
 
 
 def _binary_body(description: str, min_bytes: int, max_bytes: int) -> dict[str, Any]:
@@ -727,9 +742,7 @@ def openapi_document() -> dict[str, Any]:
             }
         },
         errors=(400, 413),
-        body=_body(
-            _object({"ids": {"type": "array", "items": _CHUNK_ID, "maxItems": MAX_MISSING_IDS}})
-        ),
+        body=_chunk_ids(0, MAX_MISSING_IDS),
     )
     put_chunk = _op(
         "putChunk",
@@ -762,17 +775,22 @@ def openapi_document() -> dict[str, Any]:
             MAX_CHUNK_BATCH_BYTES,
         ),
     )
+    fetch_chunks = _op(
+        "fetchChunks",
+        "several chunks' bytes in one answer; those not stored are left out",
+        {
+            200: _binary(
+                "the stored chunks, in the order asked, each its id (32 bytes), its size"
+                f" (u32, big-endian, 1..{MAX_CHUNK_BYTES}) and its bytes"
+            )
+        },
+        errors=(400, 413),
+        body=_chunk_ids(1, MAX_FETCH_ITEMS),
+    )
     get_chunk = _op(
         "getChunk",
         "a chunk's bytes",
-        {
-            200: {
-                "description": "the chunk",
-                "content": {
-                    "application/octet-stream": {"schema": {"type": "string", "format": "binary"}}
-                },
-            }
-        },
+        {200: _binary("the chunk")},
         errors=(400, 404),
         parameters=chunk_id,
     )
@@ -800,6 +818,7 @@ def openapi_document() -> dict[str, Any]:
         f"{p}/changes/cursor": {"get": change_cursor},
         f"{p}/chunks/missing": {"post": missing},
         f"{p}/chunks/batch": {"post": put_chunks},
+        f"{p}/chunks/fetch": {"post": fetch_chunks},
         f"{p}/chunks/{{id}}": {"put": put_chunk, "get": get_chunk},
     }
     return {

@@ -150,6 +150,7 @@ def _bodies(alice: Alice) -> dict[str, Any]:
             ]
         },
         "missingChunks": {"ids": [alice.chunk.hex()]},
+        "fetchChunks": {"ids": [alice.chunk.hex()]},
         "putChunk": b"bob's bytes",
         "putChunks": alice.chunk + len(b"bob's bytes").to_bytes(4, "big") + b"bob's bytes",
     }
@@ -191,6 +192,7 @@ OTHER_ACCOUNT = {
     "putChunk": {201},
     "putChunks": {201},  # into bob's own account
     "getChunk": {404},
+    "fetchChunks": {200},  # alice's chunk left out: bob has none of that id
 }
 
 

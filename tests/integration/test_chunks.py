@@ -18,6 +18,7 @@ from megafs.wire import (
     MAX_CHUNK_BATCH_BYTES,
     MAX_CHUNK_BATCH_ITEMS,
     MAX_CHUNK_BYTES,
+    MAX_FETCH_ITEMS,
     MAX_MISSING_IDS,
 )
 from tests.helpers.server import ServerProcess, running_server
@@ -44,6 +45,58 @@ async def test_missing_probe_is_batched(alice: User) -> None:
     await alice.client.put_chunk(stored, b"x")
     ids = [os.urandom(32) for _ in range(MAX_MISSING_IDS + 5)] + [stored]
     assert await alice.client.missing_chunks(ids) == set(ids) - {stored}
+
+
+async def test_a_fetch_answers_the_stored_chunks_in_the_order_asked(alice: User) -> None:
+    a, b, c, absent = (os.urandom(32) for _ in range(4))
+    big = os.urandom(MAX_CHUNK_BYTES)
+    await alice.client.put_chunks([(a, b"first"), (b, big), (c, b"third")])
+    got = await alice.client.get_chunks([c, absent, a, b])
+    assert list(got) == [c, a, b]
+    assert (got[c], got[a], got[b]) == (b"third", b"first", big)
+    assert await alice.client.get_chunks([absent]) == {}
+
+
+async def test_the_client_refuses_a_fetch_the_server_would(alice: User) -> None:
+    chunk = os.urandom(32)
+    for ids in ([], [os.urandom(32) for _ in range(MAX_FETCH_ITEMS + 1)], [chunk, chunk]):
+        with pytest.raises(InvalidRequest):
+            await alice.client.get_chunks(ids)
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        {"ids": []},
+        {"ids": ["00" * 32] * (MAX_FETCH_ITEMS + 1)},
+        {"ids": ["zz" * 32]},
+        {"ids": "00" * 32},
+        {"ids": ["00" * 32], "more": 1},
+    ],
+    ids=["no ids", "too many", "bad id", "not a list", "unknown field"],
+)
+async def test_a_malformed_fetch_is_refused(
+    alice: User, raw: httpx.AsyncClient, body: dict[str, object]
+) -> None:
+    answer = await raw.post(
+        "/chunks/fetch", json=body, headers={"Authorization": f"Bearer {alice.client.token}"}
+    )
+    assert answer.status_code == 400, answer.text
+    assert answer.json()["error"] == "invalid_request"
+
+
+async def test_a_fetch_naming_a_chunk_twice_answers_it_once(
+    alice: User, raw: httpx.AsyncClient
+) -> None:
+    chunk = os.urandom(32)
+    await alice.client.put_chunk(chunk, b"once")
+    answer = await raw.post(
+        "/chunks/fetch",
+        json={"ids": [chunk.hex(), chunk.hex()]},
+        headers={"Authorization": f"Bearer {alice.client.token}"},
+    )
+    assert answer.status_code == 200, answer.text
+    assert answer.content == _frame(chunk, b"once")
 
 
 async def test_client_refuses_oversized_chunk(alice: User) -> None:

@@ -78,6 +78,7 @@ async def test_chunks_of_another_account_do_not_exist(alice: User, bob: User) ->
     await alice.client.put_chunk(chunk, b"alice's ciphertext")
     with pytest.raises(NotFound):
         await bob.client.get_chunk(chunk)
+    assert await bob.client.get_chunks([chunk]) == {}
     assert await bob.client.missing_chunks([chunk]) == {chunk}
     with pytest.raises(NotFound, match="chunk"):
         await put_file(bob.client, bob.root, chunk)

@@ -67,7 +67,7 @@ from megafs.remote import RemoteClient
 from megafs.wire import b64d, b64e
 from tests.helpers.keyholder import FileNode, Folder, KeyHolder, flip_bit
 from tests.helpers.parts import local_parts
-from tests.helpers.proxy import Proxy, ProxyResponse, running_proxy
+from tests.helpers.proxy import Forward, Proxy, ProxyRequest, ProxyResponse, running_proxy
 from tests.helpers.server import ServerProcess
 
 PASSWORD = b"integration password for the malicious server"
@@ -591,3 +591,48 @@ async def test_malformed_answers_are_format_errors(
         assert type(info.value) is FormatError
         proxy.clear()
         await call(remote, victim)
+
+
+def _frames(body: bytes) -> list[bytes]:
+    """A chunk fetch's answer cut into its frames (id, size, bytes)."""
+    frames = []
+    while body:
+        end = 36 + int.from_bytes(body[32:36], "big")
+        frames.append(body[:end])
+        body = body[end:]
+    return frames
+
+
+FETCH_TAMPERING: list[tuple[str, Callable[[list[bytes]], bytes]]] = [
+    ("out of order", lambda f: f[1] + f[0]),
+    ("one not asked for", lambda f: f[0] + os.urandom(32) + (1).to_bytes(4, "big") + b"x"),
+    ("one twice", lambda f: f[0] + f[0] + f[1]),
+    ("cut short in a header", lambda f: f[0] + f[1][:20]),
+    ("cut short in its bytes", lambda f: f[0] + f[1][:-1]),
+    ("an empty one", lambda f: f[0] + f[1][:32] + bytes(4)),
+]
+
+
+@pytest.mark.parametrize(
+    "change", [c for _, c in FETCH_TAMPERING], ids=[i for i, _ in FETCH_TAMPERING]
+)
+async def test_a_malformed_chunk_fetch_is_a_format_error(
+    proxy: Proxy, victim: Account, change: Callable[[list[bytes]], bytes]
+) -> None:
+    """A fetch's answer must hold chunks that were asked for, each once, in
+    order, framed whole: anything else is a FormatError, never bytes handed
+    to the wrong chunk."""
+    a, b = os.urandom(32), os.urandom(32)
+    async with RemoteClient(proxy.url, victim.token, retries=0) as remote:
+        await remote.put_chunks([(a, b"alpha"), (b, b"bravo")])
+
+        @proxy.on(method="POST", path="/v1/chunks/fetch")
+        def tamper(request: ProxyRequest, forward: Forward) -> ProxyResponse:
+            answer = forward()
+            return answer.with_body(change(_frames(answer.body)))
+
+        with pytest.raises(MegafsError) as info:
+            await remote.get_chunks([a, b])
+        assert type(info.value) is FormatError
+        proxy.clear()
+        assert await remote.get_chunks([a, b]) == {a: b"alpha", b: b"bravo"}

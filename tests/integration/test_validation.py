@@ -226,6 +226,7 @@ async def test_openapi_describes_every_route(server: ServerProcess) -> None:
         ("GET", f"{p}/changes/cursor"),
         ("POST", f"{p}/chunks/missing"),
         ("POST", f"{p}/chunks/batch"),
+        ("POST", f"{p}/chunks/fetch"),
         ("PUT", f"{p}/chunks/{{id}}"),
         ("GET", f"{p}/chunks/{{id}}"),
         ("POST", f"{p}/2fa/setup"),
