@@ -23,7 +23,7 @@ def chunk_path(root: str, chunk_id: bytes) -> str:
     return f"{root}/{name[:2]}/{name}"
 
 
-def write_chunk_file(path: str, blob: bytes) -> None:
+def write_chunk_file(path: str, blob: bytes | bytearray | memoryview) -> None:
     """Write ``blob`` as ``path`` whole or not at all (blocking): to a
     temporary name of its own, then renamed. Two writes of one chunk (a
     store and a download, say) carry different nonces and must not mix; a

@@ -46,6 +46,7 @@ import cachetools
 import trio
 
 from megafs.cache.chunkfiles import chunk_path, write_chunk_file
+from megafs.cache.downloads import Downloads
 from megafs.cache.state import LOGGED_CHUNK, LocalState, local_disk
 from megafs.crypto import AccountKeys, SealedChunk, open_chunk, seal_chunk
 from megafs.crypto.chunks import PieceMarker, PieceMarks
@@ -134,7 +135,7 @@ class ChunkCache:
         self._root = str(state.chunk_dir)
         self._uploads_failing = uploads_failing or (lambda: False)
         self._state = state
-        self._remote = remote
+        self._downloads = Downloads(remote)
         self._keys = keys
         self._limit = limit_bytes
         self._plain: cachetools.LRUCache[bytes, bytes] = cachetools.LRUCache(
@@ -365,7 +366,7 @@ class ChunkCache:
                     self._plain[secret] = plain
                     return plain
         try:
-            blob = await self._remote.get_chunk(chunk_id)
+            blob = await self._downloads.get(chunk_id)
         except NotFound:
             # A manifest names it, so the server must have it: withheld or
             # lost, it is an I/O error of this file, not "no such file".
@@ -376,7 +377,7 @@ class ChunkCache:
         self._plain[secret] = plain
         return plain
 
-    async def _keep_download(self, chunk_id: bytes, blob: bytes) -> None:
+    async def _keep_download(self, chunk_id: bytes, blob: bytes | bytearray | memoryview) -> None:
         """Cache a verified download on disk, or on a full disk keep it in
         memory only: a read must not fail for want of a copy it does not
         need. The cache then makes room for the next one."""
@@ -395,7 +396,7 @@ class ChunkCache:
             self._uncached = False
 
     async def _open(
-        self, secret: bytes, blob: bytes | bytearray, mark: bytes | None = None
+        self, secret: bytes, blob: bytes | bytearray | memoryview, mark: bytes | None = None
     ) -> bytes:
         """Open a chunk; with ``mark`` (its id), also mark the pieces of
         ``blob``, which is then its cache file's content."""
@@ -584,7 +585,9 @@ class ChunkCache:
 
         return await self._read_small(size, read)
 
-    async def _write_file(self, chunk_id: bytes, blob: bytes, *, dirty: bool) -> None:
+    async def _write_file(
+        self, chunk_id: bytes, blob: bytes | bytearray | memoryview, *, dirty: bool
+    ) -> None:
         path = self._path(chunk_id)
         with local_disk(self._dir):
             await trio.to_thread.run_sync(write_chunk_file, path, blob, limiter=self._disk)

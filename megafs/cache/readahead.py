@@ -44,6 +44,7 @@ from megafs.cache.content import FileContent
 from megafs.cache.service import HeldNursery
 from megafs.crypto import CHUNK_SIZE
 from megafs.errors import MegafsError
+from megafs.wire import MAX_FETCH_ITEMS
 
 __all__ = ["ReadAhead", "Reader"]
 
@@ -51,6 +52,9 @@ log = logging.getLogger(__name__)
 
 #: Chunks kept in flight ahead of one sequential reader.
 WINDOW = 8
+#: Chunks scheduled at once, so that they travel in one download request
+#: (``cache/downloads.py``): the window is topped up in steps of this many.
+_STEP = MAX_FETCH_ITEMS
 #: Prefetches running at once in the mount (each up to 2 MiB in memory).
 MAX_FETCHES = 8
 #: How far from the end of the previous read the next one may start and still
@@ -182,7 +186,7 @@ class Reader:
         last = (offset + max(length, 1) - 1) // CHUNK_SIZE
         start = max(self._scheduled, last) + 1
         stop = min(last + self._pool.window, content.chunk_count - 1)
-        if start > stop:
+        if start > stop or (stop - start + 1 < _STEP and stop < content.chunk_count - 1):
             return
         self._scheduled = stop
         nursery = await self._nursery()

@@ -86,7 +86,7 @@ def seal(key: bytes, plaintext: bytes, ad: bytes, *, nonce: bytes | None = None)
     return header + cipher.encrypt(nonce, plaintext, header + ad)
 
 
-def unseal(key: bytes, blob: bytes, ad: bytes) -> bytes:
+def unseal(key: bytes, blob: bytes | bytearray | memoryview, ad: bytes) -> bytes:
     """Check and decrypt a sealed object; any failure is IntegrityError."""
     if len(blob) < OVERHEAD or blob[0] != FORMAT_VERSION or blob[1] != ALG_AES256GCM_HMAC_COMMIT:
         raise IntegrityError()

@@ -73,7 +73,7 @@ def seal_chunk(
     return SealedChunk(secret, keys.chunk_id(secret), blob)
 
 
-def open_chunk(keys: AccountKeys, secret: bytes, blob: bytes) -> bytes:
+def open_chunk(keys: AccountKeys, secret: bytes, blob: bytes | bytearray | memoryview) -> bytes:
     """Decrypt a chunk and check it is exactly the one ``secret`` names."""
     plaintext = unseal(_chunk_key(secret), blob, _CHUNK_AD)
     if not hmac.compare_digest(keys.chunk_secret(plaintext), secret):
@@ -131,7 +131,7 @@ class PieceMarker:
     def _tag(self, salt: bytes, index: int, piece: bytes | memoryview) -> bytes:
         return self._gmac.encrypt(salt + index.to_bytes(4, "big"), b"", piece)
 
-    def mark(self, secret: bytes, blob: bytes) -> PieceMarks:
+    def mark(self, secret: bytes, blob: bytes | bytearray | memoryview) -> PieceMarks:
         """The marks of ``blob``, which :func:`open_chunk` has just accepted
         as the chunk ``secret`` names."""
         view = memoryview(blob)

@@ -13,6 +13,7 @@ from __future__ import annotations
 import inspect
 import os
 import random
+import re
 import threading
 import time
 from pathlib import Path
@@ -93,6 +94,23 @@ def test_cold_sequential_read_is_exact_and_fetches_ahead(drive: Drive) -> None:
     drive.drop_cache()
     drive.mount()
     assert (drive.mnt / "movie.bin").read_bytes() == data  # 1 MiB reads (cat, cp)
+    drive.umount()
+
+
+def test_a_cold_sequential_read_fetches_a_few_chunks_to_a_request(
+    drive: Drive, server: ServerProcess
+) -> None:
+    """Read-ahead asks for four chunks at a time, and they travel in one
+    ``POST /chunks/fetch``: 16 chunks read cold in at most half as many
+    requests as chunks (one each before)."""
+    data = random.Random(5).randbytes(16 * CHUNK_SIZE)
+    path = _put_cold(drive, "stream.ts", data)
+    offset = server.log_path.stat().st_size
+    assert path.read_bytes() == data
+    log = server.log_since(offset).decode()
+    gets = re.findall(r"method=GET path=/v1/chunks/[0-9a-f]{64} status=200", log)
+    fetches = re.findall(r"method=POST path=/v1/chunks/fetch status=200", log)
+    assert fetches and len(gets) + len(fetches) <= 8, (len(gets), len(fetches))
     drive.umount()
 
 

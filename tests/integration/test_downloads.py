@@ -1,0 +1,152 @@
+"""Chunk downloads (``cache/downloads.py``) against the real server, seen
+through a proxy: chunks that wait go a few to a request, a chunk alone goes
+alone, and neither a chunk the server cannot read nor a cancelled request
+fails the chunks that travelled with it."""
+
+from __future__ import annotations
+
+import os
+import threading
+from collections.abc import Iterator
+
+import pytest
+import trio
+import trio.testing
+
+from megafs.cache.downloads import Downloads
+from megafs.errors import MegafsError, NotFound, RemoteError
+from megafs.remote import RemoteClient
+from megafs.wire import MAX_FETCH_ITEMS
+from tests.helpers.proxy import Forward, Proxy, ProxyRequest, ProxyResponse, running_proxy
+from tests.helpers.server import ServerProcess
+from tests.integration.users import User
+
+FETCH = "/v1/chunks/fetch"
+GET = r"/v1/chunks/[0-9a-f]{64}"
+
+
+@pytest.fixture
+def proxy(server: ServerProcess) -> Iterator[Proxy]:
+    with running_proxy(server.url) as p:
+        yield p
+
+
+async def _stored(user: User, count: int) -> dict[bytes, bytes]:
+    chunks = {os.urandom(32): os.urandom(1000 + i) for i in range(count)}
+    await user.client.put_chunks(list(chunks.items()))
+    return chunks
+
+
+async def _get_all(downloads: Downloads, ids: list[bytes]) -> dict[bytes, object]:
+    """Each chunk's bytes, or the class of the error its download raised."""
+    got: dict[bytes, object] = {}
+
+    async def get(chunk_id: bytes) -> None:
+        try:
+            got[chunk_id] = bytes(await downloads.get(chunk_id))
+        except MegafsError as exc:
+            got[chunk_id] = type(exc)
+
+    async with trio.open_nursery() as nursery:
+        for chunk_id in ids:
+            nursery.start_soon(get, chunk_id)
+    return got
+
+
+async def test_chunks_asked_for_at_once_go_a_few_to_a_request(alice: User, proxy: Proxy) -> None:
+    """Nine chunks asked for at the same moment through one slot: two
+    requests of ``MAX_FETCH_ITEMS`` and the last chunk alone, as a GET."""
+    chunks = await _stored(alice, 2 * MAX_FETCH_ITEMS + 1)
+    async with RemoteClient(proxy.url, alice.client.token) as remote:
+        got = await _get_all(Downloads(remote, slots=1), list(chunks))
+    assert got == chunks
+    fetches = proxy.find("POST", FETCH)
+    assert [len(r.request_json()["ids"]) for r in fetches] == [MAX_FETCH_ITEMS] * 2
+    assert len(proxy.find("GET", GET)) == 1
+
+
+async def test_a_chunk_the_server_does_not_have_fails_alone(alice: User, proxy: Proxy) -> None:
+    chunks = await _stored(alice, 3)
+    absent = os.urandom(32)
+    async with RemoteClient(proxy.url, alice.client.token) as remote:
+        got = await _get_all(Downloads(remote, slots=1), [absent, *chunks])
+    assert got == {absent: NotFound, **chunks}
+    (fetch, *_) = proxy.find("POST", FETCH)
+    assert sorted(fetch.request_json()["ids"]) == sorted(c.hex() for c in [absent, *chunks])
+
+
+async def test_a_chunk_the_server_cannot_read_fails_no_other(
+    alice: User, server: ServerProcess
+) -> None:
+    """The server answers 500 to any request that reads the victim: the
+    others of its request ask again alone and get their bytes; the victim
+    fails with its own error."""
+    chunks = await _stored(alice, MAX_FETCH_ITEMS)
+    victim = next(iter(chunks))
+    (stored,) = (server.data_dir / "chunks").rglob(victim.hex())
+    stored.unlink()
+    stored.mkdir()  # reading it fails
+    try:
+        async with RemoteClient(server.url, alice.client.token, retries=0) as remote:
+            got = await _get_all(Downloads(remote, slots=1), list(chunks))
+    finally:
+        stored.rmdir()
+    assert got == {**chunks, victim: RemoteError}
+
+
+async def test_a_cancelled_request_leaves_its_chunks_to_their_callers(
+    alice: User, proxy: Proxy
+) -> None:
+    """The one slot is busy while three chunks queue; the first of them
+    takes the other two along, and is cancelled while its request is under
+    way. The other two ask again and get their bytes."""
+    first, *chunks = await _stored(alice, 4)
+    stored = await alice.client.get_chunks([first, *chunks])
+    release_first = threading.Event()
+    fetch_sent = threading.Event()
+    release_fetch = threading.Event()
+    held: list[list[str]] = []
+
+    @proxy.on(method="GET", path=GET, times=1)
+    def hold_first(request: ProxyRequest, forward: Forward) -> ProxyResponse:
+        release_first.wait(30)
+        return forward()
+
+    @proxy.on(method="POST", path=FETCH, times=1)
+    def hold_fetch(request: ProxyRequest, forward: Forward) -> ProxyResponse:
+        held.append(request.json()["ids"])
+        fetch_sent.set()
+        release_fetch.wait(30)
+        return forward()
+
+    got: dict[bytes, bytes] = {}
+    async with RemoteClient(proxy.url, alice.client.token) as remote:
+        downloads = Downloads(remote, slots=1)
+
+        async def get(chunk_id: bytes) -> None:
+            got[chunk_id] = bytes(await downloads.get(chunk_id))
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(get, first)
+            await trio.testing.wait_all_tasks_blocked()
+            lead_scope = trio.CancelScope()
+
+            async def lead() -> None:
+                with lead_scope:
+                    await get(chunks[0])
+
+            nursery.start_soon(lead)
+            await trio.testing.wait_all_tasks_blocked()
+            for chunk_id in chunks[1:]:
+                nursery.start_soon(get, chunk_id)
+                await trio.testing.wait_all_tasks_blocked()
+            release_first.set()
+            await trio.to_thread.run_sync(fetch_sent.wait, 30)
+            lead_scope.cancel()
+            await trio.testing.wait_all_tasks_blocked()
+            release_fetch.set()
+    assert lead_scope.cancelled_caught
+    assert got == {c: bytes(stored[c]) for c in (first, *chunks[1:])}
+    assert held == [[c.hex() for c in chunks]]  # the lead's, with the other two
+    asked_again = [set(r.request_json()["ids"]) for r in proxy.find("POST", FETCH)]
+    assert {c.hex() for c in chunks[1:]} in asked_again
