@@ -9,7 +9,9 @@ three reads in a row follow each other, the next ``window`` stored chunks are
 fetched concurrently through :meth:`ChunkCache.read` (downloads in
 parallel, decryption in worker threads), which verifies them, keeps their
 plaintext in its bounded LRU and merges them with the reader's own fetch of
-the same chunk. A reader whose reads do not follow each other gets no
+the same chunk. The window is topped up ``_STEP`` chunks at a time, asked
+for at the same moment, so that they travel in one download request
+(``cache/downloads.py``). A reader whose reads do not follow each other gets no
 read-ahead, and when a sequential reader jumps, what was in flight for it is
 cancelled.
 
