@@ -41,7 +41,7 @@ class _Wanted:
     none of these (the request that took it along was cancelled, or failed:
     ask again)."""
 
-    __slots__ = ("alone", "along", "blob", "chunk_id", "done", "error", "lead")
+    __slots__ = ("abandoned", "alone", "along", "blob", "chunk_id", "done", "error", "lead")
 
     def __init__(self, chunk_id: bytes, *, alone: bool) -> None:
         self.chunk_id = chunk_id
@@ -49,6 +49,8 @@ class _Wanted:
         self.alone = alone
         self.done = trio.Event()
         self.lead = False
+        #: Its caller was cancelled.
+        self.abandoned = False
         #: The chunks a lead takes along in its request.
         self.along: list[_Wanted] = []
         self.blob: bytes | bytearray | memoryview | None = None
@@ -79,6 +81,9 @@ class Downloads:
                 self._grant()
                 await wanted.done.wait()
             except BaseException:
+                # No one waits for it any more: never handed a slot again
+                # (which no one would use or give back), nor fetched.
+                wanted.abandoned = True
                 if wanted.lead:
                     # Granted meanwhile: what it took along goes back to the
                     # front, and the slot to the next.
@@ -101,8 +106,10 @@ class Downloads:
     def _grant(self) -> None:
         """Hand free slots to the chunks that waited longest, each with the
         chunks queued behind it, up to a request's worth."""
+        self._drop_abandoned()
         while self._queue and self._running < self._slots:
             lead = self._queue.popleft()
+            self._drop_abandoned()
             while (
                 not lead.alone
                 and self._queue
@@ -110,9 +117,17 @@ class Downloads:
                 and len(lead.along) + 1 < MAX_FETCH_ITEMS
             ):
                 lead.along.append(self._queue.popleft())
+                self._drop_abandoned()
             lead.lead = True
             self._running += 1
             lead.done.set()
+
+    def _drop_abandoned(self) -> None:
+        """Forget the chunks at the front of the queue whose callers were
+        cancelled after a request had taken them along (that request was
+        cancelled too, and queued them again)."""
+        while self._queue and self._queue[0].abandoned:
+            self._queue.popleft()
 
     def _release(self) -> None:
         self._running -= 1

@@ -6,6 +6,7 @@ fails the chunks that travelled with it."""
 from __future__ import annotations
 
 import os
+import random
 import threading
 from collections.abc import Iterator
 
@@ -150,3 +151,25 @@ async def test_a_cancelled_request_leaves_its_chunks_to_their_callers(
     assert held == [[c.hex() for c in chunks]]  # the lead's, with the other two
     asked_again = [set(r.request_json()["ids"]) for r in proxy.find("POST", FETCH)]
     assert {c.hex() for c in chunks[1:]} in asked_again
+
+
+async def test_callers_cancelled_together_leave_no_request_slot_taken(
+    alice: User, server: ServerProcess
+) -> None:
+    """Read-ahead's prefetches of one handle are cancelled together (the
+    reader closed the file or jumped) while they queue, are handed a slot,
+    or are being fetched, in every order their cancellations happen to run.
+    None of it may keep a slot: afterwards every chunk still downloads."""
+    chunks = await _stored(alice, 8)
+    ids = list(chunks)
+    rng = random.Random(7)
+    async with RemoteClient(server.url, alice.client.token) as remote:
+        downloads = Downloads(remote, slots=2)
+        for _ in range(150):
+            async with trio.open_nursery() as nursery:
+                for chunk_id in rng.sample(ids, 6):
+                    nursery.start_soon(downloads.get, chunk_id)
+                await trio.sleep(rng.uniform(0, 0.004))
+                nursery.cancel_scope.cancel()
+        with trio.fail_after(10):
+            assert await _get_all(downloads, ids) == chunks
