@@ -12,8 +12,9 @@ with a slot free goes at once, as ``GET /chunks/{id}``.
 There is no task of its own: whoever asks for a chunk and gets a slot
 makes the request, for itself and for the chunks it takes along, and hands
 each its bytes (or NotFound). If that caller is cancelled, the chunks it
-took along are queued again; if the request fails, each asks again in a
-request of its own, so that a chunk the server cannot read fails no other.
+took along whose callers still wait are queued again; if the request
+fails, each asks again in a request of its own, so that a chunk the server
+cannot read fails no other.
 """
 
 from __future__ import annotations
