@@ -419,10 +419,7 @@ class _Api:
     async def missing_chunks(self, request: Request) -> Response:
         account_id = await self._account_id(request)
         body = v.exact_fields(await v.read_json(request), ("ids",), "body")
-        ids = body["ids"]
-        if not isinstance(ids, list) or len(ids) > MAX_MISSING_IDS:
-            raise InvalidRequest(f"ids must be a list of at most {MAX_MISSING_IDS} chunk ids")
-        unique = list(dict.fromkeys(v.chunk_id(item, "ids[]") for item in ids))
+        unique = v.chunk_ids(body["ids"], low=0, high=MAX_MISSING_IDS)
         missing = await self._meta.missing_chunks(account_id, unique, now=_now())
         return JSONResponse({"missing": missing})
 
@@ -457,18 +454,23 @@ class _Api:
     async def fetch_chunks(self, request: Request) -> Response:
         account_id = await self._account_id(request)
         body = v.exact_fields(await v.read_json(request), ("ids",), "body")
-        ids = body["ids"]
-        if not isinstance(ids, list) or not 1 <= len(ids) <= MAX_FETCH_ITEMS:
-            raise InvalidRequest(f"ids must be a list of 1..{MAX_FETCH_ITEMS} chunk ids")
-        unique = list(dict.fromkeys(v.chunk_id(item, "ids[]") for item in ids))
-        stored = await self._meta.stored_chunks(account_id, unique)
-        found = [chunk_id for chunk_id in unique if chunk_id in stored]
-        datas = await self._chunks.get_many(account_id, found)
+        unique = v.chunk_ids(body["ids"], low=1, high=MAX_FETCH_ITEMS)
         parts: list[bytes] = []
-        for chunk_id, data in zip(found, datas, strict=True):
-            if data is not None:
-                parts += (bytes.fromhex(chunk_id), len(data).to_bytes(4, "big"), data)
+        for chunk_id, data in await self._read_chunks(account_id, unique):
+            parts += (bytes.fromhex(chunk_id), len(data).to_bytes(4, "big"), data)
         return Response(b"".join(parts), media_type="application/octet-stream")
+
+    async def _read_chunks(self, account_id: int, chunk_ids: list[str]) -> list[tuple[str, bytes]]:
+        """(id, bytes) of the chunks of ``chunk_ids`` the account has, in
+        order: recorded, and still held by the chunk store."""
+        stored = await self._meta.stored_chunks(account_id, chunk_ids)
+        found = [chunk_id for chunk_id in chunk_ids if chunk_id in stored]
+        datas = await self._chunks.get_many(account_id, found)
+        return [
+            (chunk_id, data)
+            for chunk_id, data in zip(found, datas, strict=True)
+            if data is not None
+        ]
 
     async def _store_chunk(self, account_id: int, chunk_id: str, data: bytes) -> None:
         """Store a chunk and record it (idempotent: an id stored already
@@ -489,10 +491,10 @@ class _Api:
     async def get_chunk(self, request: Request) -> Response:
         account_id = await self._account_id(request)
         chunk_id = _path_chunk_id(request)
-        if not await self._meta.has_chunk(account_id, chunk_id):
+        found = await self._read_chunks(account_id, [chunk_id])
+        if not found:
             raise NotFound("no such chunk")
-        data = await self._chunks.get(account_id, chunk_id)
-        return Response(data, media_type="application/octet-stream")
+        return Response(found[0][1], media_type="application/octet-stream")
 
 
 def _now() -> int:

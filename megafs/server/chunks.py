@@ -23,7 +23,6 @@ from pathlib import Path
 
 import trio
 
-from megafs.errors import NotFound
 from megafs.server.group import GroupCommit
 
 __all__ = ["ChunkStore", "LocalChunkStore"]
@@ -67,13 +66,6 @@ class ChunkStore(ABC):
     @abstractmethod
     async def get_many(self, account_id: int, chunk_ids: Sequence[str]) -> list[bytes | None]:
         """Each chunk's bytes, in order; None for one that is absent."""
-
-    async def get(self, account_id: int, chunk_id: str) -> bytes:
-        """Raises NotFound if absent."""
-        (data,) = await self.get_many(account_id, [chunk_id])
-        if data is None:
-            raise NotFound("no such chunk")
-        return data
 
     @abstractmethod
     async def delete(self, account_id: int, chunk_id: str) -> None:

@@ -146,6 +146,15 @@ def chunk_id(value: Any, what: str) -> str:
     return value
 
 
+def chunk_ids(value: Any, *, low: int, high: int) -> list[str]:
+    """A body's ``ids``: a list of ``low..high`` chunk ids, each kept once,
+    in order."""
+    if not isinstance(value, list) or not low <= len(value) <= high:
+        bounds = f"at most {high}" if low == 0 else f"{low}..{high}"
+        raise InvalidRequest(f"ids must be a list of {bounds} chunk ids")
+    return list(dict.fromkeys(chunk_id(item, "ids[]") for item in value))
+
+
 def chunk_batch(body: bytes) -> list[tuple[str, bytes]]:
     """A ``POST /chunks/batch`` body as (chunk id, bytes) pairs, in order:
     1..``MAX_CHUNK_BATCH_ITEMS`` chunks, each a 32-byte id, a big-endian
