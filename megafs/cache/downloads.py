@@ -82,13 +82,16 @@ class Downloads:
                 self._grant()
                 await wanted.done.wait()
             except BaseException:
-                # No one waits for it any more: never handed a slot again
-                # (which no one would use or give back), nor fetched.
+                # No one waits for it any more: it must not get back into
+                # the queue, where it could be handed a slot no one would
+                # use or give back.
                 wanted.abandoned = True
                 if wanted.lead:
                     # Granted meanwhile: what it took along goes back to the
-                    # front, and the slot to the next.
-                    self._queue.extendleft(reversed(wanted.along))
+                    # front (what still has a caller: the only way back into
+                    # the queue for a chunk cancelled while taken along),
+                    # and the slot to the next.
+                    self._queue.extendleft(w for w in reversed(wanted.along) if not w.abandoned)
                     self._release()
                 else:
                     # Still queued (else a request took it along: its
@@ -107,10 +110,8 @@ class Downloads:
     def _grant(self) -> None:
         """Hand free slots to the chunks that waited longest, each with the
         chunks queued behind it, up to a request's worth."""
-        self._drop_abandoned()
         while self._queue and self._running < self._slots:
             lead = self._queue.popleft()
-            self._drop_abandoned()
             while (
                 not lead.alone
                 and self._queue
@@ -118,17 +119,9 @@ class Downloads:
                 and len(lead.along) + 1 < MAX_FETCH_ITEMS
             ):
                 lead.along.append(self._queue.popleft())
-                self._drop_abandoned()
             lead.lead = True
             self._running += 1
             lead.done.set()
-
-    def _drop_abandoned(self) -> None:
-        """Forget the chunks at the front of the queue whose callers were
-        cancelled after a request had taken them along (that request was
-        cancelled too, and queued them again)."""
-        while self._queue and self._queue[0].abandoned:
-            self._queue.popleft()
 
     def _release(self) -> None:
         self._running -= 1
