@@ -4,12 +4,14 @@ uploader. Holds ciphertext only on disk."""
 from megafs.cache.chunks import ChunkCache
 from megafs.cache.content import FileContent, Sealer
 from megafs.cache.readahead import ReadAhead, Reader
+from megafs.cache.service import Held
 from megafs.cache.state import JournalEntry, LocalState
 from megafs.cache.uploader import Uploader, UploaderStats
 
 __all__ = [
     "ChunkCache",
     "FileContent",
+    "Held",
     "JournalEntry",
     "LocalState",
     "ReadAhead",

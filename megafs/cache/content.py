@@ -38,7 +38,7 @@ from typing import Any
 import trio
 
 from megafs.cache.chunks import ChunkCache
-from megafs.cache.service import HeldNursery
+from megafs.cache.service import Held, HeldNursery
 from megafs.crypto import CHUNK_SIZE, MAX_INLINE, Manifest
 from megafs.errors import FormatError, IntegrityError, MegafsError, TooLarge
 
@@ -190,7 +190,7 @@ class FileContent:
     # -- writing ----------------------------------------------------------------
 
     async def write(self, offset: int, data: bytes) -> int:
-        async with self._lock:
+        async with Held(self._lock):
             if len(self._dirty) > MAX_DIRTY_CHUNKS:
                 # An earlier seal failed (ENOSPC): fail before buffering
                 # more, so memory stays bounded while the cache is full.
@@ -248,7 +248,7 @@ class FileContent:
         self._secrets.extend([None] * (count - len(self._secrets)))
 
     async def truncate(self, size: int) -> None:
-        async with self._lock:
+        async with Held(self._lock):
             if size < self.size:
                 count = -(-size // CHUNK_SIZE)
                 del self._secrets[count:]
@@ -280,7 +280,7 @@ class FileContent:
         cache is full of changes waiting for upload: ENOSPC) leaves it set,
         so the content is sealed again on the next commit, not forgotten.
         """
-        async with self._lock:
+        async with Held(self._lock):
             if 0 < self.size <= INLINE_THRESHOLD:
                 data = bytes((await self._chunk_plaintext(0))[: self.size])
                 data += bytes(self.size - len(data))

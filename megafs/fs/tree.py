@@ -27,7 +27,15 @@ from typing import TypeVar
 
 import trio
 
-from megafs.cache import ChunkCache, FileContent, JournalEntry, LocalState, Sealer, Uploader
+from megafs.cache import (
+    ChunkCache,
+    FileContent,
+    Held,
+    JournalEntry,
+    LocalState,
+    Sealer,
+    Uploader,
+)
 from megafs.crypto import (
     CHUNK_SIZE,
     NO_PARENT,
@@ -162,7 +170,7 @@ class Inode:
             self._lock = trio.Lock()
         lock = self._lock
         try:
-            async with lock:
+            async with Held(lock):
                 yield
         finally:
             # Free, and nobody waits for it (a waiter would hold it by
