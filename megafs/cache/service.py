@@ -1,6 +1,10 @@
-"""A nursery held open by one of the daemon's long-lived tasks, for work
-that other parts start later (prefetches, seals behind a writer): the
-task's owner is the daemon's nursery, so that work ends with the mount."""
+"""Two trio helpers of the cache's services and the inode tree.
+
+``HeldNursery``: a nursery held open by one of the daemon's long-lived
+tasks, for work that other parts start later (prefetches, seals behind a
+writer): the task's owner is the daemon's nursery, so that work ends with
+the mount. ``Held``: a lock taken without a turn of the event loop when it
+is free."""
 
 from __future__ import annotations
 

@@ -684,3 +684,7 @@ class Operations(pyfuse3.Operations):
                     await self._tree.commit(inode)
                 except MegafsError as exc:
                     log.error("inode %d: could not save: %s", inode.ino, exc.detail)
+                # A small file's commit may not yield (its locks are taken
+                # at once when free): many open files must not hold the
+                # event loop for all of their commits.
+                await trio.lowlevel.checkpoint()
