@@ -127,6 +127,7 @@ from __future__ import annotations
 
 import base64
 import re
+from collections.abc import Iterable
 
 __all__ = [
     "API_PREFIX",
@@ -159,6 +160,7 @@ __all__ = [
     "TOTP_STEP",
     "b64d",
     "b64e",
+    "frame_chunks",
 ]
 
 API_PREFIX = "/v1"
@@ -249,3 +251,13 @@ def b64d(text: str) -> bytes:
     if not isinstance(text, str):
         raise ValueError("expected a base64 string")
     return base64.b64decode(text.encode("ascii"), validate=True)
+
+
+def frame_chunks(chunks: Iterable[tuple[bytes, bytes | bytearray | memoryview]]) -> bytes:
+    """``(chunk id, bytes)`` pairs framed as a chunk batch (an upload's body,
+    a fetch's answer): each its 32-byte id, its size as a big-endian u32,
+    its bytes. The caller checks ids and sizes."""
+    parts: list[bytes | bytearray | memoryview] = []
+    for chunk_id, data in chunks:
+        parts += (chunk_id, len(data).to_bytes(4, "big"), data)
+    return b"".join(parts)

@@ -94,6 +94,7 @@ from megafs.wire import (
     MAX_MISSING_IDS,
     SESSION_ID_RE,
     b64e,
+    frame_chunks,
 )
 
 __all__ = ["DeleteNode", "PutNode", "RemoteClient"]
@@ -491,13 +492,11 @@ class RemoteClient:
         ``put_chunk`` would: small files' chunks, without a request each."""
         if not 1 <= len(chunks) <= MAX_CHUNK_BATCH_ITEMS:
             raise InvalidRequest(f"a chunk batch holds 1..{MAX_CHUNK_BATCH_ITEMS} chunks")
-        parts: list[bytes] = []
         for chunk_id, data in chunks:
             if not 1 <= len(data) <= MAX_CHUNK_BYTES:
                 raise TooLarge(f"a chunk has 1..{MAX_CHUNK_BYTES} bytes")
             _chunk_hex(chunk_id)  # checks the id
-            parts += (chunk_id, len(data).to_bytes(4, "big"), data)
-        body = b"".join(parts)
+        body = frame_chunks(chunks)
         if len(body) > MAX_CHUNK_BATCH_BYTES:
             raise TooLarge(f"a chunk batch has at most {MAX_CHUNK_BATCH_BYTES} bytes")
         answer = await self._json("POST", "/chunks/batch", raw=body)

@@ -67,6 +67,7 @@ from megafs.wire import (
     NODE_ID_RE,
     SESSION_ID_RE,
     b64e,
+    frame_chunks,
 )
 
 __all__ = ["create_app"]
@@ -455,16 +456,17 @@ class _Api:
         account_id = await self._account_id(request)
         body = v.exact_fields(await v.read_json(request), ("ids",), "body")
         unique = v.chunk_ids(body["ids"], low=1, high=MAX_FETCH_ITEMS)
-        parts: list[bytes] = []
-        for chunk_id, data in await self._read_chunks(account_id, unique):
-            parts += (bytes.fromhex(chunk_id), len(data).to_bytes(4, "big"), data)
-        return Response(b"".join(parts), media_type="application/octet-stream")
+        found = await self._read_chunks(account_id, unique)
+        body = frame_chunks((bytes.fromhex(chunk_id), data) for chunk_id, data in found)
+        return Response(body, media_type="application/octet-stream")
 
     async def _read_chunks(self, account_id: int, chunk_ids: list[str]) -> list[tuple[str, bytes]]:
         """(id, bytes) of the chunks of ``chunk_ids`` the account has, in
         order: recorded, and still held by the chunk store."""
         stored = await self._meta.stored_chunks(account_id, chunk_ids)
         found = [chunk_id for chunk_id in chunk_ids if chunk_id in stored]
+        if not found:
+            return []  # a 404 costs no worker-thread call in the chunk store
         datas = await self._chunks.get_many(account_id, found)
         return [
             (chunk_id, data)
