@@ -11,6 +11,7 @@ import httpx
 import pytest
 
 from megafs.wire import API_PREFIX
+from tests.helpers.proxy import Proxy, running_proxy
 from tests.helpers.server import ServerProcess, running_server
 from tests.integration.users import User, new_user
 
@@ -32,6 +33,13 @@ def own_server(tmp_path: Path) -> Iterator[ServerProcess]:
     """A server of this test's own, which it may stop, kill and restart."""
     with running_server(tmp_path / "data") as srv:
         yield srv
+
+
+@pytest.fixture
+def proxy(server: ServerProcess) -> Iterator[Proxy]:
+    """A recording, tampering proxy in front of the shared server."""
+    with running_proxy(server.url) as p:
+        yield p
 
 
 @pytest.fixture

@@ -8,9 +8,7 @@ from __future__ import annotations
 import os
 import random
 import threading
-from collections.abc import Iterator
 
-import pytest
 import trio
 import trio.testing
 
@@ -18,18 +16,12 @@ from megafs.cache.downloads import Downloads
 from megafs.errors import MegafsError, NotFound, RemoteError
 from megafs.remote import RemoteClient
 from megafs.wire import MAX_FETCH_ITEMS
-from tests.helpers.proxy import Forward, Proxy, ProxyRequest, ProxyResponse, running_proxy
+from tests.helpers.proxy import Forward, Proxy, ProxyRequest, ProxyResponse
 from tests.helpers.server import ServerProcess
 from tests.integration.users import User
 
 FETCH = "/v1/chunks/fetch"
 GET = r"/v1/chunks/[0-9a-f]{64}"
-
-
-@pytest.fixture
-def proxy(server: ServerProcess) -> Iterator[Proxy]:
-    with running_proxy(server.url) as p:
-        yield p
 
 
 async def _stored(user: User, count: int) -> dict[bytes, bytes]:

@@ -34,7 +34,7 @@ import logging
 import os
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from functools import partial
@@ -67,7 +67,7 @@ from megafs.remote import RemoteClient
 from megafs.wire import b64d, b64e
 from tests.helpers.keyholder import FileNode, Folder, KeyHolder, flip_bit
 from tests.helpers.parts import local_parts
-from tests.helpers.proxy import Forward, Proxy, ProxyRequest, ProxyResponse, running_proxy
+from tests.helpers.proxy import Forward, Proxy, ProxyRequest, ProxyResponse
 from tests.helpers.server import ServerProcess
 
 PASSWORD = b"integration password for the malicious server"
@@ -148,12 +148,6 @@ def other(server: ServerProcess) -> Account:
     """Another account of the same server, whose objects the server can
     hand to the victim."""
     return _signup(server.url)
-
-
-@pytest.fixture
-def proxy(server: ServerProcess) -> Iterator[Proxy]:
-    with running_proxy(server.url) as p:
-        yield p
 
 
 def _answer(proxy: Proxy, method: str, path: str, change: Callable[[Any], Any]) -> None:

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Iterator
 
 import pytest
 import trio
@@ -14,16 +13,10 @@ import trio
 from megafs.errors import RemoteError
 from megafs.remote import RemoteClient
 from megafs.wire import API_PREFIX
-from tests.helpers.proxy import Drop, Error, Proxy, ProxyResponse, Reset, Truncate, running_proxy
+from tests.helpers.proxy import Drop, Error, Proxy, ProxyResponse, Reset, Truncate
 from tests.helpers.server import ServerProcess
 from tests.integration.test_chunks import send_cut_short
 from tests.integration.users import new_user
-
-
-@pytest.fixture
-def proxy(server: ServerProcess) -> Iterator[Proxy]:
-    with running_proxy(server.url) as p:
-        yield p
 
 
 async def test_tamper_chain_replay_and_clients(proxy: Proxy) -> None:
