@@ -40,7 +40,7 @@ import math
 import os
 from collections import OrderedDict
 from collections.abc import Callable
-from typing import TypeVar, cast
+from typing import NoReturn, TypeVar, cast
 
 import cachetools
 import trio
@@ -83,13 +83,18 @@ DISK_MARGIN = 64 << 20
 #: chunks (``room_to_keep``).
 KEEP_FREE_MAX = 512 << 20
 #: Plaintext of chunks kept in memory (least recently used out): what the
-#: read-ahead of four sequential readers holds (8 chunks each), and a hot
-#: file of this size read at random decrypts each chunk once.
+#: read-ahead of two sequential readers holds (12 chunks each; a chunk that
+#: a third one's read-ahead pushes out is read back from the disk cache, not
+#: downloaded again), and a hot file of this size read at random decrypts
+#: each chunk once.
 PLAINTEXT_BYTES = 32 << 20
 #: Sealed bytes of new chunks kept in memory from their file's write until
 #: their upload, which then does not read the file back: a sequential
 #: writer's next few chunks.
 UNSENT_BYTES = 8 << 20
+#: Downloaded chunks whose cache files are being written behind their
+#: readers (each holds its sealed bytes until written).
+KEEPING = 8
 #: Seconds a new chunk waits for room in a cache full of chunks waiting for
 #: upload while no upload finishes, before it fails with ENOSPC.
 ROOM_WAIT = 30.0
@@ -172,6 +177,11 @@ class ChunkCache:
         self._disk_short = trio.Event()
         #: Whether a download went uncached for room, since one was cached.
         self._uncached = False
+        #: chunk id -> set once its download's cache file is written (by a
+        #: task in ``_nursery``, which :meth:`run` holds).
+        self._keeping: dict[bytes, trio.Event] = {}
+        self._keep_slots = trio.Semaphore(KEEPING)
+        self._nursery: trio.Nursery | None = None
 
     async def load(self) -> None:
         """Read the chunk index left by an earlier run, and remove the
@@ -194,8 +204,20 @@ class ChunkCache:
         """Keep room on the cache's disk while the mount lasts: once a
         second, and at once when a cache file found the disk full, give
         back clean chunks if the disk has less than ``room_to_keep`` free.
-        A save that failed with ENOSPC then succeeds when tried again."""
-        task_status.started()
+        A save that failed with ENOSPC then succeeds when tried again.
+
+        Also holds the nursery in which downloads are written to the cache
+        behind their readers (:meth:`_keep_behind`); once cancelled, it
+        waits for the writes under way."""
+        try:
+            async with trio.open_nursery() as nursery:
+                self._nursery = nursery
+                task_status.started()
+                await self._keep_room()
+        finally:
+            self._nursery = None
+
+    async def _keep_room(self) -> NoReturn:
         failure = ""
         while True:
             short = self._disk_short
@@ -249,8 +271,8 @@ class ChunkCache:
         Cancellation: a load cancelled before its data arrived caches nothing
         and leaves the chunk to whoever asks next (its waiters load it
         themselves); once a download has arrived and been verified, its cache
-        write finishes shielded, so the disk cache and its index never
-        disagree.
+        file is written, shielded, behind the reader (:meth:`_keep_behind`),
+        so the disk cache and its index never disagree.
 
         ``mark``: also take the piece marks of the chunk's cache file, so
         later small reads can use :meth:`read_range` without a whole chunk.
@@ -347,6 +369,8 @@ class ChunkCache:
     async def _load(self, secret: bytes, chunk_id: bytes, mark: bool) -> bytes:
         """Disk cache, else server; verified, and kept in the LRU (and
         marked, if ``mark``)."""
+        if (keeping := self._keeping.get(chunk_id)) is not None:
+            await keeping.wait()
         if (size := self._index.get(chunk_id)) is not None:
             blob = await self._read_file(chunk_id, size)
             if blob is None:
@@ -372,10 +396,37 @@ class ChunkCache:
             # lost, it is an I/O error of this file, not "no such file".
             raise RemoteError(f"the server does not have chunk {chunk_id.hex()[:16]}") from None
         plain = await self._open(secret, blob, chunk_id if mark else None)
-        with trio.CancelScope(shield=True):
-            await self._keep_download(chunk_id, blob)
         self._plain[secret] = plain
+        with trio.CancelScope(shield=True):
+            await self._keep_behind(chunk_id, blob)
         return plain
+
+    async def _keep_behind(self, chunk_id: bytes, blob: bytes | bytearray | memoryview) -> None:
+        """Cache a verified download on disk, in the cache's nursery: the
+        reader has its plaintext and need not wait for the file (about a
+        third of a cold read's time per chunk). At most ``KEEPING`` such
+        writes at once; the next download waits for one to end. Without the
+        nursery (the cache not running), written here."""
+        if self._nursery is None:
+            await self._keep_download(chunk_id, blob)
+            return
+        await self._keep_slots.acquire()
+        done = self._keeping[chunk_id] = trio.Event()
+        self._nursery.start_soon(self._keep, chunk_id, blob, done)
+
+    async def _keep(
+        self, chunk_id: bytes, blob: bytes | bytearray | memoryview, done: trio.Event
+    ) -> None:
+        try:
+            with trio.CancelScope(shield=True):
+                await self._keep_download(chunk_id, blob)
+        except (MegafsError, OSError) as exc:
+            # The read has its plaintext; the chunk is fetched again if asked.
+            log.warning("chunk %s: downloaded, not cached: %s", _short(chunk_id), exc)
+        finally:
+            del self._keeping[chunk_id]
+            done.set()
+            self._keep_slots.release()
 
     async def _keep_download(self, chunk_id: bytes, blob: bytes | bytearray | memoryview) -> None:
         """Cache a verified download on disk, or on a full disk keep it in

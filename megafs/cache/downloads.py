@@ -31,8 +31,8 @@ from megafs.wire import MAX_FETCH_ITEMS
 __all__ = ["SLOTS", "Downloads"]
 
 #: Download requests in flight at once. Each carries up to four chunks, so
-#: read-ahead (eight chunks per reader) still keeps the network and both
-#: cores busy, and what waits goes in fewer requests.
+#: read-ahead (up to twelve chunks per reader) fills all three, keeps the
+#: network and both cores busy, and what waits goes in fewer requests.
 SLOTS = 3
 
 

@@ -53,12 +53,12 @@ __all__ = ["ReadAhead", "Reader"]
 log = logging.getLogger(__name__)
 
 #: Chunks kept in flight ahead of one sequential reader.
-WINDOW = 8
+WINDOW = 12
 #: Chunks scheduled at once, so that they travel in one download request
 #: (``cache/downloads.py``): the window is topped up in steps of this many.
 _STEP = MAX_FETCH_ITEMS
 #: Prefetches running at once in the mount (each up to 2 MiB in memory).
-MAX_FETCHES = 8
+MAX_FETCHES = 12
 #: How far from the end of the previous read the next one may start and still
 #: follow it: twice the kernel's largest read-ahead request.
 _NEAR = 256 * 1024

@@ -51,7 +51,9 @@ def _chunk_ids(drive: Drive, path: Path, count: int) -> list[str]:
     """The id of each chunk of ``path`` (on a cold cache): one page of each
     chunk is read, in an order where no read follows the one before, and
     each read must add exactly one chunk to the cache, so random readers
-    get no read-ahead."""
+    get no read-ahead. (A download's cache file is written behind its read:
+    it is waited for. A chunk fetched ahead would show as two files after
+    one read, or as none after a later one.)"""
     ids = [""] * count
     fd = os.open(path, os.O_RDONLY)
     try:
@@ -59,6 +61,7 @@ def _chunk_ids(drive: Drive, path: Path, count: int) -> list[str]:
         before = _cached_ids(drive)
         for index in [*range(0, count, 2), *range(1, count, 2)]:
             os.pread(fd, 4096, index * CHUNK_SIZE)
+            wait_for(f"chunk {index}'s cache file", lambda b=before: _cached_ids(drive) != b)
             after = _cached_ids(drive)
             assert len(after - before) == 1, f"chunk {index}: fetched {len(after - before)}"
             (ids[index],) = after - before
@@ -89,7 +92,7 @@ def test_cold_sequential_read_is_exact_and_fetches_ahead(drive: Drive) -> None:
         wait_for("read-ahead", lambda: len(_cached_ids(drive)) >= 5)
         rest = b"".join(iter(lambda: f.read(PIECE), b""))
     assert data[3 * PIECE :] == rest
-    assert len(_cached_ids(drive)) == 21
+    wait_for("every chunk's cache file", lambda: len(_cached_ids(drive)) == 21)
     drive.umount()
     drive.drop_cache()
     drive.mount()
@@ -313,8 +316,10 @@ def test_random_reads_of_verified_chunks_check_each_piece_on_disk(drive: Drive) 
         os.close(fd)
     # Chunk 0 was read in pieces: its other piece was never looked at. Chunk
     # 2's damaged piece failed its check, the whole file then failed the
-    # chunk's tag, and the chunk was fetched again.
+    # chunk's tag, and the chunk was fetched again (its file is written
+    # behind the read).
     assert files[0].read_bytes() != sealed[0]
+    wait_for("chunk 2's cache file, downloaded again", files[2].exists)
     assert files[2].read_bytes() == sealed[2]
     assert files[4].read_bytes() == sealed[4]
     assert path.read_bytes() == data
