@@ -423,6 +423,11 @@ class ChunkCache:
         except (MegafsError, OSError) as exc:
             # The read has its plaintext; the chunk is fetched again if asked.
             log.warning("chunk %s: downloaded, not cached: %s", _short(chunk_id), exc)
+        except Exception:
+            # A bug: said with its traceback, and kept from the cache's
+            # nursery, which would stop the mount (a FUSE request's own
+            # failure is EIO for that request alone).
+            log.exception("chunk %s: downloaded, not cached", _short(chunk_id))
         finally:
             del self._keeping[chunk_id]
             done.set()

@@ -41,7 +41,7 @@ class HeldKeeps(ChunkCache):
     def __init__(self, *args: object, **kwargs: object) -> None:
         super().__init__(*args, **kwargs)  # type: ignore[arg-type]
         self.gate = trio.Event()
-        self.failure: OSError | None = None
+        self.failure: Exception | None = None
 
     async def _write_file(
         self, chunk_id: bytes, blob: bytes | bytearray | memoryview, *, dirty: bool
@@ -146,17 +146,22 @@ async def test_a_chunk_read_again_while_its_file_is_written_is_downloaded_once(
         nursery.cancel_scope.cancel()
 
 
+@pytest.mark.parametrize(
+    "failure",
+    [OSError(errno.EIO, "Input/output error"), RuntimeError("a bug")],
+    ids=["disk error", "bug"],
+)
 async def test_a_download_whose_file_cannot_be_written_is_read_all_the_same(
-    alice: User, proxy: Proxy, tmp_path: Path, caplog: pytest.LogCaptureFixture
+    alice: User, proxy: Proxy, tmp_path: Path, caplog: pytest.LogCaptureFixture, failure: Exception
 ) -> None:
-    """An I/O error of the cache's disk is said, and reaches neither the
-    reader nor the cache's task; the next read after the LRU let the chunk
-    go downloads it again."""
+    """An I/O error of the cache's disk (or a bug) is said, and reaches
+    neither the reader nor the cache's task, which would stop the mount;
+    the next read after the LRU let the chunk go downloads it again."""
     (first, first_data), (second, second_data) = await _stored(alice, 2)
     async with _cache(alice, proxy, tmp_path) as cache:
         async with trio.open_nursery() as nursery:
             await nursery.start(cache.run)
-            cache.failure = OSError(errno.EIO, "Input/output error")
+            cache.failure = failure
             cache.gate.set()
             with trio.fail_after(10), caplog.at_level(logging.WARNING, "megafs.cache.chunks"):
                 assert await cache.read(first) == first_data
