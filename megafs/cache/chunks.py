@@ -47,6 +47,7 @@ import trio
 
 from megafs.cache.chunkfiles import chunk_path, write_chunk_file
 from megafs.cache.downloads import Downloads
+from megafs.cache.service import HeldNursery
 from megafs.cache.state import LOGGED_CHUNK, LocalState, local_disk
 from megafs.crypto import AccountKeys, SealedChunk, open_chunk, seal_chunk
 from megafs.crypto.chunks import PieceMarker, PieceMarks
@@ -120,8 +121,10 @@ class _Load:
         self.error: MegafsError | None = None
 
 
-class ChunkCache:
-    """Shared by every open file of one mount."""
+class ChunkCache(HeldNursery):
+    """Shared by every open file of one mount. :meth:`run` (started by the
+    daemon) keeps room on the cache's disk and holds the nursery where
+    downloads are written to the cache behind their readers."""
 
     def __init__(
         self,
@@ -136,6 +139,7 @@ class ChunkCache:
         """``uploads_failing``: whether uploads fail now (the server is
         unreachable), so a cache full of dirty chunks fails new ones at once
         instead of waiting for room."""
+        super().__init__()
         self._dir = state.chunk_dir
         self._root = str(state.chunk_dir)
         self._uploads_failing = uploads_failing or (lambda: False)
@@ -178,10 +182,9 @@ class ChunkCache:
         #: Whether a download went uncached for room, since one was cached.
         self._uncached = False
         #: chunk id -> set once its download's cache file is written (by a
-        #: task in ``_nursery``, which :meth:`run` holds).
+        #: task in the nursery :meth:`run` holds).
         self._keeping: dict[bytes, trio.Event] = {}
         self._keep_slots = trio.Semaphore(KEEPING)
-        self._nursery: trio.Nursery | None = None
 
     async def load(self) -> None:
         """Read the chunk index left by an earlier run, and remove the
@@ -200,24 +203,13 @@ class ChunkCache:
                 self._dirty.add(chunk_id)
                 self._dirty_bytes += size
 
-    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        """Keep room on the cache's disk while the mount lasts: once a
-        second, and at once when a cache file found the disk full, give
-        back clean chunks if the disk has less than ``room_to_keep`` free.
-        A save that failed with ENOSPC then succeeds when tried again.
-
-        Also holds the nursery in which downloads are written to the cache
-        behind their readers (:meth:`_keep_behind`); once cancelled, it
-        waits for the writes under way."""
-        try:
-            async with trio.open_nursery() as nursery:
-                self._nursery = nursery
-                task_status.started()
-                await self._keep_room()
-        finally:
-            self._nursery = None
-
-    async def _keep_room(self) -> NoReturn:
+    async def _meanwhile(self) -> NoReturn:
+        """Keep room on the cache's disk while the mount lasts (:meth:`run`
+        holds the nursery in which downloads are written to the cache behind
+        their readers, :meth:`_keep_behind`): once a second, and at once when
+        a cache file found the disk full, give back clean chunks if the disk
+        has less than ``room_to_keep`` free. A save that failed with ENOSPC
+        then succeeds when tried again."""
         failure = ""
         while True:
             short = self._disk_short

@@ -2,9 +2,9 @@
 
 ``HeldNursery``: a nursery held open by one of the daemon's long-lived
 tasks, for work that other parts start later (prefetches, seals behind a
-writer): the task's owner is the daemon's nursery, so that work ends with
-the mount. ``Held``: a lock taken without a turn of the event loop when it
-is free."""
+writer, cache files behind a reader): the task's owner is the daemon's
+nursery, so that work ends with the mount. ``Held``: a lock taken without
+a turn of the event loop when it is free."""
 
 from __future__ import annotations
 
@@ -22,14 +22,20 @@ class HeldNursery:
         self._nursery: trio.Nursery | None = None
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        """Hold the nursery until cancelled."""
+        """Hold the nursery until cancelled, doing :meth:`_meanwhile`; once
+        cancelled, wait for the work in it (shielded work finishes)."""
         try:
             async with trio.open_nursery() as nursery:
                 self._nursery = nursery
                 task_status.started()
-                await trio.sleep_forever()
+                await self._meanwhile()
         finally:
             self._nursery = None
+
+    async def _meanwhile(self) -> None:
+        """The holding task's own work while it holds the nursery: none,
+        unless a service has some."""
+        await trio.sleep_forever()
 
 
 class Held:
