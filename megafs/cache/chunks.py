@@ -162,8 +162,10 @@ class ChunkCache(HeldNursery):
         #: (at most ``UNSENT_BYTES`` in all).
         self._unsent: dict[bytes, bytes] = {}
         self._unsent_bytes = 0
-        #: chunk id -> set once its store (sealed by another task) is done.
-        self._storing: dict[bytes, trio.Event] = {}
+        #: chunk id -> set once the write of its cache file (by a store, or
+        #: behind a download's reader) is done: one writer per chunk at a
+        #: time, and whoever else wants the file waits for it.
+        self._writing: dict[bytes, trio.Event] = {}
         self._disk_bytes = 0
         #: chunk id -> the load in progress (disk or server), shared by every reader.
         self._loads: dict[bytes, _Load] = {}
@@ -181,9 +183,6 @@ class ChunkCache(HeldNursery):
         self._disk_short = trio.Event()
         #: Whether a download went uncached for room, since one was cached.
         self._uncached = False
-        #: chunk id -> set once its download's cache file is written (by a
-        #: task in the nursery :meth:`run` holds).
-        self._keeping: dict[bytes, trio.Event] = {}
         self._keep_slots = trio.Semaphore(KEEPING)
 
     async def load(self) -> None:
@@ -361,8 +360,8 @@ class ChunkCache(HeldNursery):
     async def _load(self, secret: bytes, chunk_id: bytes, mark: bool) -> bytes:
         """Disk cache, else server; verified, and kept in the LRU (and
         marked, if ``mark``)."""
-        if (keeping := self._keeping.get(chunk_id)) is not None:
-            await keeping.wait()
+        while (writing := self._writing.get(chunk_id)) is not None:
+            await writing.wait()
         if (size := self._index.get(chunk_id)) is not None:
             blob = await self._read_file(chunk_id, size)
             if blob is None:
@@ -398,13 +397,19 @@ class ChunkCache(HeldNursery):
         reader has its plaintext and need not wait for the file (about a
         third of a cold read's time per chunk). At most ``KEEPING`` such
         writes at once; the next download waits for one to end. Without the
-        nursery (the cache not running), written here."""
-        if self._nursery is None:
-            await self._keep_download(chunk_id, blob)
-            return
+        nursery (the cache not running), written here. A store of the same
+        content that got there first has written the file already."""
         await self._keep_slots.acquire()
-        done = self._keeping[chunk_id] = trio.Event()
-        self._nursery.start_soon(self._keep, chunk_id, blob, done)
+        while (other := self._writing.get(chunk_id)) is not None:
+            await other.wait()
+        if chunk_id in self._index:
+            self._keep_slots.release()
+            return
+        done = self._writing[chunk_id] = trio.Event()
+        if self._nursery is None:
+            await self._keep(chunk_id, blob, done)
+        else:
+            self._nursery.start_soon(self._keep, chunk_id, blob, done)
 
     async def _keep(
         self, chunk_id: bytes, blob: bytes | bytearray | memoryview, done: trio.Event
@@ -421,7 +426,7 @@ class ChunkCache(HeldNursery):
             # failure is EIO for that request alone).
             log.exception("chunk %s: downloaded, not cached", _short(chunk_id))
         finally:
-            del self._keeping[chunk_id]
+            del self._writing[chunk_id]
             done.set()
             self._keep_slots.release()
 
@@ -434,8 +439,9 @@ class ChunkCache(HeldNursery):
         except LocalDiskFull as exc:
             self._marks.pop(chunk_id, None)  # they would describe no file
             self._disk_short.set()
-            if chunk_id not in self._index and chunk_id not in self._storing:
-                # Written, then not indexed for room: no row would name it.
+            if chunk_id not in self._index:
+                # Written, then not indexed for room: no row would name it
+                # (and no other write of it runs: ``_writing``).
                 await trio.to_thread.run_sync(_unlink, self._path(chunk_id), limiter=self._disk)
             if not self._uncached:
                 self._uncached = True
@@ -477,20 +483,20 @@ class ChunkCache(HeldNursery):
             # below are the ones that count.
             secret = self._keys.chunk_secret(plaintext)
             chunk_id = self._keys.chunk_id(secret)
-            if chunk_id in self._index or chunk_id in self._storing:
+            if chunk_id in self._index or chunk_id in self._writing:
                 return secret, chunk_id, None
             return secret, chunk_id, seal_chunk(self._keys, plaintext, secret=secret)
 
         secret, chunk_id, sealed = await self._in_crypto(size, secret_and_seal)
         self._plain[secret] = bytes(plaintext)
-        while (other := self._storing.get(chunk_id)) is not None:
-            await other.wait()  # the same content, sealed by another writer
+        while (other := self._writing.get(chunk_id)) is not None:
+            await other.wait()  # the same content, sealed by another writer or downloaded
         if chunk_id in self._index:
             # Held already (a copy, a file saved again unchanged): not even
             # encrypted again.
             self._index.move_to_end(chunk_id)
             return secret, chunk_id, chunk_id in self._dirty
-        done = self._storing[chunk_id] = trio.Event()
+        done = self._writing[chunk_id] = trio.Event()
         try:
             if sealed is None:
                 sealed = await self._in_crypto(
@@ -508,7 +514,7 @@ class ChunkCache(HeldNursery):
             finally:
                 self._reserved -= sealed_size
         finally:
-            del self._storing[chunk_id]
+            del self._writing[chunk_id]
             done.set()
         return secret, chunk_id, True
 

@@ -1,9 +1,9 @@
 """The chunk cache's reads from the real server (cache/chunks.py), seen
 through a proxy: a download's plaintext reaches its reader before the
 download's cache file is written, a read of the same chunk meanwhile waits
-for that file instead of downloading it again, the cache stops only after
-the files it was writing, and a file that cannot be written costs the
-reader nothing."""
+for that file instead of downloading it again, a store of the same content
+shares that file, the cache stops only after the files it was writing, and
+a file that cannot be written costs the reader nothing."""
 
 from __future__ import annotations
 
@@ -175,3 +175,33 @@ async def test_a_download_whose_file_cannot_be_written_is_read_all_the_same(
         assert len(proxy.find(path=CHUNK_REQUESTS)) == 3
         assert cache.statistics()["disk_chunks"] == 2
         assert open_chunk(KEYS, first, _file(tmp_path, first).read_bytes()) == first_data
+
+
+async def test_a_store_of_a_chunk_whose_download_is_being_written_shares_its_file(
+    alice: User, proxy: Proxy, tmp_path: Path
+) -> None:
+    """Saving content the cache is writing from a download (a file copied
+    as soon as it was read): the store waits for that write, writes no
+    file of its own, and has nothing to upload (the server has it)."""
+    [(secret, data)] = await _stored(alice, 1)
+    async with _cache(alice, proxy, tmp_path) as cache:
+        async with trio.open_nursery() as nursery:
+            await nursery.start(cache.run)
+            with trio.fail_after(2 * WATCHDOG):
+                assert await cache.read(secret) == data
+                stored: list[tuple[bytes, bytes, bool]] = []
+
+                async def store() -> None:
+                    stored.append(await cache.store(data))
+
+                nursery.start_soon(store)
+                await trio.testing.wait_all_tasks_blocked()
+                assert not stored and not cache.gate.is_set()
+                cache.gate.set()
+                while not stored:
+                    await trio.sleep(0.01)
+            nursery.cancel_scope.cancel()
+        assert stored == [(secret, KEYS.chunk_id(secret), False)]
+        assert cache.statistics()["disk_chunks"] == 1
+        assert not cache.dirty_ids
+        assert open_chunk(KEYS, secret, _file(tmp_path, secret).read_bytes()) == data

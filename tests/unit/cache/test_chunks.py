@@ -73,7 +73,7 @@ async def test_one_content_stored_twice_at_once_is_written_once(cache: HeldWrite
         results.append(await cache.store(data))
 
     def second_store_waits() -> bool:
-        return any(done.statistics().tasks_waiting for done in cache._storing.values())
+        return any(done.statistics().tasks_waiting for done in cache._writing.values())
 
     async with trio.open_nursery() as nursery:
         nursery.start_soon(store)
