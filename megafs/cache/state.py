@@ -49,6 +49,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import logging
+import math
 import os
 import sqlite3
 import threading
@@ -70,6 +71,16 @@ __all__ = ["JournalEntry", "LocalState", "journal_left"]
 log = logging.getLogger(__name__)
 
 _T = TypeVar("_T")
+
+#: How much of the database's files ``LocalState.warm_up`` reads at most.
+WARM_UP_BYTES = 256 << 20
+#: How many nodes ``cached_children`` reads ahead at most (about 1.3 KiB
+#: each); twice as many (counting each folder as one more) are kept.
+AHEAD_NODES = 2048
+#: Seconds after a write of the kept nodes during which nothing is read
+#: ahead: while files are written, our commits land every few tens of
+#: milliseconds, and each would drop what was read before a walk got to it.
+AHEAD_QUIET = 1.0
 _SCHEMA_VERSION = b"1"
 
 _SCHEMA = """
@@ -141,6 +152,21 @@ class LocalState:
         #: Folders created here that the feed named a child of before their
         #: creation was known to have landed: not current when it has.
         self._raced_folders: set[bytes] = set()
+        #: Current listings read ahead with a folder's own (see
+        #: ``cached_children``), by folder id, until asked for or until any
+        #: write of the kept nodes (``_write_nodes``) drops them all.
+        self._ahead: dict[bytes, list[RemoteNode]] = {}
+        self._ahead_nodes = 0
+        #: Current folders the last read ahead found but had no room for
+        #: (a stack: the next read goes on from its top).
+        self._frontier: dict[bytes, None] = {}
+        #: Set when the read ahead under way ends.
+        self._reading: trio.Event | None = None
+        #: Moved on by every write of the kept nodes, as it starts and as it
+        #: ends: a read ahead that saw it change may hold rows from before.
+        self._nodes_generation = 0
+        #: When the last one ended (trio's clock).
+        self._nodes_written = -math.inf
 
     @classmethod
     async def open(cls, path: Path) -> LocalState:
@@ -212,6 +238,48 @@ class LocalState:
 
         with local_disk(self._path.parent):
             return await trio.to_thread.run_sync(work, limiter=self._read_limiter)
+
+    async def warm_up(self) -> None:
+        """Read the database's files once, in order, so that the page cache
+        holds them. A walk of the tree (a first ``git status`` after a
+        reboot) lists folder after folder from here, and each listing's rows
+        lie anywhere in the file: read from a cold disk, page by page, they
+        cost several times what the walk does with them (docs/performance.md
+        §5). Reads at most ``WARM_UP_BYTES``; a failure is only logged."""
+
+        def read() -> None:
+            block = bytearray(1 << 20)
+            left = WARM_UP_BYTES
+            for path in (self._path, self._path.with_name(self._path.name + "-wal")):
+                with contextlib.suppress(FileNotFoundError), open(path, "rb", buffering=0) as f:
+                    while left > 0 and (n := f.readinto(block)):
+                        left -= n
+
+        try:
+            await trio.to_thread.run_sync(read, abandon_on_cancel=True)
+        except OSError as exc:
+            log.warning("could not read the local state ahead: %s", exc)
+
+    async def _write_nodes(self, fn: Callable[[], bool]) -> None:
+        """Run ``fn`` in the database's thread: a write of ``nodes``,
+        ``listed``, ``current`` or the cursor, which returns whether it
+        changed what a current listing holds. Every such write goes through
+        here, so that what ``cached_children`` read ahead is never older
+        than the rows: a read under way as it runs keeps nothing ahead (its
+        snapshot may be from before), and once it changed something, all
+        that was read ahead goes. (Until then, a listing read ahead is what
+        a read queued behind the write would have seen a moment earlier.)"""
+        self._nodes_generation += 1
+        changed = True
+        try:
+            changed = await self._run(fn)
+        finally:
+            self._nodes_generation += 1
+            if changed:
+                self._nodes_written = trio.current_time()
+                self._ahead.clear()
+                self._ahead_nodes = 0
+                self._frontier.clear()
 
     def _fold(self) -> None:
         """Apply what the log holds in one transaction (database thread)."""
@@ -362,13 +430,14 @@ class LocalState:
         """The feed lost track (or never had it): no listing is current any
         more; follow the feed from ``cursor``."""
 
-        def q() -> None:
+        def q() -> bool:
             with _transaction(self._conn()) as db:
                 db.execute("DELETE FROM current")
                 _set_cursor(db, cursor)
             self.cursor = cursor
+            return True
 
-        await self._run(q)
+        await self._write_nodes(q)
 
     async def apply_changes(self, changes: list[Change], cursor: int) -> None:
         """A page of the change feed, up to ``cursor``. A deletion removes
@@ -379,7 +448,8 @@ class LocalState:
         of ours pending is settled when ours lands or is dropped: it may be
         our own, come back before the answer to our commit did."""
 
-        def q() -> None:
+        def q() -> bool:
+            changed = False
             with _transaction(self._conn()) as db:
                 for change in changes:
                     ours = db.execute(
@@ -390,6 +460,7 @@ class LocalState:
                     if change.deleted:
                         db.execute("DELETE FROM nodes WHERE id = ?", (change.id,))
                         db.execute("DELETE FROM current WHERE id = ?", (change.id,))
+                        changed = True
                         continue
                     if ours is not None:
                         seen = self._raced.get(change.id)
@@ -403,11 +474,16 @@ class LocalState:
                         continue  # a state this database already holds
                     db.execute("DELETE FROM nodes WHERE id = ?", (change.id,))
                     _not_current(db, change.parent, None if row is None else row[0])
+                    changed = True
                 if self.cursor is None or cursor > self.cursor:
                     _set_cursor(db, cursor)
                     self.cursor = cursor
+            # (Only the cursor moved: the current listings are as exact at
+            # the new one, which is what our own commits coming back and a
+            # page with no change do.)
+            return changed
 
-        await self._run(q)
+        await self._write_nodes(q)
 
     async def save_listing(
         self, folder_id: bytes, nodes: list[RemoteNode], *, at: int | None
@@ -419,7 +495,7 @@ class LocalState:
         already hold it (this is the common case on a mount's first
         listings, and the write costs ten times the check)."""
 
-        def q() -> None:
+        def q() -> bool:
             db = self._conn()
             fresh = at is not None and at == self.cursor
             same = False
@@ -441,27 +517,36 @@ class LocalState:
                     else "DELETE FROM current WHERE id = ?",
                     (folder_id,),
                 )
+            # (Made current, the same rows: what was read ahead stands; the
+            # folder's own listing was not, as it was not current.)
+            return not (same and fresh)
 
-        await self._run(q)
+        await self._write_nodes(q)
 
     async def save_node(self, node: RemoteNode, *, at: int | None) -> None:
         """A node's state from the server, asked for when the cursor was
         ``at`` (kept unless the row holds this version or a newer one)."""
 
-        def q() -> None:
+        def q() -> bool:
             with _transaction(self._conn()) as db:
                 row = db.execute("SELECT version FROM nodes WHERE id = ?", (node.id,)).fetchone()
                 if row is not None and row[0] >= node.version:
-                    return
+                    return False
                 if at is None or at != self.cursor:
                     _not_current(db, node.parent, _parent_of(db, node.id))
                 db.execute(_SAVE_NODE, _node_row(node))
+            return True
 
-        await self._run(q)
+        await self._write_nodes(q)
 
     async def drop_node(self, node_id: bytes) -> None:
         """The node is gone from the server (deletions are final)."""
-        await self._run(lambda: self._conn().execute("DELETE FROM nodes WHERE id = ?", (node_id,)))
+
+        def q() -> bool:
+            self._conn().execute("DELETE FROM nodes WHERE id = ?", (node_id,))
+            return True
+
+        await self._write_nodes(q)
 
     async def cached_node(self, node_id: bytes) -> RemoteNode | None:
         def q(db: sqlite3.Connection) -> RemoteNode | None:
@@ -474,16 +559,56 @@ class LocalState:
         self, folder_id: bytes, *, current: bool = False
     ) -> list[RemoteNode] | None:
         """The folder's children as last listed, or None if it never was
-        (``current``: or if that listing is not the server's at ``cursor``)."""
+        (``current``: or if that listing is not the server's at ``cursor``).
 
-        def q(db: sqlite3.Connection) -> list[RemoteNode] | None:
-            table = "current" if current else "listed"
-            if db.execute(f"SELECT 1 FROM {table} WHERE id = ?", (folder_id,)).fetchone() is None:
-                return None
-            rows = db.execute(f"{_NODE_SELECT} WHERE parent = ?", (folder_id,))
-            return [_node_from_row(r) for r in rows]
+        A current listing is read with those of the current folders below
+        it, depth first, up to ``AHEAD_NODES`` nodes, which are kept until
+        asked for: a walk of the tree (``git status``, ``find``, a file
+        manager's) asks for them next, and one read of many listings spares
+        the thread hop and transaction per folder that are most of what a
+        small listing costs (docs/performance.md §5)."""
+        if not current:
+            return await self._read(lambda db: _listed_children(db, folder_id))
+        # A folder asked for while a read ahead is under way is often in it.
+        while (ahead := self._take_ahead(folder_id)) is None and self._reading is not None:
+            await self._reading.wait()
+        if ahead is not None:
+            return ahead
+        if folder_id in self._frontier:
+            # The walk reached what the last read had no room for: this read
+            # goes on with the rest of it.
+            del self._frontier[folder_id]
+            then, kept = list(self._frontier), []
+        else:
+            # It went elsewhere: this read starts there, and what was left
+            # stays for later.
+            then, kept = [], list(self._frontier)
+        quiet = trio.current_time() - self._nodes_written >= AHEAD_QUIET
+        room = AHEAD_NODES if quiet else 0
+        generation = self._nodes_generation
+        done = self._reading = trio.Event()
+        try:
+            children, ahead_now, frontier = await self._read(
+                lambda db: _children_and_ahead(db, folder_id, then, room)
+            )
+        finally:
+            self._reading = None
+            done.set()
+        if generation == self._nodes_generation:
+            for folder, listing in ahead_now.items():
+                self._take_ahead(folder)
+                self._ahead[folder] = listing
+                self._ahead_nodes += len(listing) + 1
+            while self._ahead_nodes > 2 * AHEAD_NODES:
+                self._take_ahead(next(iter(self._ahead)))  # the oldest
+            self._frontier = dict.fromkeys((kept + frontier)[-AHEAD_NODES:])
+        return children
 
-        return await self._read(q)
+    def _take_ahead(self, folder_id: bytes) -> list[RemoteNode] | None:
+        listing = self._ahead.pop(folder_id, None)
+        if listing is not None:
+            self._ahead_nodes -= len(listing) + 1
+        return listing
 
     # -- journal -------------------------------------------------------------
 
@@ -548,7 +673,7 @@ class LocalState:
         on the version just committed; keep what landed as the server's
         state of the node. One transaction for a whole batch."""
 
-        def q() -> None:
+        def q() -> bool:
             with _transaction(self._conn()) as db:
                 for node_id, seq, version in done:
                     if version == 1:
@@ -582,8 +707,9 @@ class LocalState:
                             (version, node_id, seq),
                         )
                 _drop_entries(db, done)
+            return bool(done)
 
-        await self._run(q)
+        await self._write_nodes(q)
 
     async def forget_entry(self, node_id: bytes, seq: int) -> None:
         """Drop the journal entry of a node that never reached the server
@@ -601,7 +727,7 @@ class LocalState:
         node's row and the folders it was in stop being trusted: the feed or
         a listing brings the other device's state."""
 
-        def q() -> None:
+        def q() -> bool:
             with _transaction(self._conn()) as db:
                 for node_id, _, _ in dropped:
                     raced = self._raced.pop(node_id, None)
@@ -609,8 +735,9 @@ class LocalState:
                     _not_current(db, _parent_of(db, node_id), None if raced is None else raced[1])
                     db.execute("DELETE FROM nodes WHERE id = ?", (node_id,))
                 _drop_entries(db, dropped)
+            return bool(dropped)
 
-        await self._run(q)
+        await self._write_nodes(q)
 
 
 def _drop_entries(db: sqlite3.Connection, done: list[tuple[bytes, int, int]]) -> None:
@@ -628,6 +755,51 @@ def _drop_entries(db: sqlite3.Connection, done: list[tuple[bytes, int, int]]) ->
 
 def _set_cursor(db: sqlite3.Connection, cursor: int) -> None:
     db.execute("INSERT OR REPLACE INTO meta VALUES ('cursor', ?)", (str(cursor).encode(),))
+
+
+def _listed_children(db: sqlite3.Connection, folder_id: bytes) -> list[RemoteNode] | None:
+    if db.execute("SELECT 1 FROM listed WHERE id = ?", (folder_id,)).fetchone() is None:
+        return None
+    return [_node_from_row(r) for r in db.execute(f"{_NODE_SELECT} WHERE parent = ?", (folder_id,))]
+
+
+def _children_and_ahead(
+    db: sqlite3.Connection, folder_id: bytes, then: list[bytes], room: int
+) -> tuple[list[RemoteNode] | None, dict[bytes, list[RemoteNode]], list[bytes]]:
+    """The folder's current listing; those of the current folders below it,
+    depth first, then of the folders in ``then`` (a stack), up to ``room``
+    nodes in all; and the folders left to read (see
+    ``LocalState.cached_children``)."""
+    if db.execute("SELECT 1 FROM current WHERE id = ?", (folder_id,)).fetchone() is None:
+        return None, {}, []
+    children, below = _listing_and_folders(db, folder_id, -1)
+    stack = then + below
+    ahead: dict[bytes, list[RemoteNode]] = {}
+    while stack and room > 0:
+        folder = stack.pop()
+        # One row past the room left tells a listing too big to keep.
+        listing, folders = _listing_and_folders(db, folder, room + 1)
+        if len(listing) > room:
+            stack.append(folder)
+            break
+        ahead[folder] = listing
+        room -= len(listing)
+        stack += folders
+    return children, ahead, stack
+
+
+def _listing_and_folders(
+    db: sqlite3.Connection, folder_id: bytes, limit: int
+) -> tuple[list[RemoteNode], list[bytes]]:
+    """Up to ``limit`` (-1: all) of the folder's kept nodes, and the ids of
+    those of them that are current folders."""
+    listing: list[RemoteNode] = []
+    folders: list[bytes] = []
+    for row in db.execute(_AHEAD_SELECT, (folder_id, limit)):
+        listing.append(_node_from_row(row[:-1]))
+        if row[-1]:
+            folders.append(listing[-1].id)
+    return listing, folders
 
 
 def _parent_of(db: sqlite3.Connection, node_id: bytes) -> bytes | None:
@@ -650,6 +822,13 @@ def _not_current(db: sqlite3.Connection, *folders: bytes | None) -> None:
 
 
 _NODE_SELECT = "SELECT id, parent, version, meta, content, content_size FROM nodes"
+#: A folder's kept nodes, each with whether it is a current folder (only files
+#: have content, docs/format.md §13; LIMIT -1: all).
+_AHEAD_SELECT = (
+    "SELECT n.id, n.parent, n.version, n.meta, n.content, n.content_size, "
+    "c.id IS NOT NULL AND n.content IS NULL "
+    "FROM nodes n LEFT JOIN current c ON c.id = n.id WHERE n.parent = ? LIMIT ?"
+)
 _SAVE_NODE = "INSERT OR REPLACE INTO nodes VALUES (?, ?, ?, ?, ?, ?)"
 
 

@@ -125,6 +125,7 @@ async def run_mount(
             )
             await _serve(
                 ops,
+                state,
                 chunks,
                 sealer,
                 uploader,
@@ -140,6 +141,7 @@ async def run_mount(
 
 async def _serve(
     ops: Operations,
+    state: LocalState,
     chunks: ChunkCache,
     sealer: Sealer,
     uploader: Uploader,
@@ -169,6 +171,7 @@ async def _serve(
             await nursery.start(follower.run)  # other devices' changes
             nursery.start_soon(_flusher, ops)
             nursery.start_soon(trim_periodically)
+            nursery.start_soon(state.warm_up)
             nursery.start_soon(widen_read_ahead, mountpoint)
             signals = _Signals()
             nursery.start_soon(signals.run)

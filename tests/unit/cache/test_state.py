@@ -6,9 +6,14 @@ change feed has said nothing it does not already hold."""
 from __future__ import annotations
 
 import os
+import sqlite3
 from pathlib import Path
 
+import pytest
+import trio
+
 from megafs.cache import JournalEntry, LocalState
+from megafs.cache import state as state_module
 from megafs.remote.responses import Change, RemoteNode
 
 FOLDER = bytes(16)
@@ -210,3 +215,159 @@ async def test_what_this_device_commits_is_current_unless_the_feed_raced_it(
         assert await state.load_journal() == []
     finally:
         await state.aclose()
+
+
+def _folder(node_id: bytes, parent: bytes) -> RemoteNode:
+    """A folder's row: only files have content (docs/format.md §13)."""
+    return RemoteNode(
+        id=node_id, parent=parent, version=1, meta=os.urandom(40), content=None, content_size=0
+    )
+
+
+def _ids(n: int, first: int) -> list[bytes]:
+    return [bytes([first + i]) * 16 for i in range(n)]
+
+
+async def _tree(state: LocalState) -> tuple[list[bytes], bytes, dict[bytes, list[bytes]]]:
+    """FOLDER holding three folders (the first with one folder in it), each
+    with two files; every listing current. Returns the three folders, the
+    one below the first, and each folder's children."""
+    s1, s2, s3 = _ids(3, 20)
+    below = bytes([30]) * 16
+    listings: dict[bytes, list[RemoteNode]] = {
+        FOLDER: [_folder(s, FOLDER) for s in (s1, s2, s3)],
+        s1: [_folder(below, s1), *(_node(i, 1, parent=s1) for i in _ids(2, 40))],
+        s2: [_node(i, 1, parent=s2) for i in _ids(2, 50)],
+        s3: [_node(i, 1, parent=s3) for i in _ids(2, 60)],
+        below: [_node(i, 1, parent=below) for i in _ids(2, 70)],
+    }
+    await state.reset_cursor(10)
+    for folder, listing in listings.items():
+        await state.save_listing(folder, listing, at=10)
+    return [s1, s2, s3], below, {f: sorted(n.id for n in v) for f, v in listings.items()}
+
+
+def _delete_rows(path: Path, *folders: bytes) -> None:
+    """Take folders' rows away behind the state's back (only a test does:
+    the daemon alone writes its database), to tell which listings it holds
+    in memory."""
+    db = sqlite3.connect(path)
+    with db:
+        db.executemany("DELETE FROM nodes WHERE parent = ?", [(f,) for f in folders])
+    db.close()
+
+
+@pytest.fixture
+def quiet(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Read ahead right after a write (the tests write their listings first)."""
+    monkeypatch.setattr(state_module, "AHEAD_QUIET", 0.0)
+
+
+@pytest.mark.usefixtures("quiet")
+async def test_a_walk_finds_the_listings_below_a_folder_read_with_it(tmp_path: Path) -> None:
+    path = tmp_path / "state.sqlite3"
+    state = await LocalState.open(path)
+    try:
+        (s1, s2, s3), below, children = await _tree(state)
+        assert await _current(state) == children[FOLDER]
+        # Every current listing below was read with it: answered from
+        # memory once, then from the database again.
+        _delete_rows(path, s1, s2, s3, below)
+        for folder in (below, s2, s1, s3):
+            assert await _current(state, folder) == children[folder]
+            assert await _current(state, folder) == []
+    finally:
+        await state.aclose()
+
+
+@pytest.mark.usefixtures("quiet")
+async def test_what_was_read_ahead_goes_with_any_write_of_the_kept_nodes(
+    tmp_path: Path,
+) -> None:
+    state = await LocalState.open(tmp_path / "state.sqlite3")
+    try:
+        (s1, s2, s3), below, children = await _tree(state)
+        assert await _current(state) == children[FOLDER]
+        # A node fetched on its own lands in a folder read ahead...
+        new = _node(bytes([90]) * 16, 1, parent=s2)
+        await state.save_node(new, at=10)
+        assert await _current(state, s2) == sorted([*children[s2], new.id])
+        # ...and the feed deletes one from another.
+        gone = children[s3][0]
+        assert await _current(state) == children[FOLDER]  # read ahead again
+        await state.apply_changes([Change(gone, s3, 2, 11, True)], 11)
+        assert await _current(state, s3) == children[s3][1:]
+        # A change the feed names makes a folder read ahead not current.
+        assert await _current(state) == children[FOLDER]
+        await state.apply_changes([Change(children[below][0], below, 2, 12, False)], 12)
+        assert await _current(state, below) is None
+        assert await _current(state, s1) == children[s1]
+    finally:
+        await state.aclose()
+
+
+@pytest.mark.usefixtures("quiet")
+async def test_a_walk_that_reaches_what_had_no_room_reads_on_from_there(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With room for three nodes, FOLDER's read keeps one folder (two files)
+    and leaves the other two; asking for one of those reads the other."""
+    monkeypatch.setattr(state_module, "AHEAD_NODES", 3)
+    path = tmp_path / "state.sqlite3"
+    state = await LocalState.open(path)
+    try:
+        folders, _, children = await _tree(state)
+        assert await _current(state) == children[FOLDER]
+        _delete_rows(path, *folders)
+        held = [f for f in folders if await _current(state, f) == children[f]]
+        assert len(held) == 1
+        # The same again, the rows back (the write drops all read ahead).
+        for folder in folders:
+            kept = [_node(i, 1, parent=folder) for i in children[folder]]
+            await state.save_listing(folder, kept, at=10)
+        assert await _current(state) == children[FOLDER]
+        # The walk reaches one of the two left: the other comes with it.
+        first, other = (f for f in folders if f not in held)
+        assert await _current(state, first) == children[first]
+        _delete_rows(path, other)
+        assert await _current(state, other) == children[other]
+    finally:
+        await state.aclose()
+
+
+async def test_nothing_is_read_ahead_for_a_while_after_a_write(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(state_module, "AHEAD_QUIET", 0.5)
+    path = tmp_path / "state.sqlite3"
+    state = await LocalState.open(path)
+    try:
+        (s1, s2, s3), _, children = await _tree(state)
+        assert await _current(state) == children[FOLDER]
+        _delete_rows(path, s1)
+        assert await _current(state, s1) == []  # not read ahead
+        await trio.sleep(0.5)
+        # A page of the feed with no change, a node fetched again at the
+        # version kept: no write of the nodes.
+        await state.apply_changes([], 10)
+        kept = await state.cached_node(s2)
+        assert kept is not None
+        await state.save_node(kept, at=10)
+        assert await _current(state) == children[FOLDER]
+        _delete_rows(path, s2, s3)
+        for folder in (s2, s3):
+            assert await _current(state, folder) == children[folder]
+    finally:
+        await state.aclose()
+
+
+async def test_reading_the_database_ahead_survives_a_failure(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    path = tmp_path / "state.sqlite3"
+    state = await LocalState.open(path)
+    await state.warm_up()
+    await state.aclose()
+    path.with_name(path.name + "-wal").mkdir()  # unreadable as a file
+    await state.warm_up()
+    assert any("could not read the local state ahead" in r.getMessage() for r in caplog.records)
