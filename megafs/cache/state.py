@@ -565,8 +565,8 @@ class LocalState:
         it, depth first, up to ``AHEAD_NODES`` nodes, which are kept until
         asked for: a walk of the tree (``git status``, ``find``, a file
         manager's) asks for them next, and one read of many listings spares
-        the thread hop and transaction per folder that are most of what a
-        small listing costs (docs/performance.md §5)."""
+        each folder a thread hop, a transaction and a wait for the event
+        loop, which cost far more than its rows (docs/performance.md §5)."""
         if not current:
             return await self._read(lambda db: _listed_children(db, folder_id))
         # A folder asked for while a read ahead is under way is often in it.
