@@ -153,19 +153,20 @@ class LocalState:
         #: creation was known to have landed: not current when it has.
         self._raced_folders: set[bytes] = set()
         #: Current listings read ahead with a folder's own (see
-        #: ``cached_children``), by folder id, until asked for or until any
-        #: write of the kept nodes (``_write_nodes``) drops them all.
+        #: ``cached_children``), by folder id, until asked for or until a
+        #: write that changes a listing (``_write_nodes``) drops them all.
         self._ahead: dict[bytes, list[RemoteNode]] = {}
         self._ahead_nodes = 0
         #: Current folders the last read ahead found but had no room for
-        #: (a stack: the next read goes on from its top).
+        #: (a stack: the next read goes on from its top), at most
+        #: ``AHEAD_NODES`` of them.
         self._frontier: dict[bytes, None] = {}
         #: Set when the read ahead under way ends.
         self._reading: trio.Event | None = None
         #: Moved on by every write of the kept nodes, as it starts and as it
         #: ends: a read ahead that saw it change may hold rows from before.
         self._nodes_generation = 0
-        #: When the last one ended (trio's clock).
+        #: When the last one that changed a listing ended (trio's clock).
         self._nodes_written = -math.inf
 
     @classmethod
@@ -568,7 +569,8 @@ class LocalState:
         each folder a thread hop, a transaction and a wait for the event
         loop, which cost far more than its rows (docs/performance.md §5)."""
         if not current:
-            return await self._read(lambda db: _listed_children(db, folder_id))
+            kept = await self._read(lambda db: _kept_listing(db, folder_id, "listed"))
+            return None if kept is None else kept[0]
         # A folder asked for while a read ahead is under way is often in it.
         while (ahead := self._take_ahead(folder_id)) is None and self._reading is not None:
             await self._reading.wait()
@@ -757,10 +759,14 @@ def _set_cursor(db: sqlite3.Connection, cursor: int) -> None:
     db.execute("INSERT OR REPLACE INTO meta VALUES ('cursor', ?)", (str(cursor).encode(),))
 
 
-def _listed_children(db: sqlite3.Connection, folder_id: bytes) -> list[RemoteNode] | None:
-    if db.execute("SELECT 1 FROM listed WHERE id = ?", (folder_id,)).fetchone() is None:
+def _kept_listing(
+    db: sqlite3.Connection, folder_id: bytes, table: str
+) -> tuple[list[RemoteNode], list[bytes]] | None:
+    """The folder's kept nodes and its current folders among them, if
+    ``table`` ("listed" or "current") names it."""
+    if db.execute(f"SELECT 1 FROM {table} WHERE id = ?", (folder_id,)).fetchone() is None:
         return None
-    return [_node_from_row(r) for r in db.execute(f"{_NODE_SELECT} WHERE parent = ?", (folder_id,))]
+    return _listing_and_folders(db, folder_id, -1)
 
 
 def _children_and_ahead(
@@ -770,9 +776,10 @@ def _children_and_ahead(
     depth first, then of the folders in ``then`` (a stack), up to ``room``
     nodes in all; and the folders left to read (see
     ``LocalState.cached_children``)."""
-    if db.execute("SELECT 1 FROM current WHERE id = ?", (folder_id,)).fetchone() is None:
+    kept = _kept_listing(db, folder_id, "current")
+    if kept is None:
         return None, {}, []
-    children, below = _listing_and_folders(db, folder_id, -1)
+    children, below = kept
     stack = then + below
     ahead: dict[bytes, list[RemoteNode]] = {}
     while stack and room > 0:
