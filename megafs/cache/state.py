@@ -567,7 +567,7 @@ class LocalState:
         asked for: a walk of the tree (``git status``, ``find``, a file
         manager's) asks for them next, and one read of many listings spares
         each folder a thread hop, a transaction and a wait for the event
-        loop, which cost far more than its rows (docs/performance.md §5)."""
+        loop (docs/performance.md §5)."""
         if not current:
             kept = await self._read(lambda db: _kept_listing(db, folder_id, "listed"))
             return None if kept is None else kept[0]
