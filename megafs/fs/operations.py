@@ -172,11 +172,17 @@ class Operations(pyfuse3.Operations):
         return self._attrs(inode)
 
     async def _child(self, parent: Inode, name: bytes) -> Inode:
+        inode = await self._child_or_none(parent, name)
+        if inode is None:
+            raise _fail(errno.ENOENT)
+        return inode
+
+    async def _child_or_none(self, parent: Inode, name: bytes) -> Inode | None:
         if parent.kind != Kind.DIR:
             raise _fail(errno.ENOTDIR)
         inode = (await self._tree.children(parent)).get(name)
-        if inode is None:
-            raise _fail(errno.ENAMETOOLONG if len(name) > 255 else errno.ENOENT)
+        if inode is None and len(name) > 255:
+            raise _fail(errno.ENAMETOOLONG)
         return inode
 
     async def _absent(self, parent: Inode, name: bytes) -> dict[bytes, Inode]:
@@ -200,7 +206,18 @@ class Operations(pyfuse3.Operations):
             return self._reply(parent)
         if name == b"..":
             return self._reply(parent.parent or parent)
-        return self._reply(await self._child(parent, name))
+        inode = await self._child_or_none(parent, name)
+        if inode is None:
+            # A negative entry the kernel keeps like a positive one: probes
+            # of a missing name (git's of an object before writing it, then
+            # its link to that name) stop reaching the daemon. A name that
+            # appears without the kernel's sight is invalidated as it does
+            # (the change feed, a conflicted copy: Tree._forget).
+            absent = pyfuse3.EntryAttributes()
+            absent.st_ino = 0
+            absent.entry_timeout = CACHE_TIMEOUT
+            return absent
+        return self._reply(inode)
 
     async def forget(self, inode_list: Any) -> None:
         for ino, count in inode_list:

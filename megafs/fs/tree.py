@@ -231,6 +231,9 @@ class Tree:
         self._by_id: dict[bytes, Inode] = {}
         #: What the kernel must forget after changes from other devices; a
         #: dedicated task (fs/follow.py) tells it, never a FUSE handler.
+        #: Every name added to a loaded folder other than by a request of
+        #: the kernel's (which sees it) must be sent here: the kernel keeps
+        #: missing names too (``Operations.lookup``), and would hide it.
         self._forget_send, self.forgotten = trio.open_memory_channel[Forget](math.inf)
 
     # -- loading ------------------------------------------------------------------

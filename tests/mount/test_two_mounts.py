@@ -87,7 +87,9 @@ def test_changes_on_one_device_show_on_the_other(devices: tuple[Drive, Drive]) -
     laptop, desktop = devices
     a, b = laptop.mnt, desktop.mnt
     # The desktop has looked at the root (its listing is cached in memory
-    # and in the kernel): what follows must still show there.
+    # and in the kernel): what follows must still show there. Each poll
+    # below looks up a name before it exists, which the kernel then keeps
+    # as missing: the name must be invalidated once the feed brings it.
     assert os.listdir(b) == []
     waits = []
 
