@@ -15,7 +15,9 @@ uploader.
 
 from __future__ import annotations
 
+import bisect
 import contextlib
+import itertools
 import logging
 import math
 import socket
@@ -70,6 +72,11 @@ OFFLINE_RETRY = 5.0
 #: (a chunk list always is), so a big tree of small files does not live in
 #: memory; a larger one is fetched again when needed.
 _KEEP_INLINE_MAX = 1024
+#: Files of one folder whose kept manifests one read of the local copy
+#: brings (``Tree._kept_content``), and twice that held at most; only in
+#: folders of at most ``KEPT_AHEAD_FOLDER`` entries (each read sorts them).
+KEPT_AHEAD = 256
+KEPT_AHEAD_FOLDER = 4096
 
 
 @dataclass(eq=False)
@@ -235,6 +242,9 @@ class Tree:
         #: the kernel's (which sees it) must be sent here: the kernel keeps
         #: missing names too (``Operations.lookup``), and would hide it.
         self._forget_send, self.forgotten = trio.open_memory_channel[Forget](math.inf)
+        #: Kept manifests read with another file's of the same folder, by
+        #: node id, until that file is opened (oldest first out).
+        self._kept_ahead: dict[bytes, RemoteNode] = {}
 
     # -- loading ------------------------------------------------------------------
 
@@ -619,12 +629,58 @@ class Tree:
     async def _kept_content(self, inode: Inode) -> bytes | None:
         """The sealed manifest the local copy keeps for the version of the
         node this mount shows (a version names one state of a node, so it
-        is the one that belongs to the record in memory), or None."""
+        is the one that belongs to the record in memory), or None.
+
+        A folder's files are opened one after another (``git add``,
+        ``grep -r``, a file manager's previews), and each manifest not in
+        memory (a small file's, which holds its bytes) cost a thread hop
+        and a read transaction of its own: 0.55 ms at the median while git
+        wrote objects. So a read brings those of up to ``KEPT_AHEAD`` files
+        of the folder whose manifests are in no memory either, kept until
+        they are opened; what a change made stale since fails the version
+        check and is read again."""
         version = self._uploader.known_version(inode.id)
-        kept = await self._state.cached_node(inode.id) if version else None
+        if not version:
+            return None
+        kept = self._kept_ahead.pop(inode.id, None)
+        if kept is None or kept.version != version:
+            found = await self._state.cached_nodes([inode.id, *self._unread_siblings(inode)])
+            kept = found.pop(inode.id, None)
+            self._kept_ahead.update((i, n) for i, n in found.items() if n.content is not None)
+            while len(self._kept_ahead) > 2 * KEPT_AHEAD:
+                del self._kept_ahead[next(iter(self._kept_ahead))]
         if kept is None or kept.version != version:
             return None
         return kept.content  # (None: a listing leaves out big manifests)
+
+    def _unread_siblings(self, inode: Inode) -> list[bytes]:
+        """Ids of up to ``KEPT_AHEAD`` - 1 other files of the node's folder,
+        those named after it first (the order of ``ls``, of git's index, of
+        a file manager), then from the start, whose manifests would come
+        from the local copy and are not read ahead yet."""
+        folder = inode.parent
+        children = folder.children if folder is not None else None
+        if children is None or len(children) > KEPT_AHEAD_FOLDER:
+            return []
+        ids: list[bytes] = []
+        names = sorted(children)
+        start = bisect.bisect_right(names, inode.record.name)
+        for name in itertools.chain(names[start:], names[:start]):
+            if len(ids) == KEPT_AHEAD - 1:
+                break
+            child = children[name]
+            if (
+                child.kind == Kind.FILE
+                and child is not inode
+                and child.content is None
+                and child.sealed_content is None
+                and child.listed_content is None
+                and child.id not in self._kept_ahead
+                and self._uploader.known_version(child.id)
+                and self._uploader.pending(child.id) is None
+            ):
+                ids.append(child.id)
+        return ids
 
     def _adopt_record(self, inode: Inode, node: RemoteNode) -> None:
         """A file's content fetched from the server belongs to the record

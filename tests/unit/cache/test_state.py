@@ -371,3 +371,21 @@ async def test_reading_the_database_ahead_survives_a_failure(
     path.with_name(path.name + "-wal").mkdir()  # unreadable as a file
     await state.warm_up()
     assert any("could not read the local state ahead" in r.getMessage() for r in caplog.records)
+
+
+async def test_kept_nodes_are_read_many_at_once(tmp_path: Path) -> None:
+    state = await LocalState.open(tmp_path / "state.sqlite3")
+    try:
+        kept = [_node(bytes([i]) * 16, i) for i in range(1, 6)]
+        await state.save_listing(FOLDER, kept, at=None)
+        missing = bytes([42]) * 16
+        found = await state.cached_nodes([n.id for n in kept[1:4]] + [missing])
+        assert {i: (n.version, n.meta, n.content) for i, n in found.items()} == {
+            n.id: (n.version, n.meta, n.content) for n in kept[1:4]
+        }
+        assert await state.cached_nodes([]) == {}
+        assert await state.cached_node(missing) is None
+        one = await state.cached_node(kept[0].id)
+        assert one is not None and (one.version, one.content) == (1, kept[0].content)
+    finally:
+        await state.aclose()
