@@ -502,9 +502,12 @@ class RemoteClient:
         answer = await self._json("POST", "/chunks/batch", raw=body)
         parse_sizes(answer, [len(data) for _, data in chunks])
 
-    async def get_chunk(self, chunk_id: bytes) -> bytes | bytearray:
-        """A chunk's sealed bytes, in the buffer they were received into."""
-        return await self._call("GET", f"/chunks/{_chunk_hex(chunk_id)}", cap=MAX_CHUNK_BYTES)
+    async def get_chunk(self, chunk_id: bytes) -> bytes | bytearray | memoryview:
+        """A chunk's sealed bytes, in the buffer they were received into
+        (perhaps a view of a reused one: ``Transport.request``)."""
+        return await self._call(
+            "GET", f"/chunks/{_chunk_hex(chunk_id)}", cap=MAX_CHUNK_BYTES, pooled=True
+        )
 
     async def get_chunks(self, chunk_ids: Sequence[bytes]) -> dict[bytes, memoryview]:
         """The sealed bytes of up to ``MAX_FETCH_ITEMS`` chunks in one
@@ -520,6 +523,7 @@ class RemoteClient:
             raw=body,
             content_type="application/json",
             cap=len(chunk_ids) * (CHUNK_BATCH_HEADER + MAX_CHUNK_BYTES),
+            pooled=True,
         )
         return parse_fetched(answer, list(chunk_ids))
 
@@ -570,9 +574,11 @@ class RemoteClient:
         auth: bool = True,
         cap: int = MAX_JSON_BYTES,
         wait: float = 0,
-    ) -> bytes | bytearray:
+        pooled: bool = False,
+    ) -> bytes | bytearray | memoryview:
         """One request, retried while it fails transiently; returns the body
-        of a 2xx answer or raises. ``wait``: see :meth:`_json`."""
+        of a 2xx answer or raises. ``wait``: see :meth:`_json`; ``pooled``:
+        the body is taken as raw bytes (``Transport.request``)."""
         headers: list[tuple[bytes, bytes]] = []
         if auth:
             if self.token is None and self.login_on_demand is not None:
@@ -591,7 +597,7 @@ class RemoteClient:
         if wait:
             timeouts = replace(timeouts, read=timeouts.read + wait)
         what = f"{method} {path}"
-        attempt = partial(self._attempt, what, method, target, headers, raw, cap, timeouts)
+        attempt = partial(self._attempt, what, method, target, headers, raw, cap, timeouts, pooled)
         return await retrying(attempt, retries=self._retries, what=what)
 
     async def _attempt(
@@ -603,7 +609,8 @@ class RemoteClient:
         raw: bytes | None,
         cap: int,
         timeouts: Timeouts,
-    ) -> bytes | bytearray:
+        pooled: bool,
+    ) -> bytes | bytearray | memoryview:
         started = trio.current_time()
         try:
             response = await self._transport.request(
@@ -614,6 +621,7 @@ class RemoteClient:
                 timeouts=timeouts,
                 body_cap=cap,
                 error_cap=_ERROR_BODY_MAX,
+                pooled=pooled,
             )
         except BodyTooLarge as exc:
             if 200 <= exc.status < 300:

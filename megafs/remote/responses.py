@@ -374,7 +374,9 @@ def parse_sizes(value: Any, sent: list[int]) -> None:
         raise _bad("chunks.sizes", "are not the sizes of the chunks sent")
 
 
-def parse_fetched(body: bytes | bytearray, asked: list[bytes]) -> dict[bytes, memoryview]:
+def parse_fetched(
+    body: bytes | bytearray | memoryview, asked: list[bytes]
+) -> dict[bytes, memoryview]:
     """A ``POST /chunks/fetch`` answer: chunk id -> its bytes (views of
     ``body``, not copies), for each asked id the server has. The chunks
     come framed as in an upload batch, each at most once and in the order

@@ -12,6 +12,10 @@ straight into one buffer of its size; anything else (chunked, or ended by
 the connection's close, as a proxy might answer) goes through h11's
 events.
 
+A large answer the caller takes as raw bytes (a chunk, a fetch of a
+few) is received into a buffer of :class:`ReceiveBuffers`, reused once
+nothing views it any more.
+
 Idle connections are kept for :data:`KEEPALIVE_SECONDS` (shorter than the
 server keeps them, ``megafs.server.run.KEEP_ALIVE_SECONDS``, so the server
 never closes one under a request) and are not reused once they turned
@@ -21,6 +25,7 @@ readable: the server closed them, or sent something unasked.
 from __future__ import annotations
 
 import ssl
+import sys
 from dataclasses import dataclass
 
 import h11
@@ -28,6 +33,7 @@ import trio
 
 __all__ = [
     "BodyTooLarge",
+    "ReceiveBuffers",
     "Response",
     "Timeouts",
     "Transport",
@@ -45,6 +51,12 @@ MAX_IDLE = 20
 _RECEIVE_BYTES = 64 * 1024
 #: A response head larger than this is refused (h11 checks it).
 _MAX_HEAD_BYTES = 64 * 1024
+#: A pooled answer (``request(pooled=True)``) of fewer bytes gets a
+#: buffer of its own: glibc serves such sizes from its heaps anyway.
+_POOLED_MIN = 1024 * 1024
+#: Pooled buffers are sized in steps of this many bytes, so that answers
+#: of about the same size (four chunks and their framing) share them.
+_POOLED_STEP = 64 * 1024
 
 
 class TransportError(Exception):
@@ -86,8 +98,50 @@ class Response:
     status: int
     headers: dict[bytes, bytes]
     #: A body of announced length is the buffer it was received into (a
-    #: 1 MiB chunk is not copied again); others are bytes.
-    body: bytes | bytearray
+    #: 1 MiB chunk is not copied again): a view of a reused one for a
+    #: large pooled answer, else a bytearray; others are bytes.
+    body: bytes | bytearray | memoryview
+
+
+class ReceiveBuffers:
+    """Buffers for large answers, reused once no view of them is left.
+
+    A cold read receives its chunks about 4 MiB per answer. Each in a new
+    buffer, that is memory glibc maps afresh (or grows its heap into
+    again), and zero-filling it faulted in every page: 99 % of the
+    daemon's page faults during a cold read (docs/performance.md, §6).
+    These buffers stay mapped instead. Each is handed out only as a
+    memoryview, and the views of an answer travel on (a fetch's chunks go
+    to their readers, to decryption in a worker thread, to the cache file
+    written behind the reader); whoever holds one keeps the buffer from
+    being reused, because every view holds a reference to it. So a buffer
+    referenced by this pool alone is free. At most ``count`` are kept; when
+    all of them are in use, an answer gets a buffer of its own, as before.
+    Used from the event-loop thread only.
+    """
+
+    def __init__(self, count: int = 4) -> None:
+        self._count = count
+        self._buffers: list[bytearray] = []
+
+    def take(self, size: int) -> memoryview:
+        """A writable view of ``size`` bytes (their content is whatever
+        the buffer held before)."""
+        smallest: bytearray | None = None
+        for buffer in self._buffers:
+            # Three references: the list, ``buffer`` and getrefcount's own.
+            if sys.getrefcount(buffer) == 3:
+                if len(buffer) >= size:
+                    return memoryview(buffer)[:size]
+                if smallest is None or len(buffer) < len(smallest):
+                    smallest = buffer
+        fresh = bytearray(-(-size // _POOLED_STEP) * _POOLED_STEP)
+        if len(self._buffers) < self._count:
+            self._buffers.append(fresh)
+        elif smallest is not None:
+            # Free but too small: a larger one takes its place.
+            self._buffers[self._buffers.index(smallest)] = fresh
+        return memoryview(fresh)[:size]
 
 
 class _Connection:
@@ -146,6 +200,7 @@ class Transport:
         self._slots = trio.Semaphore(max_connections)
         self._idle: list[_Connection] = []
         self._closed = False
+        self._buffers = ReceiveBuffers()
 
     async def request(
         self,
@@ -157,11 +212,16 @@ class Transport:
         timeouts: Timeouts,
         body_cap: int,
         error_cap: int,
+        pooled: bool = False,
     ) -> Response:
         """Send one request and read its whole answer. A 2xx body may have
         ``body_cap`` bytes, any other ``error_cap``; a larger one raises
         BodyTooLarge. Raises TransportError (TransportTimeout) when the
-        exchange fails."""
+        exchange fails.
+
+        ``pooled``: the caller takes a 2xx body as raw bytes, so a large
+        one may be a view of a reused buffer (:class:`ReceiveBuffers`),
+        valid for as long as the caller keeps it."""
         if self._closed:
             raise TransportError("the client is closed")
         h = h11.Connection(h11.CLIENT, max_incomplete_event_size=_MAX_HEAD_BYTES)
@@ -180,7 +240,9 @@ class Transport:
         try:
             conn = self._take_idle() or await self._connect(timeouts.connect)
             try:
-                response, reusable = await self._exchange(conn, h, pieces, method, timeouts, caps)
+                response, reusable = await self._exchange(
+                    conn, h, pieces, method, timeouts, caps, pooled
+                )
             except BaseException:
                 await trio.aclose_forcefully(conn.stream)
                 raise
@@ -243,10 +305,12 @@ class Transport:
         method: bytes,
         timeouts: Timeouts,
         caps: tuple[int, int],
+        pooled: bool,
     ) -> tuple[Response, bool]:
         """Send the request ``h`` serialized into ``pieces`` on ``conn``
         and read its answer (``caps``: the most bytes of a 2xx body, and
-        of any other); also whether the connection may carry another."""
+        of any other; ``pooled``: see :meth:`request`); also whether the
+        connection may carry another."""
         try:
             try:
                 await self._send(conn, pieces, timeouts.write)
@@ -269,9 +333,15 @@ class Transport:
                 and method != b"HEAD"
                 and status not in (204, 304)
             ):
-                data, clean = await self._read_sized(
-                    conn, h, status, int(length), cap, timeouts.read
-                )
+                size = int(length)
+                if size > cap:
+                    raise BodyTooLarge(status, cap)
+                data: bytes | bytearray | memoryview
+                if pooled and 200 <= status < 300 and size >= _POOLED_MIN:
+                    data = self._buffers.take(size)
+                else:
+                    data = bytearray(size)
+                clean = await self._read_sized(conn, h, memoryview(data), timeouts.read)
                 reusable = clean and _keep_alive(event)
             else:
                 data = await self._read_events(conn, h, status, cap, timeouts.read)
@@ -327,15 +397,11 @@ class Transport:
 
     @staticmethod
     async def _read_sized(
-        conn: _Connection, h: h11.Connection, status: int, length: int, cap: int, timeout: float
-    ) -> tuple[bytearray, bool]:
-        """A body of ``length`` bytes (h11 checked it is a number),
-        received into one buffer, which is returned; also whether nothing
-        followed it (else the connection is not reused)."""
-        if length > cap:
-            raise BodyTooLarge(status, cap)
-        buffer = bytearray(length)
-        view = memoryview(buffer)
+        conn: _Connection, h: h11.Connection, view: memoryview, timeout: float
+    ) -> bool:
+        """Receive a body of announced length into ``view``; returns
+        whether nothing followed it (else the connection is not reused)."""
+        length = len(view)
         early, closed = h.trailing_data
         got = min(len(early), length)
         view[:got] = memoryview(early)[:got]
@@ -345,7 +411,7 @@ class Transport:
             if not n:
                 raise TransportError("the server closed the connection in the middle of an answer")
             got += n
-        return buffer, len(early) <= length and not closed
+        return len(early) <= length and not closed
 
     async def _read_events(
         self, conn: _Connection, h: h11.Connection, status: int, cap: int, timeout: float

@@ -32,7 +32,7 @@ from megafs.errors import (
 )
 from megafs.remote import DeleteNode, PutNode, RemoteClient
 from megafs.remote.transport import TransportError, TransportTimeout
-from megafs.wire import MAX_CHUNK_BYTES, b64e
+from megafs.wire import MAX_CHUNK_BYTES, b64e, frame_chunks
 from tests.helpers.server import ServerProcess
 from tests.integration.users import new_user
 
@@ -500,6 +500,25 @@ async def test_a_large_body_arrives_intact_in_small_pieces() -> None:
 
     async with hostile(trickle) as (url, _), RemoteClient(url, TOKEN, retries=0) as client:
         assert await client.get_chunk(CHUNK) == data
+
+
+async def test_chunks_still_held_are_not_overwritten_by_later_answers() -> None:
+    """Fetches of a few chunks land in reused buffers (``ReceiveBuffers``):
+    one is reused only once no chunk of its answer is held any more."""
+    ids = [bytes([n]) * 32 for n in (1, 2)]
+    sent = {n: [os.urandom(1 << 20), os.urandom(1 << 20)] for n in (1, 2, 3)}
+
+    def answer(n: int) -> bytes:
+        return http("200 OK", frame_chunks(zip(ids, sent[n], strict=True)))
+
+    async with keeping_alive(answer) as (url, _), RemoteClient(url, TOKEN, retries=0) as client:
+        first = await client.get_chunks(ids)
+        second = await client.get_chunks(ids)
+        assert [first[i] for i in ids] == sent[1]
+        assert [second[i] for i in ids] == sent[2]
+        del first, second
+        third = await client.get_chunks(ids)
+        assert [third[i] for i in ids] == sent[3]
 
 
 async def test_an_answer_sent_before_the_whole_request_was_read_is_reported() -> None:
