@@ -123,14 +123,14 @@ class ReceiveBuffers:
     def __init__(self, count: int = 4) -> None:
         self._count = count
         self._buffers: list[bytearray] = []
+        self._free_refs = _refs_held_by_list_alone()
 
     def take(self, size: int) -> memoryview:
         """A writable view of ``size`` bytes (their content is whatever
         the buffer held before)."""
         smallest: bytearray | None = None
         for buffer in self._buffers:
-            # Three references: the list, ``buffer`` and getrefcount's own.
-            if sys.getrefcount(buffer) == 3:
+            if sys.getrefcount(buffer) == self._free_refs:
                 if len(buffer) >= size:
                     return memoryview(buffer)[:size]
                 if smallest is None or len(buffer) < len(smallest):
@@ -142,6 +142,17 @@ class ReceiveBuffers:
             # Free but too small: a larger one takes its place.
             self._buffers[self._buffers.index(smallest)] = fresh
         return memoryview(fresh)[:size]
+
+
+def _refs_held_by_list_alone() -> int:
+    """The reference count ``ReceiveBuffers.take`` reads for a buffer only
+    its list holds, read the same way (the list, the loop's variable and
+    the call's argument on CPython 3.11; interpreters that skip counting
+    some of them read less, for a free buffer and a viewed one alike)."""
+    refs = 0
+    for buffer in [bytearray(1)]:
+        refs = sys.getrefcount(buffer)
+    return refs
 
 
 class _Connection:
