@@ -38,6 +38,7 @@ import errno
 import logging
 import math
 import os
+import sys
 from collections import OrderedDict
 from collections.abc import Callable
 from typing import NoReturn, TypeVar, cast
@@ -49,7 +50,7 @@ from megafs.cache.chunkfiles import chunk_path, write_chunk_file
 from megafs.cache.downloads import Downloads
 from megafs.cache.service import HeldNursery
 from megafs.cache.state import LOGGED_CHUNK, LocalState, local_disk
-from megafs.crypto import AccountKeys, SealedChunk, open_chunk, seal_chunk
+from megafs.crypto import CHUNK_SIZE, OVERHEAD, AccountKeys, SealedChunk, open_chunk, seal_chunk
 from megafs.crypto.chunks import PieceMarker, PieceMarks
 from megafs.errors import (
     IntegrityError,
@@ -89,6 +90,9 @@ KEEP_FREE_MAX = 512 << 20
 #: downloaded again), and a hot file of this size read at random decrypts
 #: each chunk once.
 PLAINTEXT_BYTES = 32 << 20
+#: Buffers of chunks that left the plaintext LRU kept to decrypt the next
+#: ones into: as many as decryptions run at once on two cores, and a spare.
+SPARE_PLAINTEXTS = 3
 #: Sealed bytes of new chunks kept in memory from their file's write until
 #: their upload, which then does not read the file back: a sequential
 #: writer's next few chunks.
@@ -121,6 +125,68 @@ class _Load:
         self.error: MegafsError | None = None
 
 
+class _Plaintexts(cachetools.LRUCache[bytes, bytes | bytearray]):
+    """The plaintext LRU, which also recycles the buffers of chunks it
+    decrypted.
+
+    A cold read decrypts one new 1 MiB chunk after another while the
+    oldest leave the LRU. Each in fresh memory, glibc maps or grows its
+    heaps anew and the kernel faults in and zeroes every page: three
+    quarters of the daemon's page faults during a cold read after the
+    receive buffers (docs/performance.md, §6). Instead a full chunk is
+    decrypted into a bytearray (:meth:`buffer`), and one that leaves the
+    LRU while nothing else references it is kept (at most
+    ``SPARE_PLAINTEXTS``) for the next. Readers see such a chunk only
+    through views (:func:`_readonly`), and every view holds a reference to
+    its buffer until the last one is gone, so a buffer a reader, a FUSE
+    reply or a worker thread still uses is never reused: it is left to
+    the allocator instead. Used from the event-loop thread only.
+    """
+
+    def __init__(self, maxsize: int) -> None:
+        super().__init__(maxsize=maxsize, getsizeof=len)
+        self._spares: list[bytearray] = []
+        self._free_refs = _refs_of_popped_alone()
+
+    def popitem(self) -> tuple[bytes, bytes | bytearray]:
+        """Evict the least recently used chunk (cachetools calls this, and
+        drops what it returns)."""
+        key, value = super().popitem()
+        if (
+            type(value) is bytearray
+            and len(value) == CHUNK_SIZE
+            and len(self._spares) < SPARE_PLAINTEXTS
+            and sys.getrefcount(value) == self._free_refs
+        ):
+            self._spares.append(value)
+        return key, value
+
+    def buffer(self) -> bytearray:
+        """A buffer to decrypt a full chunk into (its content is whatever
+        it held before)."""
+        return self._spares.pop() if self._spares else bytearray(CHUNK_SIZE)
+
+
+def _pop_pair() -> tuple[bytes, bytearray]:
+    return b"", bytearray(1)
+
+
+def _refs_of_popped_alone() -> int:
+    """The reference count :meth:`_Plaintexts.popitem` reads for a value
+    nothing else holds, read the same way (its variable and the call's
+    argument on CPython 3.11; an interpreter that skips counting some
+    references reads less for a free buffer and a viewed one alike)."""
+    _, value = _pop_pair()
+    return sys.getrefcount(value)
+
+
+def _readonly(plain: bytes | bytearray) -> bytes | memoryview:
+    """A chunk's plaintext as readers may hold it: a buffer the LRU may
+    recycle only as a read-only view, which keeps it from being reused
+    while it lives."""
+    return plain if isinstance(plain, bytes) else memoryview(plain).toreadonly()
+
+
 class ChunkCache(HeldNursery):
     """Shared by every open file of one mount. :meth:`run` (started by the
     daemon) keeps room on the cache's disk and holds the nursery where
@@ -147,9 +213,7 @@ class ChunkCache(HeldNursery):
         self._downloads = Downloads(remote)
         self._keys = keys
         self._limit = limit_bytes
-        self._plain: cachetools.LRUCache[bytes, bytes] = cachetools.LRUCache(
-            maxsize=memory_bytes, getsizeof=len
-        )
+        self._plain = _Plaintexts(memory_bytes)
         #: chunk id -> sealed size, least recently used first.
         self._index: OrderedDict[bytes, int] = OrderedDict()
         self._dirty: set[bytes] = set()
@@ -247,8 +311,9 @@ class ChunkCache(HeldNursery):
 
     # -- reading ------------------------------------------------------------
 
-    async def read(self, secret: bytes, *, mark: bool = False) -> bytes:
-        """The plaintext of the chunk ``secret`` names, verified.
+    async def read(self, secret: bytes, *, mark: bool = False) -> bytes | memoryview:
+        """The plaintext of the chunk ``secret`` names, verified (a read-only
+        view of a buffer the LRU recycles once no view of it is left).
 
         From the plaintext LRU if there (no copy, no second check: it was
         verified on its way in), else from the disk cache, else from the
@@ -270,7 +335,7 @@ class ChunkCache(HeldNursery):
         """
         plain = self._plain.get(secret)
         if plain is not None:
-            return plain
+            return _readonly(plain)
         chunk_id = self._keys.chunk_id(secret)
         while (pending := self._loads.get(chunk_id)) is not None:
             await pending.done.wait()
@@ -278,7 +343,7 @@ class ChunkCache(HeldNursery):
                 raise type(pending.error)(pending.error.detail) from pending.error
             plain = self._plain.get(secret)
             if plain is not None:
-                return plain
+                return _readonly(plain)
         load = self._loads[chunk_id] = _Load()
         try:
             plain = await self._load(secret, chunk_id, mark)
@@ -288,7 +353,7 @@ class ChunkCache(HeldNursery):
         finally:
             del self._loads[chunk_id]
             load.done.set()
-        return plain
+        return _readonly(plain)
 
     async def read_range(
         self, secret: bytes, start: int, n: int, length: int
@@ -318,7 +383,7 @@ class ChunkCache(HeldNursery):
             plain = await self.read(secret, mark=True)
         if len(plain) != length:
             raise IntegrityError()
-        return memoryview(plain)[start : start + n]
+        return memoryview(plain)[start : start + n].toreadonly()
 
     async def _read_piece(
         self, chunk_id: bytes, marks: PieceMarks, start: int, n: int
@@ -357,7 +422,7 @@ class ChunkCache(HeldNursery):
                     raise
         return await trio.to_thread.run_sync(read, 0, limiter=self._disk)
 
-    async def _load(self, secret: bytes, chunk_id: bytes, mark: bool) -> bytes:
+    async def _load(self, secret: bytes, chunk_id: bytes, mark: bool) -> bytes | bytearray:
         """Disk cache, else server; verified, and kept in the LRU (and
         marked, if ``mark``)."""
         while (writing := self._writing.get(chunk_id)) is not None:
@@ -451,12 +516,15 @@ class ChunkCache(HeldNursery):
 
     async def _open(
         self, secret: bytes, blob: bytes | bytearray | memoryview, mark: bytes | None = None
-    ) -> bytes:
+    ) -> bytes | bytearray:
         """Open a chunk; with ``mark`` (its id), also mark the pieces of
-        ``blob``, which is then its cache file's content."""
+        ``blob``, which is then its cache file's content. A full chunk is
+        decrypted into a buffer from the LRU (:class:`_Plaintexts`), which
+        is dropped if the chunk fails its checks."""
+        into = self._plain.buffer() if len(blob) == CHUNK_SIZE + OVERHEAD else None
 
-        def run() -> tuple[bytes, PieceMarks | None]:
-            plain = open_chunk(self._keys, secret, blob)
+        def run() -> tuple[bytes | bytearray, PieceMarks | None]:
+            plain = open_chunk(self._keys, secret, blob, into=into)
             return plain, None if mark is None else self._marker.mark(secret, blob)
 
         plain, marks = await self._in_crypto(len(blob), run)

@@ -173,9 +173,11 @@ class FileContent:
     def _chunk_length(self, index: int) -> int:
         return max(0, min(CHUNK_SIZE, self.size - index * CHUNK_SIZE))
 
-    async def _chunk_plaintext(self, index: int) -> bytes | bytearray:
-        """A chunk's bytes; a dirty buffer or a hole may be shorter than the
-        chunk (its tail reads as zeros)."""
+    async def _chunk_plaintext(self, index: int) -> bytes | bytearray | memoryview:
+        """A chunk's bytes: a dirty buffer (a bytearray, which a write may
+        change), or a stored chunk (bytes or a read-only view); a dirty
+        buffer or a hole may be shorter than the chunk (its tail reads as
+        zeros)."""
         buf = self._dirty.get(index)
         if buf is not None:
             return buf
@@ -351,11 +353,11 @@ class FileContent:
             self._seal_behind()  # the next one the writer left, if any
 
 
-def _piece(data: bytes | bytearray, within: int, n: int) -> bytes | memoryview:
+def _piece(data: bytes | bytearray | memoryview, within: int, n: int) -> bytes | memoryview:
     """``n`` bytes of a chunk's plaintext from ``within``: a view of a stored
     chunk (immutable), a copy of a dirty buffer, zeros past a short buffer's
     end (a hole is an empty one)."""
-    if isinstance(data, bytes) and within + n <= len(data):
+    if not isinstance(data, bytearray) and within + n <= len(data):
         return memoryview(data)[within : within + n]
     piece = bytes(data[within : within + n])
     return piece + bytes(n - len(piece)) if len(piece) < n else piece

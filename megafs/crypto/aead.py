@@ -86,18 +86,36 @@ def seal(key: bytes, plaintext: bytes, ad: bytes, *, nonce: bytes | None = None)
     return header + cipher.encrypt(nonce, plaintext, header + ad)
 
 
-def unseal(key: bytes, blob: bytes | bytearray | memoryview, ad: bytes) -> bytes:
-    """Check and decrypt a sealed object; any failure is IntegrityError."""
+def unseal(
+    key: bytes,
+    blob: bytes | bytearray | memoryview,
+    ad: bytes,
+    *,
+    into: bytearray | None = None,
+) -> bytes | bytearray:
+    """Check and decrypt a sealed object; any failure is IntegrityError.
+
+    ``into``: a buffer of exactly the plaintext's size to decrypt into,
+    returned instead of new bytes (a reused buffer is not faulted in and
+    zero-filled again). After a failure it holds bytes that were never
+    authenticated: the caller must drop it.
+    """
     if len(blob) < OVERHEAD or blob[0] != FORMAT_VERSION or blob[1] != ALG_AES256GCM_HMAC_COMMIT:
         raise IntegrityError()
+    if into is not None and len(into) != len(blob) - OVERHEAD:
+        raise ValueError("the buffer must be exactly as long as the plaintext")
     cipher, commit, _ = _subkeys(key)
     header = bytes(blob[:_HEADER])
     if not hmac.compare_digest(header[2 + _NONCE :], commit):
         raise IntegrityError()
+    nonce, sealed = header[2 : 2 + _NONCE], memoryview(blob)[_HEADER:]
     try:
-        return cipher.decrypt(header[2 : 2 + _NONCE], memoryview(blob)[_HEADER:], header + ad)
+        if into is None:
+            return cipher.decrypt(nonce, sealed, header + ad)
+        cipher.decrypt_into(nonce, sealed, header + ad, into)
     except InvalidTag:
         raise IntegrityError() from None
+    return into
 
 
 class OpenedPieces:

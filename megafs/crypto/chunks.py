@@ -73,9 +73,17 @@ def seal_chunk(
     return SealedChunk(secret, keys.chunk_id(secret), blob)
 
 
-def open_chunk(keys: AccountKeys, secret: bytes, blob: bytes | bytearray | memoryview) -> bytes:
-    """Decrypt a chunk and check it is exactly the one ``secret`` names."""
-    plaintext = unseal(_chunk_key(secret), blob, _CHUNK_AD)
+def open_chunk(
+    keys: AccountKeys,
+    secret: bytes,
+    blob: bytes | bytearray | memoryview,
+    *,
+    into: bytearray | None = None,
+) -> bytes | bytearray:
+    """Decrypt a chunk and check it is exactly the one ``secret`` names.
+
+    ``into``: decrypt into this buffer (see :func:`~megafs.crypto.aead.unseal`)."""
+    plaintext = unseal(_chunk_key(secret), blob, _CHUNK_AD, into=into)
     if not hmac.compare_digest(keys.chunk_secret(plaintext), secret):
         raise IntegrityError()
     return plaintext

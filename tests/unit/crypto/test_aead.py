@@ -89,6 +89,20 @@ def test_every_bit_flip_is_rejected(size: int) -> None:
     expect_integrity_error(lambda b: unseal(KEY, b, AD), every_bit(blob))
 
 
+@pytest.mark.parametrize("size", [0, 1, 40])
+def test_decrypting_into_a_buffer_checks_what_unseal_checks(size: int) -> None:
+    plain = bytes(i % 251 for i in range(size))
+    blob = seal(KEY, plain, AD)
+    into = bytearray(b"\xff" * size)  # a reused buffer holds older bytes
+    assert unseal(KEY, blob, AD, into=into) is into
+    assert into == plain
+    expect_integrity_error(lambda b: unseal(KEY, b, AD, into=bytearray(size)), every_bit(blob))
+    with pytest.raises(IntegrityError):
+        unseal(OTHER, blob, AD, into=bytearray(size))
+    with pytest.raises(ValueError):
+        unseal(KEY, blob, AD, into=bytearray(size + 1))
+
+
 def test_every_truncation_and_appended_bytes_are_rejected() -> None:
     blob = seal(KEY, b"some plaintext", AD)
     expect_integrity_error(lambda b: unseal(KEY, b, AD), every_truncation(blob))
