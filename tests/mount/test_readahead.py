@@ -24,6 +24,7 @@ from megafs.cache.chunks import PLAINTEXT_BYTES
 from megafs.crypto import CHUNK_SIZE
 from megafs.remote import RemoteClient
 from tests.helpers.drive import Drive
+from tests.helpers.proxy import Error, running_proxy
 from tests.helpers.server import ServerProcess
 from tests.helpers.tools import wait_for
 
@@ -76,10 +77,10 @@ def _server_chunk(server: ServerProcess, chunk_id: str) -> Path:
     return path
 
 
-def _read_in_pieces(fd: int, start: int, end: int, expected: bytes) -> None:
-    for off in range(start, end, PIECE):
-        got = os.pread(fd, PIECE, off)
-        assert got == expected[off : off + PIECE], f"wrong bytes at {off}"
+def _read_in_pieces(fd: int, start: int, end: int, expected: bytes, piece: int = PIECE) -> None:
+    for off in range(start, end, piece):
+        got = os.pread(fd, piece, off)
+        assert got == expected[off : off + piece], f"wrong bytes at {off}"
 
 
 def test_cold_sequential_read_is_exact_and_fetches_ahead(drive: Drive) -> None:
@@ -338,3 +339,119 @@ def test_the_kernel_reads_ahead_a_chunk_per_request(drive: Drive) -> None:
         lambda: int(setting.read_text()) == CHUNK_SIZE // 1024,
         timeout=10,
     )
+
+
+def test_many_readers_of_more_than_memory_holds_get_exact_bytes(drive: Drive) -> None:
+    """Eight threads read six files that together hold three times what the
+    plaintext LRU keeps, with O_DIRECT (every read reaches the daemon): runs
+    of chunk-sized reads that each straddle two chunks (read-ahead, many
+    downloads and decryptions at once, chunks leaving memory) mixed with
+    reads of a few pages anywhere (pieces). Every byte must be the file's,
+    first from the server and then again from the disk cache after a
+    remount. (The next test makes one such overlap happen on purpose.)"""
+    files, count, threads = 6, 16, 8
+    assert files * count * CHUNK_SIZE >= 3 * PLAINTEXT_BYTES
+    data = [random.Random(f"f{k}").randbytes(count * CHUNK_SIZE - 4096 * k) for k in range(files)]
+    drive.mount()
+    for k in range(files):
+        (drive.mnt / f"f{k}.bin").write_bytes(data[k])
+    drive.umount()
+    drive.drop_cache()
+
+    def reader(rng: random.Random, problems: list[str]) -> None:
+        fds = [os.open(drive.mnt / f"f{k}.bin", os.O_RDONLY | os.O_DIRECT) for k in range(files)]
+        try:
+            for _ in range(30):
+                k = rng.randrange(files)
+                if rng.random() < 0.5:
+                    start = rng.randrange(1, CHUNK_SIZE // 4096) * 4096
+                    spans = [(start + i * CHUNK_SIZE, CHUNK_SIZE) for i in range(4)]
+                else:
+                    spans = [
+                        (rng.randrange(len(data[k]) // 4096) * 4096, 4096 * rng.randrange(1, 80))
+                    ]
+                for off, size in spans:
+                    if os.pread(fds[k], size, off) != data[k][off : off + size]:
+                        problems.append(f"f{k}.bin: wrong bytes in {size} at {off}")
+                        return
+        except OSError as exc:
+            problems.append(f"read failed: {exc}")
+        finally:
+            for fd in fds:
+                os.close(fd)
+
+    for seed, source in [(1, "the server"), (2, "the disk cache")]:
+        drive.mount()
+        problems: list[str] = []
+        running = [
+            threading.Thread(target=reader, args=(random.Random(seed * 100 + t), problems))
+            for t in range(threads)
+        ]
+        for thread in running:
+            thread.start()
+        for thread in running:
+            thread.join(timeout=300)
+        assert not any(thread.is_alive() for thread in running)
+        assert problems == [], f"reading from {source}: {problems}"
+        drive.umount()
+    drive.mount()
+    for k in range(files):
+        assert (drive.mnt / f"f{k}.bin").read_bytes() == data[k]
+    drive.umount()
+
+
+def test_a_read_across_two_chunks_keeps_the_first_while_the_second_downloads(
+    tmp_path: Path, server: ServerProcess
+) -> None:
+    """A read across a chunk boundary holds a view of the first chunk's
+    plaintext while it waits for the second. Meanwhile 48 other chunks pass
+    through the plaintext LRU, so the first leaves it, and each new chunk is
+    decrypted into a buffer an evicted one left behind: never the one the
+    waiting read still views."""
+    with running_proxy(server.url) as proxy:
+        drive = Drive(tmp_path / "alice", proxy.url)
+        drive.signup()
+        try:
+            hot = [random.Random(f"hot{k}").randbytes(16 * CHUNK_SIZE) for k in range(3)]
+            assert 48 * CHUNK_SIZE > PLAINTEXT_BYTES
+            slow = random.Random("slow").randbytes(2 * CHUNK_SIZE)
+            drive.mount()
+            for k, data in enumerate(hot):
+                (drive.mnt / f"hot{k}.bin").write_bytes(data)
+            (drive.mnt / "slow.bin").write_bytes(slow)
+            drive.umount()
+            drive.drop_cache()
+            drive.mount()
+            for k, data in enumerate(hot):  # into the disk cache
+                assert (drive.mnt / f"hot{k}.bin").read_bytes() == data
+            wait_for("the hot chunks' cache files", lambda: len(_cached_ids(drive)) == 48)
+            fd = os.open(drive.mnt / "slow.bin", os.O_RDONLY | os.O_DIRECT)
+            try:
+                assert os.pread(fd, CHUNK_SIZE, 0) == slow[:CHUNK_SIZE]  # chunk 0, in memory
+                release = threading.Event()
+                held = proxy.on(
+                    lambda request, forward: None if release.wait(60) else Error(503),
+                    path=r"/v1/chunks/.*",
+                )
+                got: list[bytes] = []
+                across = threading.Thread(
+                    target=lambda: got.append(os.pread(fd, 8192, CHUNK_SIZE - 4096))
+                )
+                across.start()
+                wait_for("chunk 1's download", lambda: held.calls > 0)
+                for k, data in enumerate(hot):  # 48 chunks from the disk cache
+                    hot_fd = os.open(drive.mnt / f"hot{k}.bin", os.O_RDONLY | os.O_DIRECT)
+                    try:
+                        _read_in_pieces(hot_fd, 0, len(data), data, CHUNK_SIZE)
+                    finally:
+                        os.close(hot_fd)
+                assert across.is_alive()  # still waiting for chunk 1
+                release.set()
+                across.join(timeout=60)
+                expected = slow[CHUNK_SIZE - 4096 : CHUNK_SIZE + 4096]
+                assert got == [expected], "wrong bytes across the chunk boundary"
+            finally:
+                os.close(fd)
+            drive.umount()
+        finally:
+            drive.cleanup()
