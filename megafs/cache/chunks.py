@@ -311,7 +311,9 @@ class ChunkCache(HeldNursery):
 
     # -- reading ------------------------------------------------------------
 
-    async def read(self, secret: bytes, *, mark: bool = False) -> bytes | memoryview:
+    async def read(
+        self, secret: bytes, *, mark: bool = False, ahead: bool = False
+    ) -> bytes | memoryview:
         """The plaintext of the chunk ``secret`` names, verified (a read-only
         view of a buffer the LRU recycles once no view of it is left).
 
@@ -332,6 +334,7 @@ class ChunkCache(HeldNursery):
 
         ``mark``: also take the piece marks of the chunk's cache file, so
         later small reads can use :meth:`read_range` without a whole chunk.
+        ``ahead``: read-ahead asks, not a reader (see ``Downloads.get``).
         """
         plain = self._plain.get(secret)
         if plain is not None:
@@ -346,7 +349,7 @@ class ChunkCache(HeldNursery):
                 return _readonly(plain)
         load = self._loads[chunk_id] = _Load()
         try:
-            plain = await self._load(secret, chunk_id, mark)
+            plain = await self._load(secret, chunk_id, mark, ahead)
         except MegafsError as exc:
             load.error = exc
             raise
@@ -422,7 +425,9 @@ class ChunkCache(HeldNursery):
                     raise
         return await trio.to_thread.run_sync(read, 0, limiter=self._disk)
 
-    async def _load(self, secret: bytes, chunk_id: bytes, mark: bool) -> bytes | bytearray:
+    async def _load(
+        self, secret: bytes, chunk_id: bytes, mark: bool, ahead: bool
+    ) -> bytes | bytearray:
         """Disk cache, else server; verified, and kept in the LRU (and
         marked, if ``mark``)."""
         while (writing := self._writing.get(chunk_id)) is not None:
@@ -446,7 +451,7 @@ class ChunkCache(HeldNursery):
                     self._plain[secret] = plain
                     return plain
         try:
-            blob = await self._downloads.get(chunk_id)
+            blob = await self._downloads.get(chunk_id, ahead=ahead)
         except NotFound:
             # A manifest names it, so the server must have it: withheld or
             # lost, it is an I/O error of this file, not "no such file".

@@ -3,11 +3,19 @@
 The server's cost is mostly per request: about 1.4 ms of CPU for a request
 and 0.5 ms more for a MiB of chunk (docs/performance.md). So at most
 ``SLOTS`` downloads run at once, and a chunk that finds them all busy waits
-for the next free one together with the chunks that queue behind it; the
-slot then takes them all, up to ``MAX_FETCH_ITEMS``, in one ``POST
-/chunks/fetch``; so do chunks asked for at the same moment (read-ahead
-asks for a request's worth at once). No waiting is added: a chunk alone
-with a slot free goes at once, as ``GET /chunks/{id}``.
+for the next free one together with the chunks of its kind that queue
+behind it; the slot then takes them all, up to ``MAX_FETCH_ITEMS``, in one
+``POST /chunks/fetch``. So do the chunks read-ahead asks for at the same
+moment (a request's worth at once).
+
+A reader's chunk with a slot free goes at once, as ``GET /chunks/{id}``:
+it waits for no company, and never shares a request with read-ahead's
+chunks, since taken along it would arrive only with theirs (an answer of
+2-4 MiB instead of 1) and be decrypted after all of them. The kernel asks
+for the first two chunks of a file read whole at nearly the same moment,
+and a reader's first read starts read-ahead just before it asks for its
+own chunk: otherwise the first chunk of every small file would wait for
+the rest of it.
 
 There is no task of its own: whoever asks for a chunk and gets a slot
 makes the request, for itself and for the chunks it takes along, and hands
@@ -42,12 +50,24 @@ class _Wanted:
     none of these (the request that took it along was cancelled, or failed:
     ask again)."""
 
-    __slots__ = ("abandoned", "alone", "along", "blob", "chunk_id", "done", "error", "lead")
+    __slots__ = (
+        "abandoned",
+        "ahead",
+        "alone",
+        "along",
+        "blob",
+        "chunk_id",
+        "done",
+        "error",
+        "lead",
+    )
 
-    def __init__(self, chunk_id: bytes, *, alone: bool) -> None:
+    def __init__(self, chunk_id: bytes, *, alone: bool, ahead: bool) -> None:
         self.chunk_id = chunk_id
         #: Goes in a request of its own: its last one with others failed.
         self.alone = alone
+        #: Read-ahead asks for it, not a reader.
+        self.ahead = ahead
         self.done = trio.Event()
         self.lead = False
         #: Its caller was cancelled.
@@ -67,19 +87,28 @@ class Downloads:
         self._running = 0
         self._queue: deque[_Wanted] = deque()
 
-    async def get(self, chunk_id: bytes) -> bytes | bytearray | memoryview:
+    async def get(self, chunk_id: bytes, *, ahead: bool = False) -> bytes | bytearray | memoryview:
         """A chunk's sealed bytes (NotFound if the server does not have it).
         Callers ask for distinct chunks: the chunk cache merges the reads of
-        one chunk into one load."""
+        one chunk into one load. ``ahead``: for read-ahead, whose chunks go
+        in requests apart from readers' (see the module's docstring)."""
         alone = False
         while True:
-            wanted = _Wanted(chunk_id, alone=alone)
-            self._queue.append(wanted)
+            wanted = _Wanted(chunk_id, alone=alone, ahead=ahead)
+            if not ahead and self._running < self._slots:
+                # A reader's chunk with a slot free goes at once, before
+                # read-ahead's chunks that are still gathering.
+                self._running += 1
+                wanted.lead = True
+                wanted.done.set()
+            else:
+                self._queue.append(wanted)
             try:
-                # The chunks asked for at this same moment (a read-ahead's
-                # next few) queue first, and go with this one.
-                await trio.lowlevel.checkpoint()
-                self._grant()
+                if ahead:
+                    # The chunks read-ahead asks for at this same moment
+                    # queue first, and go with this one.
+                    await trio.lowlevel.checkpoint()
+                    self._grant()
                 await wanted.done.wait()
             except BaseException:
                 # No one waits for it any more: it must not get back into
@@ -109,13 +138,15 @@ class Downloads:
 
     def _grant(self) -> None:
         """Hand free slots to the chunks that waited longest, each with the
-        chunks queued behind it, up to a request's worth."""
+        chunks of its kind (a reader's, or read-ahead's) queued right behind
+        it, up to a request's worth."""
         while self._queue and self._running < self._slots:
             lead = self._queue.popleft()
             while (
                 not lead.alone
                 and self._queue
                 and not self._queue[0].alone
+                and self._queue[0].ahead == lead.ahead
                 and len(lead.along) + 1 < MAX_FETCH_ITEMS
             ):
                 lead.along.append(self._queue.popleft())

@@ -65,9 +65,18 @@ _NEAR = 256 * 1024
 #: Reads in a row, each following the one before, that make a reader
 #: sequential. Three: a random reader of a file of N MiB starts near the end
 #: of its previous read with a chance of about 1/(2N), twice in a row only
-#: with the square of that; a sequential reader's first three reads all come
-#: from its first chunk, whose fetch they wait for anyway.
+#: with the square of that; a sequential reader's first three reads in
+#: requests of 128 KiB all come from its first chunk, whose fetch they wait
+#: for anyway (in requests of a chunk, see ``_WHOLE_FROM_START``).
 _SEQUENTIAL = 3
+#: A read this large from offset 0 makes a reader sequential at once. cat
+#: and cp read in buffers of st_blksize (one chunk), and the kernel then
+#: asks a chunk at a time (a page-cache reader's first request is a chunk
+#: from 512 KiB asked); three such reads span three chunks, each fetched in
+#: turn before read-ahead begins, so a file of two or three chunks (a photo)
+#: would be read one round trip at a time. A reader of a header or a file's
+#: magic number asks a few pages (the kernel then sends 16 to 512 KiB).
+_WHOLE_FROM_START = CHUNK_SIZE // 2
 
 
 class ReadAhead(HeldNursery):
@@ -109,7 +118,7 @@ class ReadAhead(HeldNursery):
         """
         async with self._fetches:
             try:
-                await self._chunks.read(secret)
+                await self._chunks.read(secret, ahead=True)
             except MegafsError as exc:
                 log.debug("read-ahead of a chunk failed: %s", exc.detail)
             except Exception:
@@ -182,6 +191,8 @@ class Reader:
         else:
             self._streak = 1
             self._stop()
+        if offset == 0 and length >= _WHOLE_FROM_START:
+            self._streak = max(self._streak, _SEQUENTIAL)
         self._end = offset + length
         if self._streak < _SEQUENTIAL:
             return

@@ -1,10 +1,12 @@
 """Chunk downloads (``cache/downloads.py``) against the real server, seen
-through a proxy: chunks that wait go a few to a request, a chunk alone goes
-alone, and neither a chunk the server cannot read nor a cancelled request
-fails the chunks that travelled with it."""
+through a proxy: chunks that wait, and read-ahead's asked for together, go
+a few to a request; a reader's chunk goes at once and never with
+read-ahead's; and neither a chunk the server cannot read nor a cancelled
+request fails the chunks that travelled with it."""
 
 from __future__ import annotations
 
+import functools
 import os
 import random
 import threading
@@ -30,13 +32,17 @@ async def _stored(user: User, count: int) -> dict[bytes, bytes]:
     return chunks
 
 
-async def _get_all(downloads: Downloads, ids: list[bytes]) -> dict[bytes, object]:
-    """Each chunk's bytes, or the class of the error its download raised."""
+async def _get_all(
+    downloads: Downloads, ids: list[bytes], *, ahead: bool = True
+) -> dict[bytes, object]:
+    """Each chunk's bytes, or the class of the error its download raised;
+    all asked for at the same moment (by read-ahead, unless ``ahead`` is
+    false)."""
     got: dict[bytes, object] = {}
 
     async def get(chunk_id: bytes) -> None:
         try:
-            got[chunk_id] = bytes(await downloads.get(chunk_id))
+            got[chunk_id] = bytes(await downloads.get(chunk_id, ahead=ahead))
         except MegafsError as exc:
             got[chunk_id] = type(exc)
 
@@ -47,8 +53,9 @@ async def _get_all(downloads: Downloads, ids: list[bytes]) -> dict[bytes, object
 
 
 async def test_chunks_asked_for_at_once_go_a_few_to_a_request(alice: User, proxy: Proxy) -> None:
-    """Nine chunks asked for at the same moment through one slot: two
-    requests of ``MAX_FETCH_ITEMS`` and the last chunk alone, as a GET."""
+    """Nine chunks read-ahead asks for at the same moment through one
+    slot: two requests of ``MAX_FETCH_ITEMS`` and the last chunk alone, as
+    a GET."""
     chunks = await _stored(alice, 2 * MAX_FETCH_ITEMS + 1)
     async with RemoteClient(proxy.url, alice.client.token) as remote:
         got = await _get_all(Downloads(remote, slots=1), list(chunks))
@@ -141,8 +148,10 @@ async def test_a_cancelled_request_leaves_its_chunks_to_their_callers(
     assert lead_scope.cancelled_caught
     assert got == {c: bytes(stored[c]) for c in (first, *chunks[1:])}
     assert held == [[c.hex() for c in chunks]]  # the lead's, with the other two
-    asked_again = [set(r.request_json()["ids"]) for r in proxy.find("POST", FETCH)]
-    assert {c.hex() for c in chunks[1:]} in asked_again
+    asked_again = [r.path.rsplit("/", 1)[1] for r in proxy.find("GET", GET)[1:]]
+    for r in proxy.find("POST", FETCH)[1:]:
+        asked_again += r.request_json()["ids"]
+    assert sorted(asked_again) == sorted(c.hex() for c in chunks[1:])
 
 
 async def test_callers_cancelled_together_leave_no_request_slot_taken(
@@ -165,3 +174,56 @@ async def test_callers_cancelled_together_leave_no_request_slot_taken(
                 nursery.cancel_scope.cancel()
         with trio.fail_after(10):
             assert await _get_all(downloads, ids) == chunks
+
+
+async def test_a_readers_chunk_goes_at_once_and_never_with_read_aheads(
+    alice: User, proxy: Proxy
+) -> None:
+    """Readers' chunks asked for at the same moment, with a slot free for
+    each, go alone and at once (the kernel asks for a file's first two
+    chunks almost together); so they do beside three of read-ahead's (a
+    reader's first read starts read-ahead just before it asks for its own),
+    which travel together. Queued behind a busy slot, each kind goes with
+    its own."""
+
+    def asked() -> tuple[list[str], list[list[str]]]:
+        gets = sorted(r.path.rsplit("/", 1)[1] for r in proxy.find("GET", GET))
+        fetches = [sorted(r.request_json()["ids"]) for r in proxy.find("POST", FETCH)]
+        proxy.forget()
+        return gets, fetches
+
+    readers = await _stored(alice, 2)
+    ahead = await _stored(alice, 3)
+    async with RemoteClient(proxy.url, alice.client.token) as remote:
+        downloads = Downloads(remote, slots=3)
+        assert await _get_all(downloads, list(readers), ahead=False) == readers
+        assert asked() == (sorted(c.hex() for c in readers), [])
+        got: dict[bytes, bytes] = {}
+
+        async def get(chunk_id: bytes, *, kind: bool) -> None:
+            got[chunk_id] = bytes(await downloads.get(chunk_id, ahead=kind))
+
+        async with trio.open_nursery() as nursery:
+            for chunk_id in ahead:
+                nursery.start_soon(functools.partial(get, chunk_id, kind=True))
+            for chunk_id in readers:
+                nursery.start_soon(functools.partial(get, chunk_id, kind=False))
+    assert got == {**readers, **ahead}
+    assert asked() == (sorted(c.hex() for c in readers), [sorted(c.hex() for c in ahead)])
+
+    busy, a1, r1, r2, a2 = await _stored(alice, 5)
+    release = threading.Event()
+    proxy.on(lambda request, forward: release.wait(30) and forward(), path=GET, times=1)
+    async with RemoteClient(proxy.url, alice.client.token) as remote:
+        downloads = Downloads(remote, slots=1)
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(downloads.get, busy)  # holds the one slot
+            await trio.testing.wait_all_tasks_blocked()
+            for chunk_id, kind in [(a1, True), (r1, False), (r2, False), (a2, True)]:
+                nursery.start_soon(functools.partial(downloads.get, chunk_id, ahead=kind))
+                await trio.testing.wait_all_tasks_blocked()
+            release.set()
+    gets = [r.path.rsplit("/", 1)[1] for r in proxy.find("GET", GET)]
+    assert gets == [busy.hex(), a1.hex(), a2.hex()]
+    (fetch,) = proxy.find("POST", FETCH)
+    assert fetch.request_json()["ids"] == [r1.hex(), r2.hex()]

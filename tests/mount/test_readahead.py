@@ -11,6 +11,7 @@ stores it by, so the tests count and name those files.
 from __future__ import annotations
 
 import inspect
+import mmap
 import os
 import random
 import re
@@ -77,10 +78,10 @@ def _server_chunk(server: ServerProcess, chunk_id: str) -> Path:
     return path
 
 
-def _read_in_pieces(fd: int, start: int, end: int, expected: bytes, piece: int = PIECE) -> None:
-    for off in range(start, end, piece):
-        got = os.pread(fd, piece, off)
-        assert got == expected[off : off + piece], f"wrong bytes at {off}"
+def _read_in_pieces(fd: int, start: int, end: int, expected: bytes) -> None:
+    for off in range(start, end, PIECE):
+        got = os.pread(fd, PIECE, off)
+        assert got == expected[off : off + PIECE], f"wrong bytes at {off}"
 
 
 def test_cold_sequential_read_is_exact_and_fetches_ahead(drive: Drive) -> None:
@@ -98,6 +99,35 @@ def test_cold_sequential_read_is_exact_and_fetches_ahead(drive: Drive) -> None:
     drive.drop_cache()
     drive.mount()
     assert (drive.mnt / "movie.bin").read_bytes() == data  # 1 MiB reads (cat, cp)
+    drive.umount()
+
+
+def test_a_whole_chunk_read_from_the_start_fetches_the_rest_ahead(drive: Drive) -> None:
+    """cat and cp read in buffers of one chunk (st_blksize), and the kernel
+    asks one chunk at a time: such a read at offset 0 starts read-ahead at
+    once, so the other chunks of a photo of three are fetched while its
+    first is read, not one round trip each. A read of a page there (a
+    header, a file's magic) starts none."""
+    data = random.Random(7).randbytes(3 * CHUNK_SIZE - 100)
+    path = _put_cold(drive, "photo.jpg", data)
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECT)
+    try:
+        assert os.pread(fd, 4096, 0) == data[:4096]
+        wait_for("chunk 0's cache file", lambda: len(_cached_ids(drive)) == 1)
+    finally:
+        os.close(fd)
+    assert len(_cached_ids(drive)) == 1
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECT)
+    try:
+        # One request of exactly a chunk: a page-aligned buffer, as the
+        # kernel's own requests are (an unaligned one spans a page more).
+        with mmap.mmap(-1, CHUNK_SIZE) as buffer:
+            assert os.preadv(fd, [buffer], 0) == CHUNK_SIZE
+            assert buffer[:] == data[:CHUNK_SIZE]  # chunk 0, from memory
+        wait_for("chunks 1 and 2, fetched ahead", lambda: len(_cached_ids(drive)) == 3)
+        assert os.pread(fd, 2 * CHUNK_SIZE, CHUNK_SIZE) == data[CHUNK_SIZE:]
+    finally:
+        os.close(fd)
     drive.umount()
 
 
@@ -404,7 +434,7 @@ def test_a_read_across_two_chunks_keeps_the_first_while_the_second_downloads(
     tmp_path: Path, server: ServerProcess
 ) -> None:
     """A read across a chunk boundary holds a view of the first chunk's
-    plaintext while it waits for the second. Meanwhile 48 other chunks pass
+    plaintext while it waits for the second. Meanwhile 45 other chunks pass
     through the plaintext LRU, so the first leaves it, and each new chunk is
     decrypted into a buffer an evicted one left behind: never the one the
     waiting read still views."""
@@ -413,7 +443,7 @@ def test_a_read_across_two_chunks_keeps_the_first_while_the_second_downloads(
         drive.signup()
         try:
             hot = [random.Random(f"hot{k}").randbytes(16 * CHUNK_SIZE) for k in range(3)]
-            assert 48 * CHUNK_SIZE > PLAINTEXT_BYTES
+            assert 45 * CHUNK_SIZE > PLAINTEXT_BYTES
             slow = random.Random("slow").randbytes(2 * CHUNK_SIZE)
             drive.mount()
             for k, data in enumerate(hot):
@@ -427,7 +457,9 @@ def test_a_read_across_two_chunks_keeps_the_first_while_the_second_downloads(
             wait_for("the hot chunks' cache files", lambda: len(_cached_ids(drive)) == 48)
             fd = os.open(drive.mnt / "slow.bin", os.O_RDONLY | os.O_DIRECT)
             try:
-                assert os.pread(fd, CHUNK_SIZE, 0) == slow[:CHUNK_SIZE]  # chunk 0, in memory
+                # Chunk 0 into memory; a page, so that no read-ahead
+                # fetches chunk 1 too.
+                assert os.pread(fd, 4096, 0) == slow[:4096]
                 release = threading.Event()
                 held = proxy.on(
                     lambda request, forward: None if release.wait(60) else Error(503),
@@ -439,10 +471,15 @@ def test_a_read_across_two_chunks_keeps_the_first_while_the_second_downloads(
                 )
                 across.start()
                 wait_for("chunk 1's download", lambda: held.calls > 0)
-                for k, data in enumerate(hot):  # 48 chunks from the disk cache
+                # 45 chunks from the disk cache, one at a time: last first,
+                # so that no read-ahead runs, and each new chunk is
+                # decrypted into the buffer of one just evicted.
+                for k, data in enumerate(hot):
                     hot_fd = os.open(drive.mnt / f"hot{k}.bin", os.O_RDONLY | os.O_DIRECT)
                     try:
-                        _read_in_pieces(hot_fd, 0, len(data), data, CHUNK_SIZE)
+                        for off in range(len(data) - CHUNK_SIZE, 0, -CHUNK_SIZE):
+                            got_hot = os.pread(hot_fd, CHUNK_SIZE, off)
+                            assert got_hot == data[off : off + CHUNK_SIZE], (k, off)
                     finally:
                         os.close(hot_fd)
                 assert across.is_alive()  # still waiting for chunk 1
