@@ -71,11 +71,12 @@ _NEAR = 256 * 1024
 _SEQUENTIAL = 3
 #: A read this large from offset 0 makes a reader sequential at once. cat
 #: and cp read in buffers of st_blksize (one chunk), and the kernel then
-#: asks a chunk at a time (a page-cache reader's first request is a chunk
-#: from 512 KiB asked); three such reads span three chunks, each fetched in
-#: turn before read-ahead begins, so a file of two or three chunks (a photo)
-#: would be read one round trip at a time. A reader of a header or a file's
-#: magic number asks a few pages (the kernel then sends 16 to 512 KiB).
+#: asks a chunk at a time (its first read-ahead window, mm/readahead.c, is
+#: half a chunk or more once a read asks 256 KiB or more); three such reads
+#: span three chunks, each fetched in turn before read-ahead begins, so a
+#: file of two or three chunks (a photo) would be read one round trip at a
+#: time. A reader of a header or a file's magic number asks a few pages,
+#: for which the kernel asks 16 to 256 KiB.
 _WHOLE_FROM_START = CHUNK_SIZE // 2
 
 
