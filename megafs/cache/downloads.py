@@ -98,9 +98,7 @@ class Downloads:
             if not ahead and self._running < self._slots:
                 # A reader's chunk with a slot free goes at once, before
                 # read-ahead's chunks that are still gathering.
-                self._running += 1
-                wanted.lead = True
-                wanted.done.set()
+                self._start(wanted)
             else:
                 self._queue.append(wanted)
             try:
@@ -150,9 +148,13 @@ class Downloads:
                 and len(lead.along) + 1 < MAX_FETCH_ITEMS
             ):
                 lead.along.append(self._queue.popleft())
-            lead.lead = True
-            self._running += 1
-            lead.done.set()
+            self._start(lead)
+
+    def _start(self, lead: _Wanted) -> None:
+        """``lead`` takes a slot: its caller makes the request."""
+        lead.lead = True
+        self._running += 1
+        lead.done.set()
 
     def _release(self) -> None:
         self._running -= 1
