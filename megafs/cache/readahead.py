@@ -38,6 +38,7 @@ running shares its outcome, as two reads of one chunk always do.
 from __future__ import annotations
 
 import logging
+from collections.abc import Awaitable, Callable
 
 import trio
 
@@ -48,7 +49,7 @@ from megafs.crypto import CHUNK_SIZE
 from megafs.errors import MegafsError
 from megafs.wire import MAX_FETCH_ITEMS
 
-__all__ = ["ReadAhead", "Reader"]
+__all__ = ["PrefetchGroup", "ReadAhead", "Reader"]
 
 log = logging.getLogger(__name__)
 
@@ -97,17 +98,17 @@ class ReadAhead(HeldNursery):
         self.window = window
         self._fetches = trio.CapacityLimiter(max_fetches)
 
-    def reader(self) -> Reader:
-        """The reading side of one new handle."""
-        return Reader(self)
+    def reader(self, on_whole: Callable[[], Awaitable[None]] | None = None) -> Reader:
+        """The reading side of one new handle; ``on_whole``: see :class:`Reader`."""
+        return Reader(self, on_whole)
 
-    async def open_group(self) -> _Group | None:
+    async def open_group(self) -> PrefetchGroup | None:
         """A new group for one handle's prefetches, in the mount's nursery;
         None when read-ahead is not running."""
         if self._nursery is None:
             return None
         scope, nursery = await self._nursery.start(_group_task)
-        return _Group(scope, nursery)
+        return PrefetchGroup(scope, nursery)
 
     async def fetch(self, secret: bytes) -> None:
         """Bring one chunk into the cache's LRU, as a hint: errors are dropped.
@@ -126,8 +127,9 @@ class ReadAhead(HeldNursery):
                 log.exception("read-ahead of a chunk failed")
 
 
-class _Group:
-    """One handle's prefetch tasks: cancelling ``scope`` ends them all."""
+class PrefetchGroup:
+    """Prefetch tasks with one owner (a handle, or a folder's stream of
+    files): cancelling ``scope`` ends them all."""
 
     __slots__ = ("nursery", "scope")
 
@@ -147,10 +149,20 @@ async def _group_task(
 
 class Reader:
     """One handle's reads of one file, with read-ahead once they are
-    sequential."""
+    sequential.
 
-    def __init__(self, pool: ReadAhead) -> None:
+    ``on_whole`` is awaited once, before the read that shows the file is
+    being read whole: reads that follow each other from offset 0 on, one of
+    which reaches the end of the file or has read-ahead scheduled through
+    its last chunk. The mount reads ahead across a folder's files with it
+    (``fs/folder_ahead.py``).
+    """
+
+    def __init__(
+        self, pool: ReadAhead, on_whole: Callable[[], Awaitable[None]] | None = None
+    ) -> None:
         self._pool = pool
+        self._on_whole = on_whole
         #: The content (and its revision) the scheduled prefetches came from.
         self._content: FileContent | None = None
         self._revision = 0
@@ -158,9 +170,11 @@ class Reader:
         self._end = 0
         #: Reads in a row that began near where the one before ended.
         self._streak = 0
+        #: Where the first of those reads began.
+        self._run_start = 0
         #: The highest chunk index handed to the current group.
         self._scheduled = -1
-        self._group: _Group | None = None
+        self._group: PrefetchGroup | None = None
         self._closed = False
 
     async def read(self, content: FileContent, offset: int, length: int) -> bytes | memoryview:
@@ -171,6 +185,9 @@ class Reader:
         this read waits for its own chunk, so they overlap with it.
         """
         await self._follow(content, offset, length)
+        if self._on_whole is not None and self._reads_whole(content):
+            on_whole, self._on_whole = self._on_whole, None
+            await on_whole()
         return await content.read(offset, length, whole=self._streak >= _SEQUENTIAL)
 
     def close(self) -> None:
@@ -188,9 +205,12 @@ class Reader:
         # The kernel's own read-ahead may deliver requests a little out of
         # order, so a read starting a little before or after still follows.
         if abs(offset - self._end) <= _NEAR:
+            if self._streak == 0:
+                self._run_start = offset  # (the first read: where it starts)
             self._streak += 1
         else:
             self._streak = 1
+            self._run_start = offset
             self._stop()
         if offset == 0 and length >= _WHOLE_FROM_START:
             self._streak = max(self._streak, _SEQUENTIAL)
@@ -210,6 +230,13 @@ class Reader:
             secret = content.stored_secret(index)
             if secret is not None:
                 nursery.start_soon(self._pool.fetch, secret)
+
+    def _reads_whole(self, content: FileContent) -> bool:
+        if self._run_start != 0:
+            return False
+        if self._end >= content.size:
+            return True
+        return self._streak >= _SEQUENTIAL and self._scheduled >= content.chunk_count - 1
 
     async def _nursery(self) -> trio.Nursery | None:
         """The handle's group, opened on first use; None once closed or when

@@ -27,6 +27,7 @@ import trio
 from megafs.cache import ReadAhead, Reader, Uploader
 from megafs.crypto import CHUNK_SIZE, Kind
 from megafs.errors import MegafsError
+from megafs.fs.folder_ahead import FolderAhead
 from megafs.fs.tree import Inode, Tree
 from megafs.remote import RemoteClient
 
@@ -120,6 +121,7 @@ class Operations(pyfuse3.Operations):
         #: Started by the daemon (``read_ahead.run``); until then reads work
         #: without it.
         self.read_ahead = read_ahead
+        self._folder_ahead = FolderAhead(tree, read_ahead)
         self._uploader = uploader
         self._remote = remote
         self._fsync_timeout = fsync_timeout
@@ -566,7 +568,8 @@ class Operations(pyfuse3.Operations):
         """
         fh = self._next_fh
         self._next_fh += 1
-        self._handles[fh] = _Handle(inode, flags, self.read_ahead.reader())
+        reader = self.read_ahead.reader(functools.partial(self._folder_ahead.read_whole, inode))
+        self._handles[fh] = _Handle(inode, flags, reader)
         keep = inode.opens > 0 or inode.released_key == inode.record.key
         inode.released_key = None
         inode.opens += 1

@@ -448,14 +448,17 @@ def test_a_read_across_two_chunks_keeps_the_first_while_the_second_downloads(
             drive.mount()
             for k, data in enumerate(hot):
                 (drive.mnt / f"hot{k}.bin").write_bytes(data)
-            (drive.mnt / "slow.bin").write_bytes(slow)
+            # In a folder of its own: reading the hot files whole, in
+            # order, fetches the first chunks of their folder's next files.
+            (drive.mnt / "later").mkdir()
+            (drive.mnt / "later" / "slow.bin").write_bytes(slow)
             drive.umount()
             drive.drop_cache()
             drive.mount()
             for k, data in enumerate(hot):  # into the disk cache
                 assert (drive.mnt / f"hot{k}.bin").read_bytes() == data
             wait_for("the hot chunks' cache files", lambda: len(_cached_ids(drive)) == 48)
-            fd = os.open(drive.mnt / "slow.bin", os.O_RDONLY | os.O_DIRECT)
+            fd = os.open(drive.mnt / "later" / "slow.bin", os.O_RDONLY | os.O_DIRECT)
             try:
                 # Chunk 0 into memory; a page, so that no read-ahead
                 # fetches chunk 1 too.

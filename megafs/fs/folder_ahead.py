@@ -1,0 +1,191 @@
+"""Read-ahead across a folder's files, for a program reading them whole one
+after another.
+
+A folder of photos or songs is read file by file: ``cat *`` and ``cp *``,
+a file manager copying it or making its thumbnails, ``cp -r`` and ``tar``.
+Each file's own read-ahead (``cache/readahead.py``) keeps its later chunks
+in flight, but a file of a few chunks ends before that pays off, and the
+next file's first chunk is only asked for once the program opens it: each
+file then costs a round trip to the server with both cores mostly idle. So
+once two files of a folder have been read whole in the folder's order,
+the first chunks of the files after them are fetched ahead, as many as one
+reader's window holds, and topped up as each further file is read.
+
+The order is the one the program follows: name order (``ls``, a shell's
+glob, a file manager, rsync) or the folder's own (``readdir``, which
+``cp -r`` and ``tar`` follow). The second file must come after the first
+within ``_SKIP`` files of one of them, so a program that leaves out some
+files (a thumbnailer skipping sidecar files) still counts as in order;
+once a stream runs, a file up to ``_SKIP`` before the last one (read out of
+turn by one of several threads) neither advances nor ends it.
+
+Ownership: each followed folder is a stream holding a group in the mount's
+read-ahead nursery (:meth:`ReadAhead.open_group`), with one task per file
+read ahead: it loads the file's manifest (``Tree.content``; from memory,
+the local copy, or the server) and starts the fetches of its first chunks
+in the same group. The group is cancelled when a file read whole in that
+folder does not follow the stream, or when the stream is the oldest of
+more than ``_STREAMS``. Prefetches are hints, as a single file's are: a
+failure is logged at DEBUG and the read that needs the chunk fetches it
+itself; every chunk is verified by ``ChunkCache.read``, so what a stream
+fetched can never be read as another file's bytes.
+
+Bounds: at most ``window`` chunks and ``window`` files ahead per stream,
+in folders of at most ``KEPT_AHEAD_FOLDER`` entries (establishing a stream
+sorts the folder); the fetches share the mount's read-ahead limit.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import OrderedDict
+from dataclasses import dataclass, field
+
+import trio
+
+from megafs.cache import ReadAhead
+from megafs.cache.content import INLINE_THRESHOLD
+from megafs.cache.readahead import WINDOW, PrefetchGroup
+from megafs.crypto import CHUNK_SIZE, Kind
+from megafs.errors import MegafsError
+from megafs.fs.tree import KEPT_AHEAD_FOLDER, Inode, Tree
+
+__all__ = ["FolderAhead"]
+
+log = logging.getLogger(__name__)
+
+#: Files of the followed order a program may leave out between two it reads.
+_SKIP = 8
+#: Folders followed at once.
+_STREAMS = 4
+
+
+@dataclass(eq=False)
+class _Stream:
+    """One folder's files being read whole: the last one read, and once a
+    second one followed it, the order they follow."""
+
+    last: Inode
+    #: The folder's files in the followed order, and each one's position
+    #: (by inode number); empty until established.
+    order: list[Inode] = field(default_factory=list)
+    position: dict[int, int] = field(default_factory=dict)
+    #: The position of the last file read ahead.
+    through: int = -1
+    group: PrefetchGroup | None = None
+
+    def step(self, inode: Inode) -> int | None:
+        """How far ``inode`` is from the last file read in the stream's
+        order: positive if it follows it, zero or negative (within
+        ``_SKIP``) if it was read a little out of turn (the files of a
+        folder copied or thumbnailed by several threads at once), None if it
+        is out of the order or there is none yet."""
+        if inode is self.last:
+            return 0
+        last = self.position.get(self.last.ino)
+        here = self.position.get(inode.ino)
+        if last is None or here is None or abs(here - last) > _SKIP:
+            return None
+        return here - last
+
+    def cancel(self) -> None:
+        if self.group is not None:
+            self.group.scope.cancel()
+            self.group = None
+
+
+class FolderAhead:
+    """The mount's read-ahead across files: one stream per folder being read
+    file by file."""
+
+    def __init__(self, tree: Tree, read_ahead: ReadAhead, *, window: int = WINDOW) -> None:
+        self._tree = tree
+        self._read_ahead = read_ahead
+        #: Chunks (and files) read ahead of the file being read.
+        self.window = window
+        self._streams: OrderedDict[int, _Stream] = OrderedDict()
+
+    async def read_whole(self, inode: Inode) -> None:
+        """``inode`` is being read whole by one handle: follow its folder's
+        stream, or start one."""
+        folder = inode.parent
+        if folder is None or folder.children is None or len(folder.children) > KEPT_AHEAD_FOLDER:
+            return
+        stream = self._streams.pop(folder.ino, None)
+        if stream is not None and not stream.order and stream.last is not inode:
+            stream.order, stream.position = _followed_order(folder, stream.last, inode)
+        step = None if stream is None else stream.step(inode)
+        if stream is None or step is None:
+            if stream is not None:
+                stream.cancel()
+            stream = _Stream(last=inode)
+        self._streams[folder.ino] = stream
+        while len(self._streams) > _STREAMS:
+            self._streams.popitem(last=False)[1].cancel()
+        if step is not None and step > 0:
+            stream.last = inode
+            await self._schedule(stream, folder, stream.position[inode.ino] + 1)
+
+    async def _schedule(self, stream: _Stream, folder: Inode, start: int) -> None:
+        """Read ahead the files from position ``start`` on that are not read
+        ahead yet, up to ``window`` chunks and files from ``start``."""
+        ahead = 0
+        end = min(len(stream.order), start + self.window)
+        for index in range(start, end):
+            if ahead >= self.window:
+                break
+            inode = stream.order[index]
+            size = inode.record.size
+            chunks = 0 if size <= INLINE_THRESHOLD else -(-size // CHUNK_SIZE)
+            take = min(chunks, self.window - ahead)
+            ahead += take
+            if index <= stream.through:
+                continue
+            stream.through = index
+            if take and inode.parent is folder and not inode.unlinked:
+                if stream.group is None:
+                    stream.group = await self._read_ahead.open_group()
+                    if stream.group is None:
+                        return
+                nursery = stream.group.nursery
+                nursery.start_soon(self._fetch_start, nursery, inode, take)
+
+    async def _fetch_start(self, nursery: trio.Nursery, inode: Inode, count: int) -> None:
+        """Fetch the first ``count`` stored chunks of ``inode``, as a hint."""
+        try:
+            content = await self._tree.content(inode)
+        except MegafsError as exc:
+            log.debug("read-ahead of %s failed: %s", inode.id.hex(), exc.detail)
+            return
+        except Exception:
+            log.exception("read-ahead of %s failed", inode.id.hex())
+            return
+        for index in range(min(count, content.chunk_count)):
+            secret = content.stored_secret(index)
+            if secret is not None:
+                nursery.start_soon(self._read_ahead.fetch, secret)
+
+
+def _followed_order(
+    folder: Inode, first: Inode, second: Inode
+) -> tuple[list[Inode], dict[int, int]]:
+    """The order of the folder's files in which ``second`` follows
+    ``first`` within ``_SKIP`` (name order first, then the folder's own),
+    or nothing. Files read whole out of order ask this each time, so
+    only an order that holds is sorted."""
+    children = folder.children
+    if children is None:
+        return [], {}
+    files = [inode for inode in children.values() if inode.kind == Kind.FILE]
+    low, high = first.record.name, second.record.name
+    between = sum(1 for inode in files if low < inode.record.name < high)
+    order = sorted(files, key=_name) if low < high and between < _SKIP else files
+    position = {inode.ino: index for index, inode in enumerate(order)}
+    here, last = position.get(second.ino), position.get(first.ino)
+    if here is None or last is None or not 0 < here - last <= _SKIP:
+        return [], {}
+    return order, position
+
+
+def _name(inode: Inode) -> bytes:
+    return inode.record.name

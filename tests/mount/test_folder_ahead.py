@@ -1,0 +1,135 @@
+"""Read-ahead across a folder's files on real mounts: once two files of a
+folder are read whole in the folder's order (by name, or as readdir lists
+them), the first chunks of the files after them are fetched before they
+are opened; files read out of order fetch nothing of the others; and what
+was fetched ahead never stands in for bytes written since.
+
+As in ``test_readahead.py``, what the daemon fetched is seen from outside:
+every chunk it downloads lands in its disk cache under its own id.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+from pathlib import Path
+
+import pytest
+
+from megafs.cache.readahead import WINDOW
+from megafs.crypto import CHUNK_SIZE
+from tests.helpers.drive import Drive
+from tests.helpers.tools import wait_for
+from tests.mount.test_readahead import _cached_ids
+
+pytestmark = pytest.mark.mount
+
+#: Two chunks each: a file's own read-ahead fetches its second chunk, never
+#: another file's.
+SIZE = 2 * CHUNK_SIZE - 100
+
+
+def _folder_cold(drive: Drive, count: int, seed: int) -> dict[str, bytes]:
+    """A folder of ``count`` files of two chunks, stored, and the drive
+    remounted on an empty cache (the folder's own order is then the
+    server's, not the order the files were written in)."""
+    rng = random.Random(seed)
+    files = {f"p{i:03d}.jpg": rng.randbytes(SIZE) for i in range(count)}
+    drive.mount()
+    (drive.mnt / "photos").mkdir()
+    for name, data in files.items():
+        (drive.mnt / "photos" / name).write_bytes(data)
+    drive.umount()
+    drive.drop_cache()
+    drive.mount()
+    return files
+
+
+def _read_whole(drive: Drive, path: Path, expected: bytes) -> None:
+    """Read a file as cat does (the kernel asks a chunk at a time), and
+    wait for its chunks' cache files, written behind the read."""
+    before = len(_cached_ids(drive))
+    assert path.read_bytes() == expected
+    wait_for(f"{path.name}'s cache files", lambda: len(_cached_ids(drive)) >= before + 2)
+
+
+def test_files_read_whole_in_name_order_fetch_the_next_ones_ahead(drive: Drive) -> None:
+    files = _folder_cold(drive, 12, seed=1)
+    folder = drive.mnt / "photos"
+    names = sorted(files)
+    _read_whole(drive, folder / names[0], files[names[0]])
+    _read_whole(drive, folder / names[1], files[names[1]])
+    # Two files in name order: the next ones' chunks come without a read,
+    # as many as one reader's window (the first chunks of a later file).
+    wait_for("the next files, fetched ahead", lambda: len(_cached_ids(drive)) == 4 + WINDOW)
+    # Each further file read tops the window up, to the end of the folder.
+    for name in names[2:6]:
+        assert (folder / name).read_bytes() == files[name]
+    wait_for("the rest of the folder", lambda: len(_cached_ids(drive)) == 2 * len(files))
+    # A file fetched ahead and then rewritten reads as written.
+    files[names[9]] = random.Random(2).randbytes(SIZE + 5)
+    (folder / names[9]).write_bytes(files[names[9]])
+    for name in names:
+        assert (folder / name).read_bytes() == files[name], name
+    drive.umount()
+    drive.drop_cache()
+    drive.mount()
+    for name in names:
+        assert (folder / name).read_bytes() == files[name], name
+    drive.umount()
+
+
+def test_files_read_whole_as_readdir_lists_them_fetch_the_next_ones_ahead(
+    drive: Drive,
+) -> None:
+    """``cp -r`` and ``tar`` follow the folder's own order, which after a
+    fresh mount is the server's (by node id), not the names'."""
+    files = _folder_cold(drive, 16, seed=3)
+    folder = drive.mnt / "photos"
+    listed = os.listdir(folder)
+    assert sorted(listed) == sorted(files)
+    for name in listed[:2]:
+        _read_whole(drive, folder / name, files[name])
+    wait_for("the next files, fetched ahead", lambda: len(_cached_ids(drive)) == 4 + WINDOW)
+    for name in listed[2:]:
+        assert (folder / name).read_bytes() == files[name], name
+    drive.umount()
+
+
+def _out_of_order(
+    names: list[str], listed: list[str], candidates: list[str], count: int
+) -> list[str]:
+    """``count`` of ``candidates``, each neither among the 8 files after the
+    one before it by name nor as listed (where a program that skips some
+    files would still be in order)."""
+
+    def follows(a: str, b: str) -> bool:
+        return any(0 < order.index(b) - order.index(a) <= 8 for order in (names, listed))
+
+    picked = [candidates[-1]]
+    for name in candidates:
+        if len(picked) < count and name not in picked and not follows(picked[-1], name):
+            picked.append(name)
+    return picked
+
+
+def test_files_read_out_of_order_or_in_part_fetch_nothing_of_the_others(
+    drive: Drive,
+) -> None:
+    files = _folder_cold(drive, 30, seed=4)
+    folder = drive.mnt / "photos"
+    names = sorted(files)
+    picked = _out_of_order(names, os.listdir(folder), names[:10] + names[14:], 5)
+    # In name order, but each read in part (a header, a file's magic).
+    for name in names[10:14]:
+        fd = os.open(folder / name, os.O_RDONLY | os.O_DIRECT)
+        try:
+            assert os.pread(fd, 4096, 0) == files[name][:4096]
+        finally:
+            os.close(fd)
+    wait_for("the pages' chunks", lambda: len(_cached_ids(drive)) == 4)
+    # Whole, but each out of order: only their own chunks are fetched.
+    for name in picked:
+        _read_whole(drive, folder / name, files[name])
+    assert len(_cached_ids(drive)) == 4 + 2 * len(picked)
+    drive.umount()
