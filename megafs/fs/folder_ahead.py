@@ -143,12 +143,25 @@ class FolderAhead:
                 continue
             stream.through = index
             if take and inode.parent is folder and not inode.unlinked:
-                if stream.group is None:
-                    stream.group = await self._read_ahead.open_group()
-                    if stream.group is None:
-                        return
-                nursery = stream.group.nursery
+                nursery = await self._nursery(stream, folder)
+                if nursery is None:
+                    return
                 nursery.start_soon(self._fetch_start, nursery, inode, take)
+
+    async def _nursery(self, stream: _Stream, folder: Inode) -> trio.Nursery | None:
+        """The stream's group, opened on first use; None once the stream
+        ended (meanwhile, too) or when read-ahead is not running."""
+        if stream.group is None:
+            group = await self._read_ahead.open_group()
+            if group is None:
+                return None
+            if stream.group is not None or self._streams.get(folder.ino) is not stream:
+                group.scope.cancel()  # never leave a group without owner
+            else:
+                stream.group = group
+        if stream.group is None or self._streams.get(folder.ino) is not stream:
+            return None
+        return stream.group.nursery
 
     async def _fetch_start(self, nursery: trio.Nursery, inode: Inode, count: int) -> None:
         """Fetch the first ``count`` stored chunks of ``inode``, as a hint."""
