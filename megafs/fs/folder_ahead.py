@@ -9,7 +9,8 @@ next file's first chunk is only asked for once the program opens it: each
 file then costs a round trip to the server with both cores mostly idle. So
 once two files of a folder have been read whole in the folder's order,
 the first chunks of the files after them are fetched ahead, as many as one
-reader's window holds, and topped up as each further file is read.
+reader's window holds, and topped up as further files are read, four
+chunks at a time so that they travel in one request.
 
 The order is the one the program follows: name order (``ls``, a shell's
 glob, a file manager, rsync) or the folder's own (``readdir``, which
@@ -49,6 +50,7 @@ from megafs.cache.readahead import WINDOW, PrefetchGroup
 from megafs.crypto import CHUNK_SIZE, Kind
 from megafs.errors import MegafsError
 from megafs.fs.tree import KEPT_AHEAD_FOLDER, Inode, Tree
+from megafs.wire import MAX_FETCH_ITEMS
 
 __all__ = ["FolderAhead"]
 
@@ -56,6 +58,8 @@ log = logging.getLogger(__name__)
 
 #: Files of the followed order a program may leave out between two it reads.
 _SKIP = 8
+#: Chunks scheduled at once, so that they travel in one download request.
+_STEP = MAX_FETCH_ITEMS
 #: Folders followed at once.
 _STREAMS = 4
 
@@ -128,24 +132,29 @@ class FolderAhead:
 
     async def _schedule(self, stream: _Stream, folder: Inode, start: int) -> None:
         """Read ahead the files from position ``start`` on that are not read
-        ahead yet, up to ``window`` chunks and files from ``start``."""
+        ahead yet, up to ``window`` chunks and files from ``start``; only
+        once that is ``_STEP`` chunks or the rest of the folder, so that
+        their fetches travel a few to a request (a file of one chunk read
+        ahead alone would cost a request of its own)."""
         ahead = 0
+        new: list[tuple[Inode, int]] = []
         end = min(len(stream.order), start + self.window)
-        for index in range(start, end):
-            if ahead >= self.window:
-                break
+        index = start
+        while index < end and ahead < self.window:
             inode = stream.order[index]
             size = inode.record.size
-            chunks = 0 if size <= INLINE_THRESHOLD else -(-size // CHUNK_SIZE)
-            take = min(chunks, self.window - ahead)
+            take = min(
+                0 if size <= INLINE_THRESHOLD else -(-size // CHUNK_SIZE), self.window - ahead
+            )
             ahead += take
-            if index <= stream.through:
-                continue
-            stream.through = index
-            if take and inode.parent is folder and not inode.unlinked:
-                nursery = await self._nursery(stream, folder)
-                if nursery is None:
-                    return
+            if index > stream.through and take and inode.parent is folder and not inode.unlinked:
+                new.append((inode, take))
+            index += 1
+        if sum(take for _, take in new) < _STEP and index < len(stream.order):
+            return
+        stream.through = max(stream.through, index - 1)
+        if new and (nursery := await self._nursery(stream, folder)) is not None:
+            for inode, take in new:
                 nursery.start_soon(self._fetch_start, nursery, inode, take)
 
     async def _nursery(self, stream: _Stream, folder: Inode) -> trio.Nursery | None:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 import random
+import re
 from pathlib import Path
 
 import pytest
@@ -19,6 +20,7 @@ import pytest
 from megafs.cache.readahead import WINDOW
 from megafs.crypto import CHUNK_SIZE
 from tests.helpers.drive import Drive
+from tests.helpers.server import ServerProcess
 from tests.helpers.tools import wait_for
 from tests.mount.test_readahead import _cached_ids
 
@@ -29,12 +31,12 @@ pytestmark = pytest.mark.mount
 SIZE = 2 * CHUNK_SIZE - 100
 
 
-def _folder_cold(drive: Drive, count: int, seed: int) -> dict[str, bytes]:
-    """A folder of ``count`` files of two chunks, stored, and the drive
+def _folder_cold(drive: Drive, count: int, seed: int, size: int = SIZE) -> dict[str, bytes]:
+    """A folder of ``count`` files of ``size`` bytes, stored, and the drive
     remounted on an empty cache (the folder's own order is then the
     server's, not the order the files were written in)."""
     rng = random.Random(seed)
-    files = {f"p{i:03d}.jpg": rng.randbytes(SIZE) for i in range(count)}
+    files = {f"p{i:03d}.jpg": rng.randbytes(size) for i in range(count)}
     drive.mount()
     (drive.mnt / "photos").mkdir()
     for name, data in files.items():
@@ -76,6 +78,25 @@ def test_files_read_whole_in_name_order_fetch_the_next_ones_ahead(drive: Drive) 
     drive.mount()
     for name in names:
         assert (folder / name).read_bytes() == files[name], name
+    drive.umount()
+
+
+def test_files_of_one_chunk_are_fetched_ahead_a_few_to_a_request(
+    drive: Drive, server: ServerProcess
+) -> None:
+    """Each file read whole would make room for one more chunk ahead; the
+    window is topped up only once four fit, so that they travel in one
+    ``POST /chunks/fetch``: 24 files of one chunk read cold in at most
+    half as many requests (about one each otherwise)."""
+    files = _folder_cold(drive, 24, seed=5, size=CHUNK_SIZE // 2)
+    folder = drive.mnt / "photos"
+    offset = server.log_path.stat().st_size
+    for name in sorted(files):
+        assert (folder / name).read_bytes() == files[name], name
+    log = server.log_since(offset).decode()
+    gets = re.findall(r"method=GET path=/v1/chunks/[0-9a-f]{64} status=200", log)
+    fetches = re.findall(r"method=POST path=/v1/chunks/fetch status=200", log)
+    assert fetches and len(gets) + len(fetches) <= 12, (len(gets), len(fetches))
     drive.umount()
 
 
