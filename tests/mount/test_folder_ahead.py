@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import os
 import random
-import re
 from pathlib import Path
 
 import pytest
@@ -22,7 +21,7 @@ from megafs.crypto import CHUNK_SIZE
 from tests.helpers.drive import Drive
 from tests.helpers.server import ServerProcess
 from tests.helpers.tools import wait_for
-from tests.mount.test_readahead import _cached_ids
+from tests.mount.test_readahead import _cached_ids, _chunk_requests
 
 pytestmark = pytest.mark.mount
 
@@ -93,10 +92,8 @@ def test_files_of_one_chunk_are_fetched_ahead_a_few_to_a_request(
     offset = server.log_path.stat().st_size
     for name in sorted(files):
         assert (folder / name).read_bytes() == files[name], name
-    log = server.log_since(offset).decode()
-    gets = re.findall(r"method=GET path=/v1/chunks/[0-9a-f]{64} status=200", log)
-    fetches = re.findall(r"method=POST path=/v1/chunks/fetch status=200", log)
-    assert fetches and len(gets) + len(fetches) <= 12, (len(gets), len(fetches))
+    gets, fetches = _chunk_requests(server, offset)
+    assert fetches and gets + fetches <= 12, (gets, fetches)
     drive.umount()
 
 

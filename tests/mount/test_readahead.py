@@ -73,6 +73,15 @@ def _chunk_ids(drive: Drive, path: Path, count: int) -> list[str]:
     return ids
 
 
+def _chunk_requests(server: ServerProcess, offset: int) -> tuple[int, int]:
+    """How many ``GET /chunks/{id}`` and ``POST /chunks/fetch`` the server
+    answered since its log was ``offset`` bytes long."""
+    log = server.log_since(offset).decode()
+    gets = re.findall(r"method=GET path=/v1/chunks/[0-9a-f]{64} status=200", log)
+    fetches = re.findall(r"method=POST path=/v1/chunks/fetch status=200", log)
+    return len(gets), len(fetches)
+
+
 def _server_chunk(server: ServerProcess, chunk_id: str) -> Path:
     (path,) = (server.data_dir / "chunks").rglob(chunk_id)
     return path
@@ -141,10 +150,8 @@ def test_a_cold_sequential_read_fetches_a_few_chunks_to_a_request(
     path = _put_cold(drive, "stream.ts", data)
     offset = server.log_path.stat().st_size
     assert path.read_bytes() == data
-    log = server.log_since(offset).decode()
-    gets = re.findall(r"method=GET path=/v1/chunks/[0-9a-f]{64} status=200", log)
-    fetches = re.findall(r"method=POST path=/v1/chunks/fetch status=200", log)
-    assert fetches and len(gets) + len(fetches) <= 8, (len(gets), len(fetches))
+    gets, fetches = _chunk_requests(server, offset)
+    assert fetches and gets + fetches <= 8, (gets, fetches)
     drive.umount()
 
 
