@@ -22,9 +22,9 @@ turn by one of several threads) neither advances nor ends it.
 
 Ownership: each followed folder is a stream holding a group in the mount's
 read-ahead nursery (:meth:`ReadAhead.open_group`), with one task per file
-read ahead: it loads the file's manifest (``Tree.content``; from memory,
-the local copy, or the server) and starts the fetches of its first chunks
-in the same group. The group is cancelled when a file read whole in that
+read ahead: it loads the file's manifest (``Tree.stored_secrets``; from
+memory, the local copy, or the server) and starts the fetches of its
+first chunks in the same group. The group is cancelled when a file read whole in that
 folder does not follow the stream, or when the stream is the oldest of
 more than ``_STREAMS``. Prefetches are hints, as a single file's are: a
 failure is logged at DEBUG and the read that needs the chunk fetches it
@@ -175,15 +175,14 @@ class FolderAhead:
     async def _fetch_start(self, nursery: trio.Nursery, inode: Inode, count: int) -> None:
         """Fetch the first ``count`` stored chunks of ``inode``, as a hint."""
         try:
-            content = await self._tree.content(inode)
+            secrets = await self._tree.stored_secrets(inode)
         except MegafsError as exc:
             log.debug("read-ahead of %s failed: %s", inode.id.hex(), exc.detail)
             return
         except Exception:
             log.exception("read-ahead of %s failed", inode.id.hex())
             return
-        for index in range(min(count, content.chunk_count)):
-            secret = content.stored_secret(index)
+        for secret in secrets[:count]:
             if secret is not None:
                 nursery.start_soon(self._read_ahead.fetch, secret)
 
