@@ -17,11 +17,11 @@ cancelled.
 
 Ownership (every task has an owner): :meth:`ReadAhead.run` holds the
 mount's read-ahead nursery and is started by the daemon. A handle that
-turns sequential opens a group in it, a child nursery of its own that
-holds its prefetch tasks; the group is cancelled when the handle is
-released (:meth:`Reader.close`), when the reader jumps, and when the file's
-content changes (its ``revision``, or another device's content replacing
-it).
+turns sequential starts its prefetches there through a
+:class:`PrefetchGroup` of its own, which cancels them all at once; the
+group is cancelled when the handle is released (:meth:`Reader.close`),
+when the reader jumps, and when the file's content changes (its
+``revision``, or another device's content replacing it).
 
 Bounds: at most ``window`` chunks ahead per handle, and at most
 ``max_fetches`` prefetches running at once in the mount, each holding up to
@@ -98,17 +98,14 @@ class ReadAhead(HeldNursery):
         self.window = window
         self._fetches = trio.CapacityLimiter(max_fetches)
 
-    def reader(self, on_whole: Callable[[], Awaitable[None]] | None = None) -> Reader:
+    def reader(self, on_whole: Callable[[], None] | None = None) -> Reader:
         """The reading side of one new handle; ``on_whole``: see :class:`Reader`."""
         return Reader(self, on_whole)
 
-    async def open_group(self) -> PrefetchGroup | None:
-        """A new group for one handle's prefetches, in the mount's nursery;
+    def group(self) -> PrefetchGroup | None:
+        """A new group for one owner's prefetches, in the mount's nursery;
         None when read-ahead is not running."""
-        if self._nursery is None:
-            return None
-        scope, nursery = await self._nursery.start(_group_task)
-        return PrefetchGroup(scope, nursery)
+        return None if self._nursery is None else PrefetchGroup(self._nursery)
 
     async def fetch(self, secret: bytes) -> None:
         """Bring one chunk into the cache's LRU, as a hint: errors are dropped.
@@ -129,38 +126,60 @@ class ReadAhead(HeldNursery):
 
 class PrefetchGroup:
     """Prefetch tasks with one owner (a handle, or a folder's stream of
-    files): cancelling ``scope`` ends them all."""
+    files), in the mount's read-ahead nursery: :meth:`cancel` ends them
+    all, those not started yet included.
 
-    __slots__ = ("nursery", "scope")
+    Each task runs in a cancel scope of its own, made when it is started
+    and kept by the group while it runs, so a group is made and used
+    without an ``await``: an owner's reads never race each other to open
+    one, and no task waits idle to hold one open.
+    """
 
-    def __init__(self, scope: trio.CancelScope, nursery: trio.Nursery) -> None:
-        self.scope = scope
-        self.nursery = nursery
+    __slots__ = ("_cancelled", "_nursery", "_scopes")
 
+    def __init__(self, nursery: trio.Nursery) -> None:
+        self._nursery = nursery
+        self._scopes: set[trio.CancelScope] = set()
+        self._cancelled = False
 
-async def _group_task(
-    *, task_status: trio.TaskStatus[tuple[trio.CancelScope, trio.Nursery]]
-) -> None:
-    with trio.CancelScope() as scope:
-        async with trio.open_nursery() as nursery:
-            task_status.started((scope, nursery))
-            await trio.sleep_forever()
+    def start_soon(self, fn: Callable[..., Awaitable[object]], *args: object) -> None:
+        """Start ``fn(*args)`` in the group; nothing once it is cancelled."""
+        if self._cancelled:
+            return
+        scope = trio.CancelScope()
+        self._scopes.add(scope)
+        self._nursery.start_soon(self._run, scope, fn, args)
+
+    def cancel(self) -> None:
+        self._cancelled = True
+        for scope in self._scopes:
+            scope.cancel()
+
+    async def _run(
+        self,
+        scope: trio.CancelScope,
+        fn: Callable[..., Awaitable[object]],
+        args: tuple[object, ...],
+    ) -> None:
+        try:
+            with scope:
+                await fn(*args)
+        finally:
+            self._scopes.discard(scope)
 
 
 class Reader:
     """One handle's reads of one file, with read-ahead once they are
     sequential.
 
-    ``on_whole`` is awaited once, before the read that shows the file is
+    ``on_whole`` is called once, before the read that shows the file is
     being read whole: reads that follow each other from offset 0 on, one of
     which reaches the end of the file or has read-ahead scheduled through
     its last chunk. The mount reads ahead across a folder's files with it
     (``fs/folder_ahead.py``).
     """
 
-    def __init__(
-        self, pool: ReadAhead, on_whole: Callable[[], Awaitable[None]] | None = None
-    ) -> None:
+    def __init__(self, pool: ReadAhead, on_whole: Callable[[], None] | None = None) -> None:
         self._pool = pool
         self._on_whole = on_whole
         #: The content (and its revision) the scheduled prefetches came from.
@@ -184,10 +203,10 @@ class Reader:
         may replace it while the handle is open. The prefetches start before
         this read waits for its own chunk, so they overlap with it.
         """
-        await self._follow(content, offset, length)
+        self._follow(content, offset, length)
         if self._on_whole is not None and self._reads_whole(content):
             on_whole, self._on_whole = self._on_whole, None
-            await on_whole()
+            on_whole()
         return await content.read(offset, length, whole=self._streak >= _SEQUENTIAL)
 
     def close(self) -> None:
@@ -195,7 +214,7 @@ class Reader:
         self._closed = True
         self._stop()
 
-    async def _follow(self, content: FileContent, offset: int, length: int) -> None:
+    def _follow(self, content: FileContent, offset: int, length: int) -> None:
         if content is not self._content or content.revision != self._revision:
             # New content, or its bytes changed: what was scheduled may be
             # stale.
@@ -223,13 +242,14 @@ class Reader:
         if start > stop or (stop - start + 1 < _STEP and stop < content.chunk_count - 1):
             return
         self._scheduled = stop
-        nursery = await self._nursery()
-        if nursery is None:
+        if self._group is None and not self._closed:
+            self._group = self._pool.group()
+        if self._group is None:
             return
         for index in range(start, stop + 1):
             secret = content.stored_secret(index)
             if secret is not None:
-                nursery.start_soon(self._pool.fetch, secret)
+                self._group.start_soon(self._pool.fetch, secret)
 
     def _reads_whole(self, content: FileContent) -> bool:
         if self._run_start != 0:
@@ -238,23 +258,8 @@ class Reader:
             return True
         return self._streak >= _SEQUENTIAL and self._scheduled >= content.chunk_count - 1
 
-    async def _nursery(self) -> trio.Nursery | None:
-        """The handle's group, opened on first use; None once closed or when
-        read-ahead is not running."""
-        if self._group is None and not self._closed:
-            group = await self._pool.open_group()
-            if group is None:
-                return None
-            if self._group is not None or self._closed:
-                # Another read of this handle opened one meanwhile, or the
-                # handle was released: never leave a group without owner.
-                group.scope.cancel()
-            else:
-                self._group = group
-        return None if self._group is None else self._group.nursery
-
     def _stop(self) -> None:
         if self._group is not None:
-            self._group.scope.cancel()
+            self._group.cancel()
             self._group = None
         self._scheduled = -1

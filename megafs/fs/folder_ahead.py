@@ -20,13 +20,13 @@ files (a thumbnailer skipping sidecar files) still counts as in order;
 once a stream runs, a file up to ``_SKIP`` before the last one (read out of
 turn by one of several threads) neither advances nor ends it.
 
-Ownership: each followed folder is a stream holding a group in the mount's
-read-ahead nursery (:meth:`ReadAhead.open_group`), with one task per file
-read ahead: it loads the file's manifest (``Tree.stored_secrets``; from
-memory, the local copy, or the server) and starts the fetches of its
-first chunks in the same group. The group is cancelled when a file read whole in that
-folder does not follow the stream, or when the stream is the oldest of
-more than ``_STREAMS``. Prefetches are hints, as a single file's are: a
+Ownership: each followed folder is a stream holding a group in the
+mount's read-ahead nursery (:meth:`ReadAhead.group`), with one task per
+file read ahead: it loads the file's manifest (``Tree.stored_secrets``;
+from memory, the local copy, or the server) and starts the fetches of
+its first chunks in the same group. The group is cancelled when a file
+read whole in that folder does not follow the stream, or when the
+stream is the oldest of more than ``_STREAMS``. Prefetches are hints, as a single file's are: a
 failure is logged at DEBUG and the read that needs the chunk fetches it
 itself; every chunk is verified by ``ChunkCache.read``, so what a stream
 fetched can never be read as another file's bytes.
@@ -42,14 +42,12 @@ import logging
 from collections import OrderedDict
 from dataclasses import dataclass, field
 
-import trio
-
 from megafs.cache import ReadAhead
 from megafs.cache.content import INLINE_THRESHOLD
 from megafs.cache.readahead import WINDOW, PrefetchGroup
 from megafs.crypto import CHUNK_SIZE, Kind
 from megafs.errors import MegafsError
-from megafs.fs.tree import KEPT_AHEAD_FOLDER, Inode, Tree
+from megafs.fs.tree import KEPT_AHEAD_FOLDER, Children, Inode, Tree
 from megafs.wire import MAX_FETCH_ITEMS
 
 __all__ = ["FolderAhead"]
@@ -94,7 +92,7 @@ class _Stream:
 
     def cancel(self) -> None:
         if self.group is not None:
-            self.group.scope.cancel()
+            self.group.cancel()
             self.group = None
 
 
@@ -109,15 +107,16 @@ class FolderAhead:
         self.window = window
         self._streams: OrderedDict[int, _Stream] = OrderedDict()
 
-    async def read_whole(self, inode: Inode) -> None:
+    def read_whole(self, inode: Inode) -> None:
         """``inode`` is being read whole by one handle: follow its folder's
         stream, or start one."""
         folder = inode.parent
-        if folder is None or folder.children is None or len(folder.children) > KEPT_AHEAD_FOLDER:
+        children = None if folder is None else folder.children
+        if folder is None or children is None or len(children) > KEPT_AHEAD_FOLDER:
             return
         stream = self._streams.pop(folder.ino, None)
         if stream is not None and not stream.order and stream.last is not inode:
-            stream.order, stream.position = _followed_order(folder, stream.last, inode)
+            stream.order, stream.position = _followed_order(children, stream.last, inode)
         step = None if stream is None else stream.step(inode)
         if stream is None or step is None:
             if stream is not None:
@@ -128,9 +127,9 @@ class FolderAhead:
             self._streams.popitem(last=False)[1].cancel()
         if step is not None and step > 0:
             stream.last = inode
-            await self._schedule(stream, folder, stream.position[inode.ino] + 1)
+            self._schedule(stream, folder, stream.position[inode.ino] + 1)
 
-    async def _schedule(self, stream: _Stream, folder: Inode, start: int) -> None:
+    def _schedule(self, stream: _Stream, folder: Inode, start: int) -> None:
         """Read ahead the files from position ``start`` on that are not read
         ahead yet, up to ``window`` chunks and files from ``start``; only
         once that is ``_STEP`` chunks or the rest of the folder, so that
@@ -153,26 +152,13 @@ class FolderAhead:
         if sum(take for _, take in new) < _STEP and index < len(stream.order):
             return
         stream.through = max(stream.through, index - 1)
-        if new and (nursery := await self._nursery(stream, folder)) is not None:
+        if new and stream.group is None:
+            stream.group = self._read_ahead.group()
+        if stream.group is not None:
             for inode, take in new:
-                nursery.start_soon(self._fetch_start, nursery, inode, take)
+                stream.group.start_soon(self._fetch_start, stream.group, inode, take)
 
-    async def _nursery(self, stream: _Stream, folder: Inode) -> trio.Nursery | None:
-        """The stream's group, opened on first use; None once the stream
-        ended (meanwhile, too) or when read-ahead is not running."""
-        if stream.group is None:
-            group = await self._read_ahead.open_group()
-            if group is None:
-                return None
-            if stream.group is not None or self._streams.get(folder.ino) is not stream:
-                group.scope.cancel()  # never leave a group without owner
-            else:
-                stream.group = group
-        if stream.group is None or self._streams.get(folder.ino) is not stream:
-            return None
-        return stream.group.nursery
-
-    async def _fetch_start(self, nursery: trio.Nursery, inode: Inode, count: int) -> None:
+    async def _fetch_start(self, group: PrefetchGroup, inode: Inode, count: int) -> None:
         """Fetch the first ``count`` stored chunks of ``inode``, as a hint."""
         try:
             secrets = await self._tree.stored_secrets(inode)
@@ -184,19 +170,16 @@ class FolderAhead:
             return
         for secret in secrets[:count]:
             if secret is not None:
-                nursery.start_soon(self._read_ahead.fetch, secret)
+                group.start_soon(self._read_ahead.fetch, secret)
 
 
 def _followed_order(
-    folder: Inode, first: Inode, second: Inode
+    children: Children, first: Inode, second: Inode
 ) -> tuple[list[Inode], dict[int, int]]:
     """The order of the folder's files in which ``second`` follows
     ``first`` within ``_SKIP`` (name order first, then the folder's own),
     or nothing. Files read whole out of order ask this each time, so
     only an order that holds is sorted."""
-    children = folder.children
-    if children is None:
-        return [], {}
     files = [inode for inode in children.values() if inode.kind == Kind.FILE]
     low, high = first.record.name, second.record.name
     between = sum(1 for inode in files if low < inode.record.name < high)
