@@ -92,13 +92,15 @@ class Children(dict[bytes, "Inode"]):
     a folder's link count (2 + subfolders) costs nothing in big folders.
     ``links``: the names that are LINK nodes (further names of a hard-linked
     node), by name; kept here, not on every inode, since only folders have
-    them."""
+    them. ``generation`` counts the changes of names, so that an order of
+    them worked out once (``fs/folder_ahead.py``) is known to still hold."""
 
-    __slots__ = ("links", "subdirs")
+    __slots__ = ("generation", "links", "subdirs")
 
     def __init__(self) -> None:
         super().__init__()
         self.subdirs = 0
+        self.generation = 0
         self.links: dict[bytes, LinkName] = {}
 
     def __setitem__(self, name: bytes, inode: Inode) -> None:
@@ -107,6 +109,7 @@ class Children(dict[bytes, "Inode"]):
             self.subdirs -= 1
         if inode.kind == Kind.DIR:
             self.subdirs += 1
+        self.generation += 1
         super().__setitem__(name, inode)
 
     def __delitem__(self, name: bytes) -> None:
@@ -119,6 +122,7 @@ class Children(dict[bytes, "Inode"]):
         inode = super().pop(name)
         if inode.kind == Kind.DIR:
             self.subdirs -= 1
+        self.generation += 1
         return inode
 
 

@@ -80,6 +80,32 @@ def test_files_read_whole_in_name_order_fetch_the_next_ones_ahead(drive: Drive) 
     drive.umount()
 
 
+def test_a_folder_of_thousands_of_files_is_followed_too(drive: Drive) -> None:
+    """A camera's folder holds thousands of files: 5 000 small ones (no
+    chunks of their own) and 12 photos after them by name."""
+    rng = random.Random(6)
+    photos = {f"p{i:03d}.jpg": rng.randbytes(SIZE) for i in range(12)}
+    drive.mount()
+    folder = drive.mnt / "dcim"
+    folder.mkdir()
+    for i in range(5000):
+        (folder / f"a{i:05d}.txt").write_bytes(b"%d" % i)
+    for name, data in photos.items():
+        (folder / name).write_bytes(data)
+    drive.umount()
+    drive.drop_cache()
+    drive.mount()
+    assert len(os.listdir(folder)) == 5012
+    names = sorted(photos)
+    _read_whole(drive, folder / names[0], photos[names[0]])
+    _read_whole(drive, folder / names[1], photos[names[1]])
+    wait_for("the next photos, fetched ahead", lambda: len(_cached_ids(drive)) == 4 + WINDOW)
+    for name in names[2:]:
+        assert (folder / name).read_bytes() == photos[name], name
+    wait_for("every photo", lambda: len(_cached_ids(drive)) == 2 * len(photos))
+    drive.umount()
+
+
 def test_files_of_one_chunk_are_fetched_ahead_a_few_to_a_request(
     drive: Drive, server: ServerProcess
 ) -> None:
