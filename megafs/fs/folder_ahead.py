@@ -15,10 +15,14 @@ chunks at a time so that they travel in one request.
 The order is the one the program follows: name order (``ls``, a shell's
 glob, a file manager, rsync) or the folder's own (``readdir``, which
 ``cp -r`` and ``tar`` follow). The second file must come after the first
-within ``_SKIP`` files of one of them, so a program that leaves out some
-files (a thumbnailer skipping sidecar files) still counts as in order;
-once a stream runs, a file up to ``_SKIP`` before the last one (read out of
-turn by one of several threads) neither advances nor ends it.
+within ``_SKIP`` entries of one of them, so a program that leaves out some
+files (a thumbnailer skipping sidecar files) still counts as in order
+(where it does in both, the order with fewer entries between them wins,
+name order if as many). Once a stream runs, a file up to ``_SKIP`` before
+the last one (read out of turn by one of several threads) neither
+advances nor ends it; any other file starts the stream over from the
+last file read, so one that guessed the wrong order of two goes on in
+the right one at the next file.
 
 Ownership: each followed folder is a stream holding a group in the
 mount's read-ahead nursery (:meth:`ReadAhead.group`), with one task per
@@ -44,6 +48,7 @@ names takes about 25 ms).
 from __future__ import annotations
 
 import bisect
+import contextlib
 import logging
 from collections import OrderedDict
 from dataclasses import dataclass, field
@@ -88,20 +93,25 @@ class _Orders:
         return self.children is children and self.generation == children.generation
 
     def follows(self, first: bytes, second: bytes) -> tuple[list[bytes], int] | None:
-        """The order in which ``second`` comes within ``_SKIP`` after
-        ``first`` (name order first, then the folder's own) and the
-        position of ``first`` in it, or None."""
+        """The order in which ``second`` comes after ``first`` within
+        ``_SKIP``, and the position of ``first`` in it, or None. Where it
+        does in both, the one with fewer files between them (``cp -r``
+        reads the listing's next file, which may be a few names on), and
+        name order if as many."""
+        found: list[tuple[list[bytes], int]] = []
         if first < second:
             if self.by_name is None:
                 self.by_name = sorted(self.children)
-            at = bisect.bisect_left(self.by_name, first)
-            if _after(self.by_name, at, first, second):
-                return self.by_name, at
-        try:
-            at = self.listed.index(first)
-        except ValueError:
-            return None
-        return (self.listed, at) if _after(self.listed, at, first, second) else None
+            found.append((self.by_name, bisect.bisect_left(self.by_name, first)))
+        with contextlib.suppress(ValueError):
+            found.append((self.listed, self.listed.index(first)))
+        best: tuple[list[bytes], int] | None = None
+        gap = _SKIP + 1
+        for order, at in found:
+            here = _near(order, second, at) if at < len(order) and order[at] == first else None
+            if here is not None and 0 < here - at < gap:
+                best, gap = (order, at), here - at
+        return best
 
 
 @dataclass(eq=False)
@@ -156,15 +166,17 @@ class FolderAhead:
         if folder is None or children is None or len(children) > FOLLOWED_FOLDER:
             return
         stream = self._streams.pop(folder.ino, None)
-        if stream is not None and not stream.order and stream.last is not inode:
-            self._establish(stream, children, inode)
         step = None if stream is None else stream.step(inode)
+        if stream is not None and step is None:
+            # Out of the stream's order, or there is none yet: the last file
+            # and this one may follow each other in one (again), so a stream
+            # that guessed the wrong order goes on in the right one.
+            stream.cancel()
+            stream = _Stream(last=stream.last, orders=stream.orders)
+            self._establish(stream, children, inode)
+            step = stream.step(inode)
         if stream is None or step is None:
-            orders = None
-            if stream is not None:
-                stream.cancel()
-                orders = stream.orders
-            stream = _Stream(last=inode, orders=orders)
+            stream = _Stream(last=inode, orders=None if stream is None else stream.orders)
         self._streams[folder.ino] = stream
         while len(self._streams) > _STREAMS:
             self._streams.popitem(last=False)[1].cancel()
@@ -227,15 +239,6 @@ class FolderAhead:
         for secret in secrets[:count]:
             if secret is not None:
                 group.start_soon(self._read_ahead.fetch, secret)
-
-
-def _after(order: list[bytes], at: int, first: bytes, second: bytes) -> bool:
-    """Whether ``first`` is at ``at`` in ``order`` and ``second`` comes after
-    it within ``_SKIP``."""
-    if at >= len(order) or order[at] != first:
-        return False
-    here = _near(order, second, at)
-    return here is not None and here > at
 
 
 def _near(order: list[bytes], name: bytes, at: int) -> int | None:
