@@ -98,9 +98,14 @@ class ReadAhead(HeldNursery):
         self.window = window
         self._fetches = trio.CapacityLimiter(max_fetches)
 
-    def reader(self, on_whole: Callable[[], None] | None = None) -> Reader:
-        """The reading side of one new handle; ``on_whole``: see :class:`Reader`."""
-        return Reader(self, on_whole)
+    def reader(
+        self,
+        on_start: Callable[[], None] | None = None,
+        on_whole: Callable[[], None] | None = None,
+    ) -> Reader:
+        """The reading side of one new handle; ``on_start``, ``on_whole``:
+        see :class:`Reader`."""
+        return Reader(self, on_start, on_whole)
 
     def group(self) -> PrefetchGroup | None:
         """A new group for one owner's prefetches, in the mount's nursery;
@@ -172,15 +177,22 @@ class Reader:
     """One handle's reads of one file, with read-ahead once they are
     sequential.
 
-    ``on_whole`` is called once, before the read that shows the file is
-    being read whole: reads that follow each other from offset 0 on, one of
-    which reaches the end of the file or has read-ahead scheduled through
-    its last chunk. The mount reads ahead across a folder's files with it
-    (``fs/folder_ahead.py``).
+    ``on_start`` is called if the handle's first read starts at offset 0,
+    before it waits. ``on_whole`` is called once, before the read that
+    shows the file is being read whole: reads that follow each other from
+    offset 0 on, one of which reaches the end of the file or has read-ahead
+    scheduled through its last chunk. The mount reads ahead across a
+    folder's files with them (``fs/folder_ahead.py``).
     """
 
-    def __init__(self, pool: ReadAhead, on_whole: Callable[[], None] | None = None) -> None:
+    def __init__(
+        self,
+        pool: ReadAhead,
+        on_start: Callable[[], None] | None = None,
+        on_whole: Callable[[], None] | None = None,
+    ) -> None:
         self._pool = pool
+        self._on_start = on_start
         self._on_whole = on_whole
         #: The content (and its revision) the scheduled prefetches came from.
         self._content: FileContent | None = None
@@ -204,6 +216,10 @@ class Reader:
         this read waits for its own chunk, so they overlap with it.
         """
         self._follow(content, offset, length)
+        if self._on_start is not None:
+            on_start, self._on_start = self._on_start, None
+            if offset == 0:
+                on_start()
         if self._on_whole is not None and self._reads_whole(content):
             on_whole, self._on_whole = self._on_whole, None
             on_whole()

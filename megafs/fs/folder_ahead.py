@@ -1,16 +1,21 @@
-"""Read-ahead across a folder's files, for a program reading them whole one
+"""Read-ahead across a folder's files, for a program going through them one
 after another.
 
 A folder of photos or songs is read file by file: ``cat *`` and ``cp *``,
-a file manager copying it or making its thumbnails, ``cp -r`` and ``tar``.
-Each file's own read-ahead (``cache/readahead.py``) keeps its later chunks
-in flight, but a file of a few chunks ends before that pays off, and the
-next file's first chunk is only asked for once the program opens it: each
-file then costs a round trip to the server with both cores mostly idle. So
-once two files of a folder have been read whole in the folder's order,
-the first chunks of the files after them are fetched ahead, as many as one
-reader's window holds, and topped up as further files are read, four
-chunks at a time so that they travel in one request.
+a file manager copying it or making its thumbnails, ``cp -r`` and ``tar``
+read each file whole; a file manager sniffing types, a photo or music
+library reading tags, ``file *`` read the start of each. Each file's own
+read-ahead (``cache/readahead.py``) keeps its later chunks in flight, but
+a file of a few chunks ends before that pays off, and the next file's
+first chunk is only asked for once the program opens it: each file then
+costs a round trip to the server with both cores mostly idle. So once two
+files of a folder have been begun (a handle's first read at offset 0) in
+the folder's order, the files after them are fetched ahead: once files of
+the stream are read whole, their first chunks up to one reader's window
+(12 chunks), else the first chunk of each of the next 12 files, which is
+all that reading a file's start needs (a chunk is verified whole before
+any of its bytes is used). The window is topped up as further files are
+begun, four chunks at a time so that they travel in one request.
 
 The order is the one the program follows: name order (``ls``, a shell's
 glob, a file manager, rsync) or the folder's own (``readdir``, which
@@ -29,8 +34,8 @@ mount's read-ahead nursery (:meth:`ReadAhead.group`), with one task per
 file read ahead: it loads the file's manifest (``Tree.stored_secrets``;
 from memory, the local copy, or the server) and starts the fetches of
 its first chunks in the same group. The group is cancelled when a file
-read whole in that folder does not follow the stream, or when the
-stream is the oldest of more than ``_STREAMS``. Prefetches are hints, as a single file's are: a
+begun in that folder does not follow the stream, or when the stream is
+the oldest of more than ``_STREAMS``. Prefetches are hints, as a single file's are: a
 failure is logged at DEBUG and the read that needs the chunk fetches it
 itself; every chunk is verified by ``ChunkCache.read``, so what a stream
 fetched can never be read as another file's bytes.
@@ -40,8 +45,8 @@ in folders of at most ``FOLLOWED_FOLDER`` entries; the fetches share the
 mount's read-ahead limit. Telling whether two files follow each other
 needs the folder's names in order: they are listed (and sorted, for name
 order) when first needed and kept while the folder's names stay the same
-(``Children.generation``), so a program reading a big folder's files
-whole in no order pays for that once, not per file (sorting 65 536
+(``Children.generation``), so a program going through a big folder's
+files in no order pays for that once, not per file (sorting 65 536
 names takes about 25 ms).
 """
 
@@ -116,7 +121,7 @@ class _Orders:
 
 @dataclass(eq=False)
 class _Stream:
-    """One folder's files being read whole: the last one read, and once a
+    """One folder's files being begun in turn: the last one begun, and once a
     second one followed it, the order they follow."""
 
     last: Inode
@@ -129,9 +134,13 @@ class _Stream:
     group: PrefetchGroup | None = None
     #: What the folder's orders were last worked out to be.
     orders: _Orders | None = None
+    #: Whether files of the stream are read whole: then the files ahead
+    #: get their first chunks fetched (up to the window), else only their
+    #: first chunk each.
+    whole: bool = False
 
     def step(self, inode: Inode) -> int | None:
-        """How far ``inode`` is from the last file read in the stream's
+        """How far ``inode`` is from the last file begun in the stream's
         order: positive if it follows it, zero or negative (within
         ``_SKIP``) if it was read a little out of turn (the files of a
         folder copied or thumbnailed by several threads at once), None if it
@@ -158,9 +167,9 @@ class FolderAhead:
         self.window = window
         self._streams: OrderedDict[int, _Stream] = OrderedDict()
 
-    def read_whole(self, inode: Inode) -> None:
-        """``inode`` is being read whole by one handle: follow its folder's
-        stream, or start one."""
+    def read_start(self, inode: Inode) -> None:
+        """A handle's first read of ``inode`` starts at offset 0: follow its
+        folder's stream, or start one."""
         folder = inode.parent
         children = None if folder is None else folder.children
         if folder is None or children is None or len(children) > FOLLOWED_FOLDER:
@@ -172,7 +181,7 @@ class FolderAhead:
             # and this one may follow each other in one (again), so a stream
             # that guessed the wrong order goes on in the right one.
             stream.cancel()
-            stream = _Stream(last=stream.last, orders=stream.orders)
+            stream = _Stream(last=stream.last, orders=stream.orders, whole=stream.whole)
             self._establish(stream, children, inode)
             step = stream.step(inode)
         if stream is None or step is None:
@@ -184,6 +193,15 @@ class FolderAhead:
             stream.last = inode
             stream.at += step
             self._schedule(stream, folder, children)
+
+    def read_whole(self, inode: Inode) -> None:
+        """``inode``, begun by one handle, is being read whole: from now on
+        the files ahead of its stream get as many chunks as the window
+        holds, not only their first."""
+        folder = inode.parent
+        stream = None if folder is None else self._streams.get(folder.ino)
+        if stream is not None and stream.step(inode) is not None:
+            stream.whole = True
 
     @staticmethod
     def _establish(stream: _Stream, children: Children, second: Inode) -> None:
@@ -210,9 +228,8 @@ class FolderAhead:
             take = 0
             if inode is not None and inode.kind == Kind.FILE:
                 size = inode.record.size
-                take = min(
-                    0 if size <= INLINE_THRESHOLD else -(-size // CHUNK_SIZE), self.window - ahead
-                )
+                chunks = 0 if size <= INLINE_THRESHOLD else -(-size // CHUNK_SIZE)
+                take = min(chunks if stream.whole else min(chunks, 1), self.window - ahead)
             ahead += take
             if index > stream.through and take and inode.parent is folder and not inode.unlinked:
                 new.append((inode, take))

@@ -568,7 +568,10 @@ class Operations(pyfuse3.Operations):
         """
         fh = self._next_fh
         self._next_fh += 1
-        reader = self.read_ahead.reader(functools.partial(self._folder_ahead.read_whole, inode))
+        reader = self.read_ahead.reader(
+            functools.partial(self._folder_ahead.read_start, inode),
+            functools.partial(self._folder_ahead.read_whole, inode),
+        )
         self._handles[fh] = _Handle(inode, flags, reader)
         keep = inode.opens > 0 or inode.released_key == inode.record.key
         inode.released_key = None

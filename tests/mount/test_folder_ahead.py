@@ -190,23 +190,58 @@ def _out_of_order(
     return picked
 
 
-def test_files_read_out_of_order_or_in_part_fetch_nothing_of_the_others(
+def _first_chunks(drive: Drive) -> tuple[int, int]:
+    """Cached chunks that are a file's first (a whole chunk, files being
+    ``SIZE`` long), and those that are a second (shorter)."""
+    root = drive.cache / "chunks"
+    sizes = [p.stat().st_size for p in root.rglob("*") if p.is_file() and p.suffix != ".tmp"]
+    first = sum(1 for size in sizes if size >= CHUNK_SIZE)
+    return first, len(sizes) - first
+
+
+def _read_start(path: Path, expected: bytes) -> None:
+    """Read a file's first page, as a file manager sniffing its type does."""
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECT)
+    try:
+        assert os.pread(fd, 4096, 0) == expected[:4096]
+    finally:
+        os.close(fd)
+
+
+def test_files_begun_in_order_fetch_the_first_chunk_of_the_next_ones(drive: Drive) -> None:
+    """A program reading the start of each file (types, tags, a photo's
+    metadata) needs each file's first chunk only: once two files are begun
+    in order, the first chunks of the next ones are fetched, a window's
+    worth of files, and topped up as further files are begun; no second
+    chunk is."""
+    files = _folder_cold(drive, 30, seed=8)
+    folder = drive.mnt / "photos"
+    names = sorted(files)
+    for name in names[:2]:
+        _read_start(folder / name, files[name])
+    wait_for("the next files' first chunks", lambda: _first_chunks(drive) == (2 + WINDOW, 0))
+    for name in names[2:6]:
+        _read_start(folder / name, files[name])
+    wait_for("the window, topped up", lambda: _first_chunks(drive) == (6 + WINDOW, 0))
+    drive.umount()
+
+
+def test_files_read_out_of_order_whole_or_in_part_fetch_nothing_of_the_others(
     drive: Drive,
 ) -> None:
     files = _folder_cold(drive, 30, seed=4)
     folder = drive.mnt / "photos"
     names = sorted(files)
-    picked = _out_of_order(names, os.listdir(folder), names[:10] + names[14:], 5)
-    # In name order, but each read in part (a header, a file's magic).
-    for name in names[10:14]:
-        fd = os.open(folder / name, os.O_RDONLY | os.O_DIRECT)
-        try:
-            assert os.pread(fd, 4096, 0) == files[name][:4096]
-        finally:
-            os.close(fd)
-    wait_for("the pages' chunks", lambda: len(_cached_ids(drive)) == 4)
-    # Whole, but each out of order: only their own chunks are fetched.
+    listed = os.listdir(folder)
+    begun = _out_of_order(names, listed, names[:15], 4)
+    for name in begun:
+        _read_start(folder / name, files[name])
+    wait_for("the pages' chunks", lambda: len(_cached_ids(drive)) == len(begun))
+    # Whole, but each out of order (the last file begun included): only
+    # their own chunks are fetched.
+    picked = _out_of_order(names, listed, [*names[15:], begun[-1]], 6)[1:]
     for name in picked:
         _read_whole(drive, folder / name, files[name])
-    assert len(_cached_ids(drive)) == 4 + 2 * len(picked)
+    assert len(begun) >= 2 and len(picked) >= 2
+    assert len(_cached_ids(drive)) == len(begun) + 2 * len(picked)
     drive.umount()
