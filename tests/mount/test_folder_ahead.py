@@ -123,11 +123,12 @@ def test_files_of_one_chunk_are_fetched_ahead_a_few_to_a_request(
     drive.umount()
 
 
-def _listed_as(drive: Drive, numbers: tuple[int, ...], seed: int) -> dict[str, bytes]:
+def _listed_as(drive: Drive, numbers: tuple[int, ...], seed: int, read: int) -> dict[str, bytes]:
     """A cold folder of ``len(numbers)`` files whose readdir order is
-    ``p{n:03d}.jpg`` for ``numbers``: after a fresh mount the order is the
-    server's (by node id), and renaming every file in that order keeps it
-    (a renamed name goes to the end)."""
+    ``p{n:03d}.jpg`` for ``numbers`` (after a fresh mount the order is the
+    server's, by node id, and renaming every file in that order keeps it:
+    a renamed name goes to the end); then the first ``read`` of them as
+    listed are read whole, and the window after them must be fetched."""
     files = _folder_cold(drive, len(numbers), seed=seed)
     folder = drive.mnt / "photos"
     listed = os.listdir(folder)
@@ -138,7 +139,11 @@ def _listed_as(drive: Drive, numbers: tuple[int, ...], seed: int) -> dict[str, b
     for i, name in enumerate(renamed):
         os.rename(folder / f"t{i}", folder / name)
     assert os.listdir(folder) == renamed
-    return {new: files[old] for old, new in zip(listed, renamed, strict=True)}
+    files = {new: files[old] for old, new in zip(listed, renamed, strict=True)}
+    for name in renamed[:read]:
+        _read_whole(drive, folder / name, files[name])
+    wait_for("the next files, fetched ahead", lambda: len(_cached_ids(drive)) == 2 * read + WINDOW)
+    return files
 
 
 def test_files_read_whole_as_readdir_lists_them_fetch_the_next_ones_ahead(
@@ -148,14 +153,10 @@ def test_files_read_whole_as_readdir_lists_them_fetch_the_next_ones_ahead(
     files as listed follow each other by name too, four names apart, the
     second near the end: the listing, where they are next to each other,
     is the order to follow (by name only one file would come after)."""
-    files = _listed_as(drive, (10, 14, 0, 5, 1, 8, 3, 12, 6, 2, 15, 9, 4, 11, 7, 13), seed=3)
-    folder = drive.mnt / "photos"
-    listed = list(files)
-    for name in listed[:2]:
-        _read_whole(drive, folder / name, files[name])
-    wait_for("the next files, fetched ahead", lambda: len(_cached_ids(drive)) == 4 + WINDOW)
-    for name in listed[2:]:
-        assert (folder / name).read_bytes() == files[name], name
+    numbers = (10, 14, 0, 5, 1, 8, 3, 12, 6, 2, 15, 9, 4, 11, 7, 13)
+    files = _listed_as(drive, numbers, seed=3, read=2)
+    for name in list(files)[2:]:
+        assert (drive.mnt / "photos" / name).read_bytes() == files[name], name
     drive.umount()
 
 
@@ -164,12 +165,7 @@ def test_a_stream_that_guessed_the_wrong_order_goes_on_in_the_right_one(drive: D
     is guessed (as close, and nothing after it to fetch). The third file
     read, next as listed, is out of that order and turns the stream to the
     listing's at once: the window after it is fetched."""
-    files = _listed_as(drive, (14, 15, 0, 5, 1, 8, 3, 12, 6, 2, 10, 9, 4, 11, 7, 13), seed=7)
-    folder = drive.mnt / "photos"
-    listed = list(files)
-    for name in listed[:3]:
-        _read_whole(drive, folder / name, files[name])
-    wait_for("the next files, fetched ahead", lambda: len(_cached_ids(drive)) == 6 + WINDOW)
+    _listed_as(drive, (14, 15, 0, 5, 1, 8, 3, 12, 6, 2, 10, 9, 4, 11, 7, 13), seed=7, read=3)
     drive.umount()
 
 
