@@ -170,18 +170,21 @@ def test_a_stream_that_guessed_the_wrong_order_goes_on_in_the_right_one(drive: D
 
 
 def _out_of_order(
-    names: list[str], listed: list[str], candidates: list[str], count: int
+    names: list[str], listed: list[str], after: str | None, candidates: list[str], count: int
 ) -> list[str]:
-    """``count`` of ``candidates``, each neither among the 8 files after the
-    one before it by name nor as listed (where a program that skips some
-    files would still be in order)."""
+    """Up to ``count`` of ``candidates``, in their order, each neither among
+    the 8 files after the one before it (the first: after ``after``) by
+    name nor as listed (where a program that skips some files would still
+    be in order). Candidates in descending name order never follow by name,
+    so only the listing can leave some out."""
 
     def follows(a: str, b: str) -> bool:
         return any(0 < order.index(b) - order.index(a) <= 8 for order in (names, listed))
 
-    picked = [candidates[-1]]
+    picked: list[str] = []
     for name in candidates:
-        if len(picked) < count and name not in picked and not follows(picked[-1], name):
+        previous = picked[-1] if picked else after
+        if len(picked) < count and (previous is None or not follows(previous, name)):
             picked.append(name)
     return picked
 
@@ -229,13 +232,13 @@ def test_files_read_out_of_order_whole_or_in_part_fetch_nothing_of_the_others(
     folder = drive.mnt / "photos"
     names = sorted(files)
     listed = os.listdir(folder)
-    begun = _out_of_order(names, listed, names[:15], 4)
+    begun = _out_of_order(names, listed, None, names[14::-1], 4)
     for name in begun:
         _read_start(folder / name, files[name])
     wait_for("the pages' chunks", lambda: len(_cached_ids(drive)) == len(begun))
     # Whole, but each out of order (the last file begun included): only
     # their own chunks are fetched.
-    picked = _out_of_order(names, listed, [*names[15:], begun[-1]], 6)[1:]
+    picked = _out_of_order(names, listed, begun[-1], names[:14:-1], 5)
     for name in picked:
         _read_whole(drive, folder / name, files[name])
     assert len(begun) >= 2 and len(picked) >= 2
