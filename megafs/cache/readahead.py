@@ -37,8 +37,9 @@ running shares its outcome, as two reads of one chunk always do.
 
 from __future__ import annotations
 
+import contextlib
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 
 import trio
 
@@ -49,7 +50,7 @@ from megafs.crypto import CHUNK_SIZE
 from megafs.errors import MegafsError
 from megafs.wire import MAX_FETCH_ITEMS
 
-__all__ = ["PrefetchGroup", "ReadAhead", "Reader"]
+__all__ = ["PrefetchGroup", "ReadAhead", "Reader", "as_hint"]
 
 log = logging.getLogger(__name__)
 
@@ -113,20 +114,25 @@ class ReadAhead(HeldNursery):
         return None if self._nursery is None else PrefetchGroup(self._nursery)
 
     async def fetch(self, secret: bytes) -> None:
-        """Bring one chunk into the cache's LRU, as a hint: errors are dropped.
-
-        Error handling: ``MegafsError`` is logged at DEBUG (the read that
-        needs the chunk fetches it again and reports); any other exception
-        is a bug, logged with its traceback, and never reaches the mount's
-        nursery, so one bad prefetch cannot stop the daemon.
-        """
+        """Bring one chunk into the cache's LRU, as a hint (:func:`as_hint`):
+        one bad prefetch cannot stop the daemon."""
         async with self._fetches:
-            try:
+            with as_hint("a chunk"):
                 await self._chunks.read(secret, ahead=True)
-            except MegafsError as exc:
-                log.debug("read-ahead of a chunk failed: %s", exc.detail)
-            except Exception:
-                log.exception("read-ahead of a chunk failed")
+
+
+@contextlib.contextmanager
+def as_hint(what: str) -> Iterator[None]:
+    """Read-ahead work is a hint: its errors are dropped, never raised into
+    the mount's nursery. A ``MegafsError`` is logged at DEBUG (the read that
+    needs the data loads it again and reports); anything else is a bug,
+    logged with its traceback."""
+    try:
+        yield
+    except MegafsError as exc:
+        log.debug("read-ahead of %s failed: %s", what, exc.detail)
+    except Exception:
+        log.exception("read-ahead of %s failed", what)
 
 
 class PrefetchGroup:

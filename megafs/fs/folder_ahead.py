@@ -54,21 +54,17 @@ from __future__ import annotations
 
 import bisect
 import contextlib
-import logging
 from collections import OrderedDict
 from dataclasses import dataclass, field
 
 from megafs.cache import ReadAhead
 from megafs.cache.content import INLINE_THRESHOLD
-from megafs.cache.readahead import WINDOW, PrefetchGroup
+from megafs.cache.readahead import WINDOW, PrefetchGroup, as_hint
 from megafs.crypto import CHUNK_SIZE, Kind
-from megafs.errors import MegafsError
 from megafs.fs.tree import Children, Inode, Tree
 from megafs.wire import MAX_FETCH_ITEMS
 
 __all__ = ["FOLLOWED_FOLDER", "FolderAhead"]
-
-log = logging.getLogger(__name__)
 
 #: Entries of the followed order a program may leave out between two files
 #: it reads.
@@ -245,15 +241,10 @@ class FolderAhead:
 
     async def _fetch_start(self, group: PrefetchGroup, inode: Inode, count: int) -> None:
         """Fetch the first ``count`` stored chunks of ``inode``, as a hint."""
-        try:
-            secrets = await self._tree.stored_secrets(inode)
-        except MegafsError as exc:
-            log.debug("read-ahead of %s failed: %s", inode.id.hex(), exc.detail)
-            return
-        except Exception:
-            log.exception("read-ahead of %s failed", inode.id.hex())
-            return
-        for secret in secrets[:count]:
+        secrets: list[bytes | None] = []
+        with as_hint(inode.id.hex()):
+            secrets = await self._tree.stored_secrets(inode, count)
+        for secret in secrets:
             if secret is not None:
                 group.start_soon(self._read_ahead.fetch, secret)
 

@@ -590,19 +590,19 @@ class Tree:
             inode.content = self._new_content(await self._file_manifest(inode))
             return inode.content
 
-    async def stored_secrets(self, inode: Inode) -> list[bytes | None]:
-        """The secret of each of a file's chunks as stored (None: a hole, or
-        a chunk written and not sealed yet), for read-ahead: from its
-        content if loaded, else from its manifest, loaded as :meth:`content`
-        does but without making a content, so a file read ahead and never
-        opened keeps no more in memory than a listed one."""
+    async def stored_secrets(self, inode: Inode, count: int) -> list[bytes | None]:
+        """The secrets of a file's first ``count`` chunks as stored (None: a
+        hole, or a chunk written and not sealed yet), for read-ahead: from
+        its content if loaded, else from its manifest, loaded as
+        :meth:`content` does but without making a content, so a file read
+        ahead and never opened keeps no more in memory than a listed one."""
         content = inode.content
         if content is None:
             async with inode.locked():
                 content = inode.content
                 if content is None:
-                    return list((await self._file_manifest(inode)).chunks)
-        return [content.stored_secret(i) for i in range(content.chunk_count)]
+                    return list((await self._file_manifest(inode)).chunks[:count])
+        return [content.stored_secret(i) for i in range(min(count, content.chunk_count))]
 
     async def _file_manifest(self, inode: Inode) -> Manifest:
         """A file's committed manifest, checked against its record (under
